@@ -1,0 +1,1 @@
+"""The runtime: control registry, presets, generation thread, pacing, outputs, inputs."""

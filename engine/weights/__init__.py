@@ -1,0 +1,1 @@
+"""Weights: finding, downloading, checking and loading checkpoint files."""
