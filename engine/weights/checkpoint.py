@@ -31,7 +31,9 @@ def _check_safetensors_header(path: Path) -> None:
             raise WeightsError(f"{path}: truncated safetensors file ({size} bytes, no header)")
         (n,) = struct.unpack("<Q", head)
         if n > size - 8 or n > 100_000_000:
-            raise WeightsError(f"{path}: truncated or not a safetensors file (header of {n} bytes, file of {size})")
+            raise WeightsError(
+                f"{path}: truncated or not a safetensors file (header of {n} bytes, file of {size})"
+            )
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -44,7 +46,9 @@ def _check_safetensors_header(path: Path) -> None:
         )
 
 
-def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_checkpoint(
+    path: str | Path, *, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     """All tensors of a `.safetensors` or `.pth`/`.pt` file, memory-mapped where possible."""
     path = Path(path)
     if not path.is_file():
@@ -60,7 +64,9 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
     try:
         sd = torch.load(path, map_location=device, weights_only=True, mmap=True)
     except Exception as e:
-        raise WeightsError(f"{path}: cannot read PyTorch checkpoint (truncated or corrupt?): {e}") from None
+        raise WeightsError(
+            f"{path}: cannot read PyTorch checkpoint (truncated or corrupt?): {e}"
+        ) from None
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -71,7 +77,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
 def strip_prefix(sd: dict[str, torch.Tensor], prefix: str = "model.") -> dict[str, torch.Tensor]:
     """Drop `prefix` when every key carries it (some exports wrap the model)."""
     if sd and all(k.startswith(prefix) for k in sd):
-        return {k[len(prefix):]: v for k, v in sd.items()}
+        return {k[len(prefix) :]: v for k, v in sd.items()}
     return sd
 
 
@@ -113,6 +119,8 @@ def assign_state_dict(
         target_dtype = dtype if (dtype is not None and v.is_floating_point()) else own[k].dtype
         if own[k].is_meta:
             target_dtype = dtype if (dtype is not None and v.is_floating_point()) else v.dtype
-        target_device = device if device is not None else (v.device if own[k].is_meta else own[k].device)
+        target_device = (
+            device if device is not None else (v.device if own[k].is_meta else own[k].device)
+        )
         converted[k] = v.to(device=target_device, dtype=target_dtype)
     module.load_state_dict(converted, strict=False, assign=True)
