@@ -1,0 +1,219 @@
+"""Attention kernels for the Wan transformer, and the KV-cache bias done exactly by a
+log-sum-exp merge.
+
+The backend is chosen once, when a model is set up, and logged, so a live set never
+changes kernels halfway. Order of preference (measured on an H100, streaming-model.md §8):
+
+- Hopper (sm90): FA3 (`flash_attn_interface`) if importable, else PyTorch SDPA with the
+  cuDNN kernel first (1.5 ms against 2.6 ms for the flash kernel at 832×480). FA2 is not
+  picked on Hopper by default because cuDNN SDPA beats it there.
+- Other NVIDIA GPUs: SageAttention 2 (`sageattention`) unless `DISABLE_SAGEATTENTION=1`,
+  then FA2 (`flash_attn`), then SDPA.
+- Anywhere else: SDPA.
+
+`DREAMDECK_ATTENTION` (or the `requested` argument, which wins) forces one of
+`fa3 fa2 sage sdpa cudnn math`; a forced backend that cannot run here is an error, not a
+silent fallback.
+
+All tensors here are in the layout the model produces and caches: [B, N, heads, head_dim].
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("fa3", "fa2", "sage", "sdpa", "cudnn", "math")
+
+
+class AttentionError(RuntimeError):
+    """A requested attention backend is unknown or cannot run on this machine."""
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except Exception:  # a broken CUDA extension raises more than ImportError
+        return False
+    return True
+
+
+def _is_hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def select_backend(
+    requested: str | None = None,
+    device: torch.device | str | None = None,
+    *,
+    importable: Callable[[str], bool] = _importable,
+    env: dict[str, str] | None = None,
+) -> str:
+    """The attention backend for `device`. `requested` beats `DREAMDECK_ATTENTION` beats the
+    automatic choice. `importable` and `env` exist so the choice can be tested without GPUs."""
+    env = os.environ if env is None else env
+    device = torch.device(device if device is not None else "cpu")
+    choice = (requested or env.get("DREAMDECK_ATTENTION") or "auto").strip().lower()
+    if choice not in (*BACKENDS, "auto"):
+        raise AttentionError(
+            f"unknown attention backend {choice!r}; choose one of {', '.join(BACKENDS)} or auto"
+        )
+    cuda = device.type == "cuda"
+    if choice == "auto":
+        hopper = cuda and _is_hopper(device)
+        sage_ok = env.get("DISABLE_SAGEATTENTION", "0") != "1"
+        if hopper and importable("flash_attn_interface"):
+            choice = "fa3"
+        elif hopper:
+            choice = "cudnn"
+        elif cuda and sage_ok and importable("sageattention"):
+            choice = "sage"
+        elif cuda and importable("flash_attn"):
+            choice = "fa2"
+        else:
+            choice = "sdpa"
+        log.info("attention backend: %s (auto, device %s)", choice, device)
+        return choice
+    need = {"fa3": "flash_attn_interface", "fa2": "flash_attn", "sage": "sageattention"}
+    if choice in need or choice == "cudnn":
+        if not cuda:
+            raise AttentionError(f"attention backend {choice!r} needs a CUDA device, not {device}")
+        if choice in need and not importable(need[choice]):
+            raise AttentionError(
+                f"attention backend {choice!r} needs the package {need[choice]!r}, which does not import"
+            )
+    log.info("attention backend: %s (forced, device %s)", choice, device)
+    return choice
+
+
+# --------------------------------------------------------------------------- kernels
+# Each takes q [B,Nq,H,D], k/v [B,Nk,H,D] and returns (out [B,Nq,H,D], lse [B,H,Nq] float32
+# or None when not asked for).
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, want_lse: bool, kind: str) -> tuple[Tensor, Tensor | None]:
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if kind == "math":
+        return _math(q, k, v, want_lse)
+    if not want_lse:
+        if kind == "cudnn":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            # Priority order, not exclusivity: shapes cuDNN rejects fall back to flash.
+            order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+            order += [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+            with sdpa_kernel(order, set_priority=True):
+                o = F.scaled_dot_product_attention(qt, kt, vt)
+        else:
+            o = F.scaled_dot_product_attention(qt, kt, vt)
+        return o.transpose(1, 2), None
+    B, Nq, H, _ = q.shape
+    if q.device.type == "cpu":
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt)
+    elif kind == "cudnn":
+        # Schema: (q, k, v, attn_bias, compute_log_sumexp, dropout_p, is_causal, return_debug_mask)
+        o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            qt, kt, vt, None, True, 0.0, False, False
+        )[:2]
+    elif q.dtype in (torch.float16, torch.bfloat16):
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
+    else:
+        o, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True)[:2]
+    # cuDNN gives [B,H,Nq,1]; the efficient kernel may pad Nq: cut and flatten to [B,H,Nq].
+    lse = lse.reshape(B, H, -1)[..., :Nq].float()
+    return o.transpose(1, 2), lse
+
+
+def _math(q: Tensor, k: Tensor, v: Tensor, want_lse: bool) -> tuple[Tensor, Tensor | None]:
+    """Plain float32 attention: the slow reference that runs anywhere."""
+    s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * q.shape[-1] ** -0.5
+    lse = torch.logsumexp(s, dim=-1)
+    o = torch.einsum("bhqk,bkhd->bqhd", torch.exp(s - lse[..., None]), v.float()).to(q.dtype)
+    return o, (lse if want_lse else None)
+
+
+def _fa3(q: Tensor, k: Tensor, v: Tensor, want_lse: bool) -> tuple[Tensor, Tensor | None]:
+    from flash_attn_interface import flash_attn_func
+
+    # FA3 releases differ: older ones always return (out, lse), newer ones only with
+    # return_attn_probs=True. Accept both.
+    try:
+        r = flash_attn_func(q, k, v, causal=False, return_attn_probs=want_lse)
+    except TypeError:
+        r = flash_attn_func(q, k, v, causal=False)
+    if isinstance(r, tuple):
+        return r[0], (r[1].float() if want_lse else None)
+    if want_lse:
+        raise AttentionError("this flash_attn_interface build does not return the log-sum-exp")
+    return r, None
+
+
+def _fa2(q: Tensor, k: Tensor, v: Tensor, want_lse: bool) -> tuple[Tensor, Tensor | None]:
+    from flash_attn import flash_attn_func
+
+    if want_lse:
+        o, lse, _ = flash_attn_func(q, k, v, causal=False, return_attn_probs=True)
+        return o, lse.float()
+    return flash_attn_func(q, k, v, causal=False), None
+
+
+def _sage(q: Tensor, k: Tensor, v: Tensor, want_lse: bool) -> tuple[Tensor, Tensor | None]:
+    from sageattention import sageattn
+
+    if want_lse:
+        o, lse = sageattn(q, k, v, tensor_layout="NHD", is_causal=False, return_lse=True)
+        return o, lse.float()
+    return sageattn(q, k, v, tensor_layout="NHD", is_causal=False), None
+
+
+class Attention:
+    """One backend, chosen once. `__call__` is plain attention; `biased` is attention over
+    two key sets where the first set's logits get `log_bias` added (the Krea KV bias)."""
+
+    def __init__(self, backend: str = "sdpa"):
+        if backend not in BACKENDS:
+            raise AttentionError(f"unknown attention backend {backend!r}")
+        self.backend = backend
+
+    def __repr__(self) -> str:
+        return f"Attention({self.backend!r})"
+
+    def with_lse(self, q: Tensor, k: Tensor, v: Tensor, want_lse: bool = True):
+        b = self.backend
+        if b == "fa3":
+            return _fa3(q, k, v, want_lse)
+        if b == "fa2":
+            return _fa2(q, k, v, want_lse)
+        if b == "sage":
+            return _sage(q, k, v, want_lse)
+        return _sdpa(q, k, v, want_lse, b)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return self.with_lse(q, k, v, want_lse=False)[0]
+
+    def biased(
+        self, q: Tensor, k_bias: Tensor, v_bias: Tensor, k: Tensor, v: Tensor, log_bias: Tensor
+    ) -> Tensor:
+        """softmax over [k_bias; k] with log_bias added to the logits of k_bias, exactly,
+        without a dense mask: two attentions and a merge by their log-sum-exps."""
+        o1, l1 = self.with_lse(q, k_bias, v_bias)
+        o2, l2 = self.with_lse(q, k, v)
+        return merge_lse(o1, l1, o2, l2, log_bias)
+
+
+def merge_lse(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor, log_bias: Tensor | float) -> Tensor:
+    """Merge two partial attentions: out = (b e^L1 o1 + e^L2 o2) / (b e^L1 + e^L2).
+
+    Written as o2 + (o1 - o2)·sigmoid(L1 + log b - L2): one stable float32 op chain, no
+    exp overflow. o: [B,N,H,D]; lse: [B,H,N]."""
+    w1 = torch.sigmoid(lse1 + log_bias - lse2).transpose(1, 2).unsqueeze(-1)  # [B,N,H,1]
+    o2f = o2.float()
+    return (o2f + (o1.float() - o2f) * w1).to(o2.dtype)
