@@ -1,0 +1,249 @@
+"""Engine presets: one YAML file per GPU class and resolution in `presets/engine/`.
+
+A preset says everything the engine needs to start: which model, at which resolution and
+dtype, which decoder, where the text encoder lives, the default step list and prompt, the
+outputs and the control ports. Flags of `dreamdeck run` / `render` override single fields.
+
+Files are validated against the dataclasses below node by node (yaml.compose keeps the
+line of every node), so a typo, an unknown key or a wrong type is reported as
+``file:line: key: reason`` instead of surfacing later as a crash deep in the model code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets" / "engine"
+
+Model = Literal["14b", "1.3b", "tiny"]
+Decoder = Literal["wan", "tae"]
+DType = Literal["bf16", "fp16", "fp32"]
+Device = Literal["auto", "cuda", "cpu"]
+TextPlacement = Literal["gpu", "gpu-fp8", "cpu"]
+Attention = Literal["auto", "fa3", "fa2", "sage", "sdpa"]
+TransitionMethod = Literal["linear", "slerp"]
+
+
+class PresetError(ValueError):
+    """A preset that cannot be used: the message names the file, the line and the key."""
+
+
+@dataclass
+class Outputs:
+    """Where frames go. Each transport is off when its name is null."""
+
+    shm: str | None = "dreamdeck"  # shared-memory ring name (TouchDesigner Script TOP)
+    shm_slots: int = 4
+    ndi: str | None = None  # NDI source name
+    spout: str | None = None  # Spout sender name (Windows only)
+    fps: float | None = None  # fixed presentation rate; null: follow the generation rate
+
+
+@dataclass
+class Ports:
+    """Control ports handed to the bridges as defaults for their flags."""
+
+    host: str = "127.0.0.1"
+    osc: int = 9137
+    oscquery: int = 9138
+    feedback: int = 9139
+
+
+@dataclass
+class EnginePreset:
+    """Everything `dreamdeck run` needs to build the engine. See presets/engine/README.md."""
+
+    name: str = ""  # filled from the file name when absent
+    description: str = ""
+    model: Model = "14b"
+    height: int = 480
+    width: int = 832
+    steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
+    seed: int = 42
+    kv_bias: float = 0.3
+    prompt: str = (
+        "A slow cinematic long take through a misty pine forest at dawn, soft golden light "
+        "filtering through the branches, drifting particles, gentle camera dolly forward."
+    )
+    transition_blocks: int = 4
+    transition_method: TransitionMethod = "slerp"
+    decoder: Decoder = "tae"
+    dtype: DType = "bf16"
+    fp8: bool = False  # transformer linears stored in float8 (about half the memory)
+    device: Device = "auto"
+    text_encoder: TextPlacement = "gpu"
+    attention: Attention = "auto"
+    compile: bool = False
+    vace: bool = False
+    warmup_blocks: int = 1
+    outputs: Outputs = field(default_factory=Outputs)
+    ports: Ports = field(default_factory=Ports)
+
+    def check(self, where: str = "preset") -> None:
+        """Cross-field rules that single-field types cannot say."""
+        for key in ("height", "width"):
+            v = getattr(self, key)
+            if v <= 0 or v % 16:
+                raise PresetError(f"{where}: {key}: {v} is not a positive multiple of 16")
+        if not self.steps:
+            raise PresetError(f"{where}: steps: empty step list")
+        prev = 1001
+        for t in self.steps:
+            if not 1 <= t <= 1000 or t >= prev:
+                raise PresetError(
+                    f"{where}: steps: {self.steps} is not strictly decreasing within 1..1000"
+                )
+            prev = t
+        if not 0.01 <= self.kv_bias <= 1.0:
+            raise PresetError(f"{where}: kv_bias: {self.kv_bias} is outside 0.01..1")
+        if not 0 <= self.seed <= 2**31 - 1:
+            raise PresetError(f"{where}: seed: {self.seed} is outside 0..2147483647")
+        if self.transition_blocks < 0:
+            raise PresetError(f"{where}: transition_blocks: must be >= 0")
+        if self.outputs.shm_slots < 2:
+            raise PresetError(f"{where}: outputs.shm_slots: at least 2 slots")
+        for key in ("osc", "oscquery", "feedback"):
+            port = getattr(self.ports, key)
+            if not 0 <= port <= 65535:
+                raise PresetError(f"{where}: ports.{key}: {port} is not a port number")
+
+    def replace(self, **overrides: Any) -> EnginePreset:
+        """A copy with fields overridden (None values are ignored: flag not given)."""
+        new = dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        new.check("overrides")
+        return new
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# -- reading -------------------------------------------------------------------------------
+
+
+def _where(file: str, node: yaml.Node) -> str:
+    return f"{file}:{node.start_mark.line + 1}"
+
+
+def _convert(tp: Any, node: yaml.Node, file: str, key: str) -> Any:
+    """Turn a YAML node into a value of type `tp`, or raise PresetError naming the line."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    here = f"{_where(file, node)}: {key}"
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and _is_null(node):
+            return None
+        others = [a for a in args if a is not type(None)]
+        return _convert(others[0], node, file, key)
+    if origin is Literal:
+        v = _scalar(node, here)
+        if v not in args:
+            raise PresetError(f"{here}: {v!r} is not one of {', '.join(map(str, args))}")
+        return v
+    if origin is list:
+        if not isinstance(node, yaml.SequenceNode):
+            raise PresetError(f"{here}: expected a list")
+        return [_convert(args[0], n, file, f"{key}[{i}]") for i, n in enumerate(node.value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, node, file, key + ".")
+    v = _scalar(node, here)
+    if tp is bool:
+        if not isinstance(v, bool):
+            raise PresetError(f"{here}: expected true or false, got {v!r}")
+        return v
+    if tp is int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise PresetError(f"{here}: expected an integer, got {v!r}")
+        return v
+    if tp is float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise PresetError(f"{here}: expected a number, got {v!r}")
+        return float(v)
+    if tp is str:
+        if not isinstance(v, str):
+            raise PresetError(f"{here}: expected a string, got {v!r}")
+        return v
+    raise TypeError(f"unsupported preset field type {tp!r}")  # a bug in this module
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+def _scalar(node: yaml.Node, here: str) -> Any:
+    if not isinstance(node, yaml.ScalarNode):
+        raise PresetError(f"{here}: expected a single value")
+    return yaml.safe_load(yaml.serialize(node))
+
+
+def _build(cls: type, node: yaml.Node, file: str, prefix: str = "") -> Any:
+    if not isinstance(node, yaml.MappingNode):
+        raise PresetError(
+            f"{_where(file, node)}: {prefix.rstrip('.') or 'preset'}: expected a mapping"
+        )
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for knode, vnode in node.value:
+        key = knode.value
+        if key not in names:
+            raise PresetError(
+                f"{_where(file, knode)}: unknown key {prefix}{key!s} (known: {', '.join(sorted(names))})"
+            )
+        if key in values:
+            raise PresetError(f"{_where(file, knode)}: {prefix}{key} given twice")
+        values[key] = _convert(hints[key], vnode, file, prefix + key)
+    return cls(**values)
+
+
+def parse_preset(text: str, file: str = "<preset>") -> EnginePreset:
+    """Parse and validate preset YAML; errors name `file` and the line."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise PresetError(f"{file}{line}: invalid YAML: {problem}") from None
+    if node is None:
+        raise PresetError(f"{file}: empty preset file")
+    preset = _build(EnginePreset, node, file)
+    preset.check(file)
+    return preset
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    """A preset name (`tiny`, `h100-832x480`) or a path to a YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise PresetError(f"{p}: preset file not found")
+        return p
+    candidate = PRESETS_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        raise PresetError(
+            f"unknown preset {str(name_or_path)!r}; available: {', '.join(available_presets())}"
+        )
+    return candidate
+
+
+def load_preset(name_or_path: str | Path) -> EnginePreset:
+    path = preset_path(name_or_path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PresetError(f"{path}: cannot read: {e}") from None
+    preset = parse_preset(text, str(path))
+    if not preset.name:
+        preset.name = path.stem
+    return preset
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))

@@ -1,0 +1,208 @@
+"""Recording a show: H.264 in a fragmented mp4 plus the control log next to it.
+
+The generation thread hands whole blocks to `Recorder.submit`, which never blocks: a
+bounded queue (a few blocks) feeds an encoder thread; when the queue is full the block is
+dropped from the recording (logged, and recorded as ``frames: 0`` in the control log) so
+a slow disk can never slow the show. The host copy of GPU frames happens on that thread
+too, not in the generation loop.
+
+Crash safety: the mp4 is fragmented (``movflags frag_keyframe+empty_moov+
+default_base_moof``, plus ``frag_every_frame`` and ``flush_packets``) and each block
+starts with a keyframe, so a killed engine leaves a file that plays up to (nearly) its
+last frame: the muxer holds back only the newest packet, whose duration it cannot know
+yet. x264 runs with ``tune=zerolatency`` (no lookahead, no B-frames: every frame leaves
+the encoder at once) and ``threads=1`` (deterministic bytes for the same frames).
+
+Time: ``fps`` set gives a constant rate (offline render: the model's 16 fps). ``fps``
+None stamps frames with the live output times: a block's frames are spread evenly over
+the time since the previous block, so the file plays back the way the show looked.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Mapping
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.runtime.control_log import ControlLogWriter, log_path_for
+
+log = logging.getLogger(__name__)
+
+TIME_BASE = Fraction(1, 48000)  # divisible by the usual frame rates; fine enough for live stamps
+MOVFLAGS = "frag_keyframe+frag_every_frame+empty_moov+default_base_moof"
+NATIVE_FPS = 16.0
+
+_STOP = object()
+
+
+class RecorderError(RuntimeError):
+    """The recording cannot be written (bad path, odd size, encoder missing)."""
+
+
+class Recorder:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        width: int,
+        height: int,
+        fps: float | None = NATIVE_FPS,
+        header: Mapping[str, Any] | None = None,
+        queue_blocks: int = 8,
+        crf: int = 18,
+        log_path: str | Path | None = None,
+    ):
+        import av
+
+        if width % 2 or height % 2 or width <= 0 or height <= 0:
+            raise RecorderError(f"{path}: H.264 (yuv420p) needs even sizes, got {width}x{height}")
+        self.path = Path(path)
+        if self.path.suffix.lower() not in (".mp4", ".m4v", ".mov"):
+            raise RecorderError(f"{self.path}: the recording must be an .mp4 file")
+        if not self.path.parent.is_dir():
+            raise RecorderError(f"{self.path}: folder {self.path.parent} does not exist")
+        self.width, self.height, self.fps = width, height, fps
+        self.log_path = Path(log_path) if log_path else log_path_for(self.path)
+        try:
+            self._container = av.open(
+                str(self.path),
+                "w",
+                format="mp4",
+                options={"movflags": MOVFLAGS, "flush_packets": "1"},
+            )
+        except (OSError, av.FFmpegError) as e:
+            raise RecorderError(f"{self.path}: cannot open for writing: {e}") from None
+        rate = Fraction(fps).limit_denominator(1001) if fps else Fraction(int(NATIVE_FPS))
+        self._stream = self._container.add_stream("libx264", rate=rate)
+        self._stream.width, self._stream.height = width, height
+        self._stream.pix_fmt = "yuv420p"
+        self._stream.options = {
+            "tune": "zerolatency",
+            "preset": "veryfast",
+            "crf": str(crf),
+            "threads": "1",
+        }
+        self._stream.codec_context.time_base = TIME_BASE
+        self._log = ControlLogWriter(
+            self.log_path,
+            {"width": width, "height": height, "fps": fps or NATIVE_FPS, **(header or {})},
+        )
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_blocks))
+        # records of dropped blocks, written in block order by the encoder thread
+        self._dropped: collections.deque = collections.deque(maxlen=4096)
+        self._lock = threading.Lock()
+        self._pts = -1
+        self._frame_index = 0
+        self._last_time: float | None = None
+        self._t0 = 0.0
+        self.frames_written = 0
+        self.blocks_dropped = 0
+        self.error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="dreamdeck-recorder", daemon=True)
+        self._thread.start()
+
+    # -- generation side ----------------------------------------------------------------
+    def submit(self, rgba: Any, record: Mapping[str, Any], when: float | None = None) -> bool:
+        """Queue one block ([T,H,W,4] uint8, numpy or torch, any device) with its control
+        record. Never blocks; returns False when the block had to be dropped."""
+        if self._closed:
+            raise RecorderError(f"{self.path}: recorder is closed")
+        when = time.time() if when is None else when
+        try:
+            self._queue.put_nowait((rgba, dict(record), when))
+            return True
+        except queue.Full:
+            self.blocks_dropped += 1
+            log.warning("recorder: block %s dropped (encoder behind)", record.get("block"))
+            # the log keeps every block so replay stays complete; frames 0 marks the gap
+            with self._lock:
+                self._dropped.append({**record, "frames": 0})
+            return False
+
+    def _write_dropped(self, before: int | None) -> None:
+        """Log dropped blocks older than `before` (all when None), keeping block order."""
+        with self._lock:
+            while self._dropped and (before is None or self._dropped[0].get("block", 0) < before):
+                self._log.write_block(self._dropped.popleft())
+
+    def close(self) -> None:
+        """Encode what is queued, finish the file and the log. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join()
+        try:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+        except Exception as e:  # noqa: BLE001 - report, still close the file
+            self.error = self.error or e
+        self._container.close()
+        self._log.close()
+        if self.error is not None:
+            log.error("recorder: %s: %s", self.path, self.error)
+
+    # -- encoder thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                self._write_dropped(None)
+                return
+            if self.error is not None:
+                continue  # keep draining so submit never blocks; nothing more is written
+            rgba, record, when = item
+            try:
+                self._write_dropped(record.get("block"))
+                n = self._encode_block(rgba, when)
+                self._log.write_block({**record, "frames": n})
+            except Exception as e:  # noqa: BLE001 - a failing disk must not kill the engine
+                self.error = e
+                log.error("recorder: %s: %s (recording stopped)", self.path, e)
+
+    def _encode_block(self, rgba: Any, when: float) -> int:
+        import av
+
+        frames = _to_numpy(rgba)
+        if frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 4):
+            raise RecorderError(
+                f"block of shape {tuple(frames.shape)}, expected [T, {self.height}, {self.width}, 4]"
+            )
+        n = frames.shape[0]
+        if self.fps:
+            stamps = [(self._frame_index + i) / self.fps for i in range(n)]
+        else:
+            if self._last_time is None:
+                self._t0 = when - n / NATIVE_FPS
+                self._last_time = self._t0
+            span = max(when - self._last_time, 1e-3)
+            stamps = [self._last_time - self._t0 + i * span / n for i in range(n)]
+            self._last_time = when
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgba")
+            pts = max(round(stamps[i] * TIME_BASE.denominator), self._pts + 1)
+            frame.pts, frame.time_base = pts, TIME_BASE
+            self._pts = pts
+            if i == 0:  # a keyframe per block: seekable, and fragments start on blocks
+                frame.pict_type = av.video.frame.PictureType.I
+            for packet in self._stream.encode(frame):
+                self._container.mux(packet)
+        self._frame_index += n
+        self.frames_written += n
+        return n
+
+
+def _to_numpy(rgba: Any) -> np.ndarray:
+    if isinstance(rgba, np.ndarray):
+        return rgba
+    # torch tensor: the device-to-host copy happens here, on the recorder thread
+    return rgba.detach().to("cpu").numpy()
