@@ -1,0 +1,266 @@
+"""From the generation thread's uint8 RGBA blocks to the frame sinks, without ever
+making generation wait.
+
+``submit_block`` is called by the generation thread with a block of frames already
+packed on the GPU (``engine/stream/rgba.py: to_rgba8``). It only *enqueues* a device to
+host copy into one of a few pinned host buffers, on a side CUDA stream that first waits
+for the generation stream, records an event, and returns. A publisher thread waits on
+that event (never the generation thread), feeds the block to the :class:`Pacer` and hands
+each frame, when due, to every sink.
+
+Bounded everything: a fixed pool of host buffers (one being filled, one pending, one in
+transit, up to ``max_blocks`` held by the pacer); one pending block, where a newer block
+replaces an older one the publisher has not picked up (latest frame wins). A slow or dead
+sink can stall only the publisher thread, so ``submit_block`` cost stays bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from engine.runtime.pacer import Pacer, Presented
+from engine.runtime.sinks import FrameSink
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FramePath"]
+
+
+@dataclass(eq=False)
+class _HostBlock:
+    """One host buffer of up to ``capacity`` frames and what is in it now."""
+
+    host: Any  # torch.Tensor [capacity, H, W, 4] uint8 (pinned when fed from CUDA)
+    array: np.ndarray  # numpy view of ``host``
+    generation: int  # buffer-pool generation (a new one per frame size)
+    event: Any = None  # torch.cuda.Event marking the copy complete
+    block: int = -1
+    nframes: int = 0
+    arrival: float = 0.0
+
+
+@dataclass
+class FramePathStats:
+    submitted: int = 0  # blocks given to submit_block
+    dropped_blocks: int = 0  # blocks replaced before the publisher picked them up
+    published: int = 0  # frames handed to the sinks
+    sink_errors: dict[str, int] = field(default_factory=dict)
+
+
+class FramePath:
+    """``FramePath(sinks, pacer=Pacer())``; ``submit_block(rgba, block_index)``; ``close()``.
+
+    ``buffers`` host buffers are allocated on the first block and again when the frame
+    size grows or changes (pinned allocation is slow, so only then). Sinks are opened on
+    the publisher thread with the first frame's size, and re-opened when it changes.
+    """
+
+    def __init__(
+        self,
+        sinks: Sequence[FrameSink],
+        pacer: Pacer | None = None,
+        *,
+        buffers: int | None = None,
+    ):
+        self.sinks = list(sinks)
+        self.pacer = pacer if pacer is not None else Pacer()
+        self.pacer.on_release = self._release
+        # filling + pending + in transit + what the pacer may hold
+        self.buffers = buffers if buffers is not None else 3 + self.pacer.max_blocks
+        if self.buffers < 3:
+            raise ValueError(f"buffers must be >= 3, got {self.buffers}")
+        self.stats = FramePathStats()
+        self._cond = threading.Condition()
+        self._free: list[_HostBlock] = []
+        self._allocated = 0
+        self._pool_key: tuple | None = None
+        self._pool_cap = 0
+        self._pool_gen = 0
+        self._pending: _HostBlock | None = None
+        self._side_stream = None
+        self._closed = False
+        self._open_size: tuple[int, int] | None = None
+        self._dead: set[int] = set()  # sinks that failed to open
+        self._thread = threading.Thread(target=self._run, name="frame-publisher", daemon=True)
+        self._thread.start()
+
+    # -- generation thread ---------------------------------------------------------------
+    def submit_block(self, rgba, block_index: int) -> bool:
+        """Hand over a uint8 [T, H, W, 4] block (torch, CPU or CUDA, or numpy). Returns at
+        once for CUDA input (the copy is only enqueued); CPU input is copied here. False
+        when the block was dropped (no buffer free: only if the pool is misconfigured)."""
+        if self._closed:
+            raise RuntimeError("FramePath is closed")
+        shape, is_cuda = _check_block(rgba)
+        t, h, w, _ = shape
+        arrival = self.pacer.clock()
+        with self._cond:
+            self.stats.submitted += 1
+            hb = self._take_buffer(t, h, w, is_cuda)
+        if hb is None:
+            with self._cond:
+                self.stats.dropped_blocks += 1
+            return False
+        if is_cuda:
+            import torch
+
+            stream = self._side_stream
+            if stream is None or stream.device != rgba.device:
+                stream = self._side_stream = torch.cuda.Stream(device=rgba.device)
+            # The copy must see the finished RGBA pack: wait for the producing stream
+            # (on the GPU, not the host), and keep rgba's memory alive until the copy ran.
+            stream.wait_stream(torch.cuda.current_stream(rgba.device))
+            with torch.cuda.stream(stream):
+                hb.host[:t].copy_(rgba, non_blocking=True)
+                if hb.event is None:
+                    hb.event = torch.cuda.Event(blocking=True)  # publisher sleeps, not spins
+                hb.event.record(stream)
+            rgba.record_stream(stream)
+        elif isinstance(rgba, np.ndarray):
+            np.copyto(hb.array[:t], rgba)
+        else:
+            hb.host[:t].copy_(rgba)
+        hb.block, hb.nframes, hb.arrival = int(block_index), t, arrival
+        with self._cond:
+            if self._pending is not None:
+                # The publisher has not even picked up the previous block: latest wins.
+                self.stats.dropped_blocks += 1
+                self._recycle(self._pending)
+            self._pending = hb
+            self._cond.notify()
+        return True
+
+    def _take_buffer(self, t: int, h: int, w: int, pinned: bool) -> _HostBlock | None:
+        key = (h, w, pinned)
+        if key != self._pool_key or t > self._pool_cap:
+            # New size (or a longer block): a new pool. Buffers of the old one still in
+            # use are dropped when released. 12 frames is a full block after the first.
+            self._pool_cap = max(t, 12) if key != self._pool_key else t
+            self._pool_key = key
+            self._pool_gen += 1
+            self._free.clear()
+            self._allocated = 0
+        if self._free:
+            return self._free.pop()
+        if self._allocated < self.buffers:
+            import torch
+
+            host = torch.empty((self._pool_cap, h, w, 4), dtype=torch.uint8, pin_memory=pinned)
+            self._allocated += 1
+            return _HostBlock(host, host.numpy(), self._pool_gen)
+        if self._pending is not None and self._pending.generation == self._pool_gen:
+            # reclaim the block nobody has seen yet
+            hb, self._pending = self._pending, None
+            self.stats.dropped_blocks += 1
+            return hb
+        return None
+
+    def _recycle(self, hb: _HostBlock) -> None:
+        """Return a buffer to the pool (caller holds the lock)."""
+        if hb.generation == self._pool_gen:
+            self._free.append(hb)
+
+    def _release(self, hb: _HostBlock) -> None:
+        with self._cond:
+            self._recycle(hb)
+
+    # -- publisher thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        clock = self.pacer.clock
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                hb, self._pending = self._pending, None
+                if hb is None:
+                    due = self.pacer.next_due()
+                    wait = 0.1 if due is None else due - clock()
+                    if wait > 0.003:
+                        # Coarse wait (wakes early on a new block), then a fine sleep:
+                        # condition timeouts are only ~ms precise on some platforms.
+                        self._cond.wait(min(wait - 0.002, 0.1))
+                        continue
+            if hb is not None:
+                if hb.event is not None:
+                    hb.event.synchronize()
+                self.pacer.push(hb.block, hb.nframes, payload=hb, arrival=hb.arrival)
+                continue
+            if wait > 0:
+                time.sleep(wait)
+            p = self.pacer.pop_due()
+            if p is not None:
+                self._publish(p)
+
+    def _publish(self, p: Presented) -> None:
+        frame = p.payload.array[p.frame]
+        h, w = frame.shape[:2]
+        if self._open_size != (w, h):
+            self._open_size = (w, h)
+            for i, sink in enumerate(self.sinks):
+                if i in self._dead:
+                    continue
+                try:
+                    sink.open(w, h)
+                except Exception:
+                    self._dead.add(i)
+                    log.exception("output %s failed to open at %dx%d; disabled", sink.name, w, h)
+        for i, sink in enumerate(self.sinks):
+            if i in self._dead:
+                continue
+            try:
+                sink.send(frame, p.meta)
+            except Exception:
+                n = self.stats.sink_errors.get(sink.name, 0) + 1
+                self.stats.sink_errors[sink.name] = n
+                if n in (1, 10, 100) or n % 1000 == 0:
+                    log.exception("output %s failed to send a frame (%d errors)", sink.name, n)
+        self.stats.published += 1
+
+    # -- life cycle ----------------------------------------------------------------------
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop publishing and close the sinks. Frames still queued are not presented."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("frame publisher did not stop within %.1fs (a sink is stuck)", timeout)
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception:
+                log.exception("output %s failed to close", sink.name)
+
+    def __enter__(self) -> FramePath:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _check_block(rgba) -> tuple[tuple[int, int, int, int], bool]:
+    """Validate a block; returns (shape, is_cuda). Raises ValueError naming the problem."""
+    if isinstance(rgba, np.ndarray):
+        dtype_ok, shape, is_cuda = rgba.dtype == np.uint8, tuple(rgba.shape), False
+    else:
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - torch is a dependency
+            torch = None
+        if torch is None or not isinstance(rgba, torch.Tensor):
+            raise ValueError(f"frames must be a torch tensor or numpy array, got {type(rgba)}")
+        dtype_ok, shape, is_cuda = rgba.dtype == torch.uint8, tuple(rgba.shape), rgba.is_cuda
+    if not dtype_ok:
+        raise ValueError(f"frames must be uint8 RGBA (see to_rgba8), got dtype {rgba.dtype}")
+    if len(shape) != 4 or shape[3] != 4 or min(shape) < 1:
+        raise ValueError(f"frames must be [T, H, W, 4] with T, H, W >= 1, got shape {shape}")
+    return shape, is_cuda  # type: ignore[return-value]
