@@ -1,0 +1,72 @@
+"""The frame decoder and anchor encoder a stream session uses, by name.
+
+`build_decoder("wan" | "tae", ...)` returns (FrameDecoder, AnchorEncoder) as described in
+docs/interfaces.md. For "tae" the anchor is encoded by Wan's VAE encoder by default: the
+anchor becomes the first context latent of every block, and TAEHV's encoder (trained to
+approximate Wan's) has not been shown to match Wan's latent of a single image closely
+enough to be trusted there; Wan's image encode costs ~18 ms at 832x480 (bf16). Pass
+`anchor="tae"` to use TAEHV's encoder instead (much cheaper; quality unmeasured).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from engine.models import taehv, wan_vae
+
+
+class FrameDecoder(Protocol):
+    def reset(self) -> None: ...
+    def decode(self, latents: Tensor) -> Tensor: ...
+
+
+class AnchorEncoder(Protocol):
+    def encode_image(self, frame: Tensor) -> Tensor: ...
+
+
+def _wan(tiny: bool, device, dtype, path, parts) -> wan_vae.WanVAE:
+    if path is None:
+        cfg = wan_vae.CONFIGS["tiny" if tiny else "wan2.1"]
+        return wan_vae.random_wan_vae(cfg, device=device, dtype=dtype, parts=parts)
+    return wan_vae.load_wan_vae(path, device, dtype, parts=parts)
+
+
+def build_decoder(
+    kind: Literal["wan", "tae"],
+    *,
+    tiny: bool,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    path: str | Path | None = None,
+    vae_path: str | Path | None = None,
+    anchor: Literal["wan", "tae"] = "wan",
+) -> tuple[FrameDecoder, AnchorEncoder]:
+    """Decoder and anchor encoder; random weights when `path` is None (tiny configs when
+    `tiny`). `path` is the decoder's file (`Wan2.1_VAE.pth` or `taew2_1.pth`); for "tae"
+    with the Wan anchor, `vae_path` is `Wan2.1_VAE.pth` (only its encoder is kept)."""
+    if kind == "wan":
+        vae = _wan(tiny, device, dtype, path, ("encoder", "decoder"))
+        return wan_vae.WanStreamDecoder(vae), wan_vae.WanImageEncoder(vae)
+    if kind != "tae":
+        raise ValueError(f"unknown decoder kind {kind!r}: use 'wan' or 'tae'")
+    if anchor not in ("wan", "tae"):
+        raise ValueError(f"unknown anchor encoder {anchor!r}: use 'wan' or 'tae'")
+    if path is None:
+        tae = taehv.random_taehv(
+            taehv.CONFIGS["tiny" if tiny else "taew2_1"], device=device, dtype=dtype
+        )
+    else:
+        tae = taehv.load_taehv(path, device, dtype)
+    if anchor == "tae":
+        return taehv.TAEHVStreamDecoder(tae), taehv.TAEHVImageEncoder(tae)
+    if path is not None and vae_path is None:
+        raise ValueError(
+            "the TAEHV decoder encodes its anchor with the Wan VAE encoder: give vae_path"
+            " (Wan2.1_VAE.pth) or anchor='tae'"
+        )
+    enc = _wan(tiny, device, dtype, vae_path, ("encoder",))
+    return taehv.TAEHVStreamDecoder(tae), wan_vae.WanImageEncoder(enc)
