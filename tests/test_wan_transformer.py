@@ -104,7 +104,9 @@ def test_rope_positions_are_relative():
         cos, sin = rope_table(cfg, range(start, start + 3), 2, 2)
         from engine.models.wan import apply_rope
 
-        scores.append(torch.einsum("bqhd,bkhd->bhqk", apply_rope(q, cos, sin), apply_rope(k, cos, sin)))
+        scores.append(
+            torch.einsum("bqhd,bkhd->bhqk", apply_rope(q, cos, sin), apply_rope(k, cos, sin))
+        )
     torch.testing.assert_close(scores[0], scores[1], rtol=1e-4, atol=1e-4)
 
 
@@ -138,7 +140,9 @@ def test_lse_matches_logsumexp():
         o, lse = A.Attention(backend).with_lse(q, k, v)
         s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(8)
         torch.testing.assert_close(lse, torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(o, torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            o, torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_merge_is_stable_for_large_logits():
@@ -154,9 +158,14 @@ def test_backend_selection():
     cpu = torch.device("cpu")
     none = lambda name: False  # noqa: E731
     assert A.select_backend(None, cpu, importable=none, env={}) == "sdpa"
-    assert A.select_backend(None, cpu, importable=none, env={"DREAMDECK_ATTENTION": "math"}) == "math"
+    assert (
+        A.select_backend(None, cpu, importable=none, env={"DREAMDECK_ATTENTION": "math"}) == "math"
+    )
     # the argument beats the environment
-    assert A.select_backend("sdpa", cpu, importable=none, env={"DREAMDECK_ATTENTION": "math"}) == "sdpa"
+    assert (
+        A.select_backend("sdpa", cpu, importable=none, env={"DREAMDECK_ATTENTION": "math"})
+        == "sdpa"
+    )
     with pytest.raises(A.AttentionError, match="unknown attention backend 'flash9'"):
         A.select_backend("flash9", cpu, env={})
     with pytest.raises(A.AttentionError, match="needs a CUDA device"):
@@ -169,14 +178,26 @@ def test_backend_selection_on_gpus(monkeypatch):
     """The automatic order on CUDA devices. No GPU exists here, so the device capability
     query is replaced (the only stand-in in this file)."""
     cuda = torch.device("cuda", 0)
-    have = lambda *names: (lambda n: n in names)  # noqa: E731
+    have = lambda *names: lambda n: n in names  # noqa: E731
     monkeypatch.setattr(A, "_is_hopper", lambda d: True)
-    assert A.select_backend(None, cuda, importable=have("flash_attn_interface", "flash_attn"), env={}) == "fa3"
-    assert A.select_backend(None, cuda, importable=have("flash_attn", "sageattention"), env={}) == "cudnn"
+    assert (
+        A.select_backend(None, cuda, importable=have("flash_attn_interface", "flash_attn"), env={})
+        == "fa3"
+    )
+    assert (
+        A.select_backend(None, cuda, importable=have("flash_attn", "sageattention"), env={})
+        == "cudnn"
+    )
     monkeypatch.setattr(A, "_is_hopper", lambda d: False)
-    assert A.select_backend(None, cuda, importable=have("flash_attn", "sageattention"), env={}) == "sage"
+    assert (
+        A.select_backend(None, cuda, importable=have("flash_attn", "sageattention"), env={})
+        == "sage"
+    )
     env = {"DISABLE_SAGEATTENTION": "1"}
-    assert A.select_backend(None, cuda, importable=have("flash_attn", "sageattention"), env=env) == "fa2"
+    assert (
+        A.select_backend(None, cuda, importable=have("flash_attn", "sageattention"), env=env)
+        == "fa2"
+    )
     assert A.select_backend(None, cuda, importable=have(), env={}) == "sdpa"
     with pytest.raises(A.AttentionError, match="flash_attn_interface"):
         A.select_backend("fa3", cuda, importable=have(), env={})
@@ -197,4 +218,9 @@ def test_gpu_backends_agree(backend):
     out = att.biased(q, k1, v1, k2, v2, torch.tensor(math.log(0.3), device=dev))
     assert rel_err(out, ref) < 3e-2
     plain = att(q, k2, v2)
-    assert rel_err(plain, explicit_biased(q.float(), k1[:, :0], v1[:, :0], k2.float(), v2.float(), 1.0)) < 3e-2
+    assert (
+        rel_err(
+            plain, explicit_biased(q.float(), k1[:, :0], v1[:, :0], k2.float(), v2.float(), 1.0)
+        )
+        < 3e-2
+    )

@@ -99,7 +99,9 @@ def select_backend(
 # or None when not asked for).
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, want_lse: bool, kind: str) -> tuple[Tensor, Tensor | None]:
+def _sdpa(
+    q: Tensor, k: Tensor, v: Tensor, want_lse: bool, kind: str
+) -> tuple[Tensor, Tensor | None]:
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if kind == "math":
         return _math(q, k, v, want_lse)
@@ -209,7 +211,9 @@ class Attention:
         return merge_lse(o1, l1, o2, l2, log_bias)
 
 
-def merge_lse(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor, log_bias: Tensor | float) -> Tensor:
+def merge_lse(
+    o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor, log_bias: Tensor | float
+) -> Tensor:
     """Merge two partial attentions: out = (b e^L1 o1 + e^L2 o2) / (b e^L1 + e^L2).
 
     Written as o2 + (o1 - o2)·sigmoid(L1 + log b - L2): one stable float32 op chain, no

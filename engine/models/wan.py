@@ -59,7 +59,9 @@ CONFIGS: dict[str, WanConfig] = {
     "14b": WanConfig(dim=5120, ffn_dim=13824, heads=40, layers=40),
     "1.3b": WanConfig(dim=1536, ffn_dim=8960, heads=12, layers=30),
     # Runs the whole engine on a CPU in seconds (tests, `--model tiny`).
-    "tiny": WanConfig(dim=64, ffn_dim=128, heads=2, layers=2, text_dim=32, text_len=16, freq_dim=32),
+    "tiny": WanConfig(
+        dim=64, ffn_dim=128, heads=2, layers=2, text_dim=32, text_len=16, freq_dim=32
+    ),
 }
 
 # Parameters kept in float32 whatever the model dtype: small, and they set the scale of
@@ -92,7 +94,11 @@ def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
 
 
 def rope_table(
-    cfg: WanConfig, frames: Sequence[int], hp: int, wp: int, device: torch.device | str | None = None
+    cfg: WanConfig,
+    frames: Sequence[int],
+    hp: int,
+    wp: int,
+    device: torch.device | str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """cos/sin [N, 1, head_dim/2] (float32) for tokens of latent frames with the given time
     positions, in (frame, row, column) order. Positions are a runtime choice (the stream
@@ -224,7 +230,9 @@ class WanBlock(nn.Module):
         self.cross_attn = CrossAttention(cfg)
         self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=True)
         self.ffn = nn.Sequential(
-            nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim)
+            nn.Linear(cfg.dim, cfg.ffn_dim),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(cfg.ffn_dim, cfg.dim),
         )
         self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))
 
@@ -269,7 +277,11 @@ class Head(nn.Module):
 
     def forward(self, x: Tensor, e: Tensor) -> Tensor:
         # e: [B, dim] or [B, N, dim] float32
-        mod = (self.modulation + e[:, None]) if e.dim() == 2 else (self.modulation[:, None] + e[:, :, None])
+        mod = (
+            (self.modulation + e[:, None])
+            if e.dim() == 2
+            else (self.modulation[:, None] + e[:, :, None])
+        )
         shift, scale = mod.unbind(-2)
         if e.dim() == 2:
             shift, scale = shift[:, None], scale[:, None]
