@@ -1,0 +1,120 @@
+"""Loading Wan-native transformer checkpoints: round trip, prefix, dtypes, and the errors
+for broken or mismatched files."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from engine.models.wan import CONFIGS, WanModel, init_random_
+from engine.weights.checkpoint import WeightsError
+from engine.weights.transformer import load_transformer, random_transformer
+
+CFG = CONFIGS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def source():
+    return init_random_(WanModel(CFG), seed=3).eval()
+
+
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    return (
+        torch.randn(1, 16, 2, 4, 6, generator=g),
+        torch.tensor([500.0]),
+        torch.randn(1, CFG.text_len, CFG.text_dim, generator=g),
+    )
+
+
+def write(path, sd):
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("prefix", ["", "model."])
+def test_round_trip(tmp_path, source, prefix):
+    f = write(tmp_path / "w.safetensors", {prefix + k: v for k, v in source.state_dict().items()})
+    model = load_transformer(f, CFG, "cpu", torch.float32)
+    assert not any(p.is_meta or p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(*inputs()), source(*inputs()), rtol=0, atol=0)
+
+
+def test_bf16_keeps_modulation_in_float32(tmp_path, source):
+    f = write(tmp_path / "w.safetensors", source.state_dict())
+    model = load_transformer(f, CFG, "cpu", torch.bfloat16)
+    dtypes = {k: p.dtype for k, p in model.named_parameters()}
+    assert dtypes["blocks.0.self_attn.q.weight"] == torch.bfloat16
+    assert dtypes["blocks.0.modulation"] == torch.float32
+    assert dtypes["time_projection.1.weight"] == torch.float32
+    # float32 tables come from the file exactly, not through bf16
+    assert torch.equal(model.blocks[1].modulation, source.blocks[1].modulation)
+    with torch.no_grad():
+        out = model(*inputs()).float()
+        ref = source(*inputs())
+    assert ((out - ref).norm() / ref.norm()).item() < 5e-2
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(WeightsError, match="nope.safetensors: weights file not found"):
+        load_transformer(tmp_path / "nope.safetensors", CFG)
+
+
+def test_truncated_file(tmp_path, source):
+    f = write(tmp_path / "w.safetensors", source.state_dict())
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(WeightsError, match=r"w\.safetensors: truncated file"):
+        load_transformer(f, CFG)
+
+
+def test_wrong_shape(tmp_path, source):
+    sd = dict(source.state_dict())
+    sd["blocks.1.ffn.0.weight"] = torch.zeros(64, 64)
+    f = write(tmp_path / "w.safetensors", sd)
+    with pytest.raises(WeightsError) as e:
+        load_transformer(f, CFG)
+    msg = str(e.value)
+    assert "w.safetensors" in msg and "'blocks.1.ffn.0.weight'" in msg
+    assert "(64, 64)" in msg and "(128, 64)" in msg
+
+
+def test_missing_key(tmp_path, source):
+    sd = dict(source.state_dict())
+    del sd["blocks.0.cross_attn.norm_k.weight"]
+    f = write(tmp_path / "w.safetensors", sd)
+    with pytest.raises(
+        WeightsError, match=r"w\.safetensors.*missing key.*blocks\.0\.cross_attn\.norm_k\.weight"
+    ):
+        load_transformer(f, CFG)
+
+
+def test_extra_key(tmp_path, source):
+    sd = dict(source.state_dict())
+    sd["vace_blocks.0.after_proj.weight"] = torch.zeros(2, 2)
+    f = write(tmp_path / "w.safetensors", sd)
+    with pytest.raises(
+        WeightsError, match=r"w\.safetensors.*unexpected key.*vace_blocks\.0\.after_proj\.weight"
+    ):
+        load_transformer(f, CFG)
+
+
+def test_wrong_model_size(tmp_path, source):
+    """A checkpoint for another size names a key and both shapes."""
+    f = write(tmp_path / "w.safetensors", source.state_dict())
+    other = CONFIGS["tiny"].__class__(**{**CFG.to_dict(), "dim": 32, "ffn_dim": 64})
+    with pytest.raises(WeightsError, match=r"in the file but the model expects"):
+        load_transformer(f, other)
+
+
+def test_random_transformer_is_seeded_and_on_device():
+    a = random_transformer(CFG, "cpu", torch.bfloat16, seed=1)
+    b = random_transformer(CFG, "cpu", torch.bfloat16, seed=1)
+    c = random_transformer(CFG, "cpu", torch.bfloat16, seed=2)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert not torch.equal(a.blocks[0].self_attn.q.weight, c.blocks[0].self_attn.q.weight)
+    assert a.blocks[0].self_attn.q.weight.dtype == torch.bfloat16
+    assert a.blocks[0].modulation.dtype == torch.float32
+    x, t, text = inputs()
+    with torch.no_grad():
+        assert torch.isfinite(a(x, t, text)).all()
