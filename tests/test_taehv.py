@@ -194,3 +194,35 @@ def test_bad_latents_refused(tae):
     with pytest.raises(ValueError, match="not a multiple of 16"):
         dec.decode(torch.randn(1, 16, 3, 3, 4))
     assert dec.started is False  # nothing changed
+
+
+def test_stream_shape_change_needs_reset(tae):
+    dec = TAEHVStreamDecoder(tae)
+    dec.decode(torch.randn(1, 16, 3, 4, 4))
+    with pytest.raises(ValueError, match="reset"):
+        dec.decode(torch.randn(1, 16, 3, 4, 6))
+    dec.reset()
+    assert dec.decode(torch.randn(1, 16, 3, 4, 6)).shape == (1, 3, 9, 32, 48)
+
+
+def test_build_decoder_choices(tmp_path):  # the file need not exist: refused before loading
+    from engine.models.decoders import build_decoder
+    from engine.models.wan_vae import WanImageEncoder, WanStreamDecoder
+
+    dec, enc = build_decoder("wan", tiny=True, device="cpu", dtype=torch.float32)
+    assert isinstance(dec, WanStreamDecoder) and isinstance(enc, WanImageEncoder)
+    assert enc.vae is dec.vae  # one VAE for both
+    dec, enc = build_decoder("tae", tiny=True, device="cpu", dtype=torch.float32)
+    assert isinstance(dec, TAEHVStreamDecoder) and isinstance(enc, WanImageEncoder)
+    assert not hasattr(enc.vae, "decoder")  # only Wan's encoder is built for the anchor
+    z = enc.encode_image(torch.rand(1, 3, 1, 32, 32) * 2 - 1)
+    assert z.shape == (1, 16, 1, 4, 4)
+    assert dec.decode(z).shape == (1, 3, 1, 32, 32)
+    dec, enc = build_decoder("tae", tiny=True, device="cpu", dtype=torch.float32, anchor="tae")
+    assert isinstance(enc, TAEHVImageEncoder)
+    with pytest.raises(ValueError, match="unknown decoder kind 'vq'"):
+        build_decoder("vq", tiny=True, device="cpu", dtype=torch.float32)
+    with pytest.raises(ValueError, match="vae_path"):
+        build_decoder(
+            "tae", tiny=False, device="cpu", dtype=torch.float32, path=tmp_path / "taew2_1.pth"
+        )

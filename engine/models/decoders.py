@@ -55,6 +55,11 @@ def build_decoder(
         raise ValueError(f"unknown decoder kind {kind!r}: use 'wan' or 'tae'")
     if anchor not in ("wan", "tae"):
         raise ValueError(f"unknown anchor encoder {anchor!r}: use 'wan' or 'tae'")
+    if anchor == "wan" and path is not None and vae_path is None:
+        raise ValueError(
+            "the TAEHV decoder encodes its anchor with the Wan VAE encoder: give vae_path"
+            " (Wan2.1_VAE.pth) or anchor='tae'"
+        )
     if path is None:
         tae = taehv.random_taehv(
             taehv.CONFIGS["tiny" if tiny else "taew2_1"], device=device, dtype=dtype
@@ -63,10 +68,5 @@ def build_decoder(
         tae = taehv.load_taehv(path, device, dtype)
     if anchor == "tae":
         return taehv.TAEHVStreamDecoder(tae), taehv.TAEHVImageEncoder(tae)
-    if path is not None and vae_path is None:
-        raise ValueError(
-            "the TAEHV decoder encodes its anchor with the Wan VAE encoder: give vae_path"
-            " (Wan2.1_VAE.pth) or anchor='tae'"
-        )
     enc = _wan(tiny, device, dtype, vae_path, ("encoder",))
     return taehv.TAEHVStreamDecoder(tae), wan_vae.WanImageEncoder(enc)

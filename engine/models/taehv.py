@@ -130,6 +130,13 @@ class TAEHV(nn.Module):
         self.t_upscale = 2 ** sum(cfg.decoder_time_upscale)
         self.frames_to_trim = self.t_upscale - 1
 
+    def to_channels_last(self) -> TAEHV:
+        """Conv weights in channels-last (NHWC): faster cuDNN kernels on recent GPUs."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+        return self
+
     @staticmethod
     def run(layers: nn.Sequential, x: Tensor, memory: list[Tensor | None] | None) -> Tensor:
         """Apply `layers` to frames x [N,T,C,H,W] -> [N,T',C',H',W'], all frames of a layer
@@ -170,6 +177,17 @@ class TAEHV(nn.Module):
 # ---- streaming objects seen by the stream session ------------------------------------
 
 
+def _check_continues(shape: tuple[int, ...] | None, x: Tensor) -> tuple[int, ...]:
+    """Batch and spatial size of a stream are fixed until reset()."""
+    new = (x.shape[0], *x.shape[3:])
+    if shape is not None and new != shape:
+        raise ValueError(
+            f"TAEHV stream: input of shape {tuple(x.shape)} does not continue the stream (batch,"
+            f" height, width were {shape}): call reset() when batch or resolution changes"
+        )
+    return new
+
+
 class TAEHVStreamDecoder:
     """FrameDecoder: [B,16,n,h,w] transformer latents -> [B,3,T,H,W] in [-1,1]."""
 
@@ -180,10 +198,12 @@ class TAEHVStreamDecoder:
     def reset(self) -> None:
         self.memory: list[Tensor | None] = [None] * len(self.tae.decoder)
         self.started = False
+        self.shape: tuple[int, ...] | None = None
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         check_latents(latents, self.tae.cfg.latent_channels, "TAEHV decode")
+        self.shape = _check_continues(self.shape, latents)
         y = self.tae.decode_video(latents.transpose(1, 2), self.memory)
         if not self.started:
             y = y[:, self.tae.frames_to_trim :]
@@ -202,10 +222,12 @@ class TAEHVStreamEncoder:
     def reset(self) -> None:
         self.memory: list[Tensor | None] = [None] * len(self.tae.encoder)
         self.started = False
+        self.shape: tuple[int, ...] | None = None
 
     @torch.no_grad()
     def encode(self, frames: Tensor) -> Tensor:
         check_frames(frames, "TAEHV encode")
+        shape = _check_continues(self.shape, frames)
         t, k = frames.shape[2], self.tae.t_downscale
         if (t - 1 if not self.started else t) % k or t == 0:
             want = (
@@ -214,6 +236,7 @@ class TAEHVStreamEncoder:
                 else f"a multiple of {k} after the first"
             )
             raise ValueError(f"TAEHV encode: got {t} frames, the stream encoder needs {want}")
+        self.shape = shape
         x = frames.transpose(1, 2).add(1.0).mul_(0.5)
         if not self.started:
             x = torch.cat([x[:, :1].expand(-1, k - 1, -1, -1, -1), x], 1)
@@ -249,7 +272,7 @@ def random_taehv(
         torch.manual_seed(seed)
         with device:
             tae = TAEHV(cfg)
-    return tae.to(dtype).eval()
+    return tae.to(dtype).eval().requires_grad_(False)
 
 
 def load_taehv(
@@ -285,4 +308,4 @@ def load_taehv(
         if isinstance(layer, TGrow) and key in sd and sd[key].shape[0] > own[key].shape[0]:
             sd[key] = sd[key][-own[key].shape[0] :]
     assign_state_dict(tae, sd, file=path, dtype=dtype, device=device)
-    return tae.eval()
+    return tae.eval().requires_grad_(False)

@@ -61,58 +61,34 @@ SPATIAL, TEMPORAL = 8, 4  # compression factors
 
 
 class StreamCache:
-    """Temporal state of one stream through one network (encoder or decoder).
+    """Temporal state of one stream through one network (encoder or decoder): each causal
+    conv's last `pad` input frames, each resample's last frame and started mark.
 
-    Causal convs keep a buffer [B, C, pad+T, H, W] whose first `pad` frames hold the
-    history; the new input is written behind it and the conv reads the buffer directly,
-    so no per-conv `torch.cat` allocates (under torch.compile the write fuses into the
-    op that produces the input). Resamples keep their last frame and a started mark.
+    Only the history is kept between calls, not a full [history, input] window per conv:
+    such windows would hold ~12 GB at 832x480 for the decoder's 12-frame blocks. The
+    per-call `torch.cat` costs one copy of the input, as writing it into a persistent
+    window would; under torch.compile the cat is written directly by the op producing
+    its input (norm + SiLU), so it costs nothing extra there.
     """
 
     def __init__(self) -> None:
-        self.bufs: dict[int, Tensor] = {}
+        self.hist: dict[int, Tensor] = {}
         self.started: set[int] = set()
 
     def window(self, slot: int, x: Tensor, pad: int) -> Tensor:
-        """The buffer for `slot` holding [history, x]."""
-        b, c, t, h, w = x.shape
-        buf = self.bufs.get(slot)
-        if buf is None or buf.shape[2] != pad + t or buf.dtype != x.dtype or buf.device != x.device:
-            fmt = (
-                torch.channels_last_3d
-                if t > 1
-                and x.is_contiguous(memory_format=torch.channels_last_3d)
-                and not x.is_contiguous()
-                else torch.contiguous_format
-            )
-            new = torch.empty(
-                (b, c, pad + t, h, w), dtype=x.dtype, device=x.device, memory_format=fmt
-            )
-            if buf is None:
-                new[:, :, :pad].zero_()
-            else:
-                self._check(buf, x)
-                new[:, :, :pad].copy_(buf[:, :, :pad])
-            buf = self.bufs[slot] = new
+        """[history, x] along time for the conv in `slot`; remembers the new history."""
+        hist = self.hist.get(slot)
+        if hist is None:
+            win = F.pad(x, (0, 0, 0, 0, pad, 0))
         else:
-            self._check(buf, x)
-        buf[:, :, pad:].copy_(x)
-        return buf
-
-    def advance(self, slot: int, pad: int) -> None:
-        """Move the last `pad` frames of the buffer to its front (the next history)."""
-        buf = self.bufs[slot]
-        t = buf.shape[2] - pad
-        tail = buf[:, :, t:]
-        buf[:, :, :pad].copy_(tail if t >= pad else tail.clone())  # no overlapping copy
-
-    @staticmethod
-    def _check(buf: Tensor, x: Tensor) -> None:
-        if buf.shape[:2] != x.shape[:2] or buf.shape[3:] != x.shape[3:]:
-            raise ValueError(
-                f"stream input of shape {tuple(x.shape)} does not continue the stream (cached"
-                f" {tuple(buf.shape)}): call reset() when batch or resolution changes"
-            )
+            if hist.shape[:2] != x.shape[:2] or hist.shape[3:] != x.shape[3:]:
+                raise ValueError(
+                    f"stream input of shape {tuple(x.shape)} does not continue the stream (cached"
+                    f" {tuple(hist.shape)}): call reset() when batch or resolution changes"
+                )
+            win = torch.cat([hist.to(x.dtype), x], 2)
+        self.hist[slot] = win[:, :, -pad:].clone()  # a copy: a view would keep the window alive
+        return win
 
 
 class CausalConv3d(nn.Conv3d):
@@ -133,9 +109,7 @@ class CausalConv3d(nn.Conv3d):
             if x.shape[2] == 1:  # only the last temporal tap sees a non-zero frame
                 return F.conv3d(x, w[:, :, -1:], b, 1, self.space_pad)
             return F.conv3d(F.pad(x, (0, 0, 0, 0, pad, 0)), w, b, self.stride, self.space_pad)
-        y = F.conv3d(cache.window(self.slot, x, pad), w, b, self.stride, self.space_pad)
-        cache.advance(self.slot, pad)
-        return y
+        return F.conv3d(cache.window(self.slot, x, pad), w, b, self.stride, self.space_pad)
 
 
 class RMSNorm(nn.Module):
@@ -257,9 +231,9 @@ class Resample(nn.Module):
                 raise ValueError(
                     f"temporal downsampling needs an even number of frames, got {x.shape[2]}"
                 )
-            y = conv(torch.cat([cache.bufs[self.slot], x], 2))
+            y = conv(torch.cat([cache.hist[self.slot], x], 2))
         if cache is not None:
-            cache.bufs[self.slot] = x[:, :, -1:].clone()
+            cache.hist[self.slot] = x[:, :, -1:].clone()
         return y
 
 
@@ -427,10 +401,18 @@ def check_latents(z: Tensor, channels: int, what: str) -> None:
 
 
 class WanStreamDecoder:
-    """FrameDecoder: transformer latents block by block, cache carried across blocks."""
+    """FrameDecoder: transformer latents block by block, cache carried across blocks.
 
-    def __init__(self, vae: WanVAE) -> None:
+    `chunk` latents go through the network at once (None: the whole block). Smaller
+    chunks give the same frames with a lower peak memory (1 = Wan's own schedule: at
+    832x480 a 12-frame full-resolution activation is ~1 GB in bf16) at more launches.
+    """
+
+    def __init__(self, vae: WanVAE, chunk: int | None = None) -> None:
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"chunk must be a positive number of latents or None, got {chunk}")
         self.vae = vae
+        self.chunk = chunk
         self.reset()
 
     def reset(self) -> None:
@@ -439,7 +421,10 @@ class WanStreamDecoder:
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         check_latents(latents, self.vae.cfg.z_dim, "Wan VAE decode")
-        return self.vae.decode(self.vae.denormalize(latents), self.cache)
+        z = self.vae.denormalize(latents)
+        if self.chunk is None or self.chunk >= z.shape[2]:
+            return self.vae.decode(z, self.cache)
+        return torch.cat([self.vae.decode(c, self.cache) for c in z.split(self.chunk, 2)], 2)
 
 
 class WanImageEncoder:
@@ -495,7 +480,7 @@ def random_wan_vae(
         torch.manual_seed(seed)
         with device:
             vae = WanVAE(cfg, parts=parts)
-    return vae.to(dtype).eval()
+    return vae.to(dtype).eval().requires_grad_(False)
 
 
 def load_wan_vae(
@@ -515,7 +500,7 @@ def load_wan_vae(
     assign_state_dict(vae, sd, file=path, dtype=dtype, device=device)
     vae.latents_mean = torch.tensor(cfg.latents_mean, device=device)
     vae.latents_std = torch.tensor(cfg.latents_std, device=device)
-    return vae.eval()
+    return vae.eval().requires_grad_(False)
 
 
 def _infer_config(sd: dict[str, Tensor], path) -> WanVAEConfig:
