@@ -176,7 +176,58 @@ def standard_params(
             applies="reload",
         ),
     ]
+    params += tempo_params()
     return params
+
+
+# -- tempo and quantise: owned by the tempo bridge (bridges/tempo) -------------------
+QUANTIZE_MODES = ("off", "beat", "bar", "2bar", "4bar")
+
+
+def tempo_params() -> list[Param]:
+    """Tempo, quantise and beat actions. All apply immediately: they steer *when* other
+    changes land, so waiting for a block boundary would be one block late."""
+    return [
+        Param(
+            "quantize",
+            "str",
+            "off",
+            "Land performer changes (OSC, MIDI, timeline) on the next beat, bar, 2 or 4 bars",
+            choices=QUANTIZE_MODES,
+            applies="immediate",
+        ),
+        Param(
+            "tempo/bpm",
+            "float",
+            120.0,
+            "Tempo when no Link or MIDI clock leads (shows the followed tempo when one does)",
+            range=(20.0, 300.0),
+            unit="bpm",
+            applies="immediate",
+        ),
+        Param(
+            "tempo/tap",
+            "trigger",
+            description="Tap tempo: taps set the tempo and put the beat on the last tap",
+            applies="immediate",
+        ),
+        Param(
+            "beat/cycle_bars",
+            "int",
+            0,
+            "Solo the next non-empty prompt slot every N bars (0 = off)",
+            range=(0, 64),
+            unit="bars",
+            applies="immediate",
+        ),
+        Param(
+            "beat/seed_on_bar",
+            "bool",
+            False,
+            "Pick a new random seed on every bar",
+            applies="immediate",
+        ),
+    ]
 
 
 def make_registry(**kwargs: Any) -> Registry:
