@@ -414,7 +414,11 @@ class ShmRingReader:
             return None
         (flags,) = _FLAGS.unpack_from(self._seg.buf, _OFF_FLAGS)
         if flags & (FLAG_SUPERSEDED | FLAG_CLOSED):
-            self._attach()  # keeps the old mapping (and its last frame) if nothing new yet
+            # Let go of the old segment at once (on Windows the writer cannot publish the
+            # new one under the same name while anyone holds the old), then look again.
+            self._detach()
+            if not self._attach():
+                return None
         now = time.monotonic()
         (wseq,) = _SEQ.unpack_from(self._seg.buf, _OFF_WRITE_SEQ)
         if wseq == self.last_sequence:
