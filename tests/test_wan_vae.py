@@ -214,3 +214,15 @@ def test_block_loop_with_vae(kind):
     session.reset()
     again = session.next_block(inputs)
     torch.testing.assert_close(again.frames, outs[0].frames)
+
+
+def test_latent_stats_stay_float32_in_bf16():
+    vae = random_wan_vae(CONFIGS["tiny"], dtype=torch.bfloat16, parts=("encoder",))
+    assert "latents_mean" not in vae.state_dict()
+    mu = torch.full((1, 16, 1, 2, 2), 1.0, dtype=torch.bfloat16)
+    z = vae.normalize(mu)
+    want = ((1.0 - torch.tensor(wan_vae.LATENTS_MEAN)) / torch.tensor(wan_vae.LATENTS_STD)).view(
+        1, 16, 1, 1, 1
+    )
+    torch.testing.assert_close(z.float(), want.expand_as(z).to(torch.bfloat16).float())
+    torch.testing.assert_close(vae.denormalize(z.float()), mu.float(), rtol=1e-2, atol=1e-2)

@@ -333,9 +333,9 @@ class WanVAE(nn.Module):
         if "decoder" in parts:
             self.decoder = Decoder(cfg)
             self.conv2 = CausalConv3d(z, z, 1)
-        # Non-persistent: the state dict stays exactly Wan's file.
-        self.register_buffer("latents_mean", torch.tensor(cfg.latents_mean), persistent=False)
-        self.register_buffer("latents_std", torch.tensor(cfg.latents_std), persistent=False)
+        # Not buffers: the state dict stays exactly Wan's file, and `.to(bf16)` must not
+        # round them (2.8184 -> 2.8125); kept in float32 per device.
+        self._norm_stats: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def encode(self, x: Tensor, cache: StreamCache | None = None) -> Tensor:
         """[B,3,T,H,W] in [-1,1] -> raw latent means [B,z,1+(T-1)/4,h,w] (first call) or
@@ -347,10 +347,17 @@ class WanVAE(nn.Module):
         return self.decoder(self.conv2(z), cache).clamp_(-1.0, 1.0)
 
     def _stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        shape = (1, -1, 1, 1, 1)
-        return self.latents_mean.float().view(shape).to(like.device), self.latents_std.float().view(
-            shape
-        ).to(like.device)
+        stats = self._norm_stats.get(like.device)
+        if stats is None:  # once per device: no host-to-device copy in the hot path
+            shape = (1, -1, 1, 1, 1)
+            mean = torch.tensor(
+                self.cfg.latents_mean, dtype=torch.float32, device=like.device
+            ).view(shape)
+            std = torch.tensor(self.cfg.latents_std, dtype=torch.float32, device=like.device).view(
+                shape
+            )
+            stats = self._norm_stats[like.device] = (mean, std)
+        return stats
 
     def normalize(self, mu: Tensor) -> Tensor:
         mean, std = self._stats(mu)
@@ -498,8 +505,6 @@ def load_wan_vae(
     with torch.device("meta"):
         vae = WanVAE(cfg, parts=parts)
     assign_state_dict(vae, sd, file=path, dtype=dtype, device=device)
-    vae.latents_mean = torch.tensor(cfg.latents_mean, device=device)
-    vae.latents_std = torch.tensor(cfg.latents_std, device=device)
     return vae.eval().requires_grad_(False)
 
 
