@@ -120,7 +120,7 @@ def _sdpa(
     B, Nq, H, _ = q.shape
     if q.device.type == "cpu":
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt)
-    elif kind == "cudnn":
+    elif kind == "cudnn" and q.dtype in (torch.float16, torch.bfloat16):
         # Schema: (q, k, v, attn_bias, compute_log_sumexp, dropout_p, is_causal, return_debug_mask)
         o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
             qt, kt, vt, None, True, 0.0, False, False

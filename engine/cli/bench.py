@@ -1,0 +1,228 @@
+"""`dreamdeck bench`: measure the streaming transformer (and a decoder) with random
+weights, so the 14B runs on a GPU without downloading anything.
+
+The model is built on the meta device and materialised on the target device in the
+target dtype (no 28 GB host init). Each block is timed per stage with CUDA events on a
+GPU (perf_counter on a CPU); the only sync is at the end of a block. Numbers are medians
+over the measured blocks, which are all steady blocks (after block 0 and the warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+
+from engine.cli import UsageError
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+STEADY_FRAMES = 12  # RGB frames out of a steady block (the first block gives 9)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="measure fps, per-stage ms and peak memory with random weights",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", choices=["14b", "1.3b", "tiny"], default="14b")
+    p.add_argument("--height", type=int, default=None, help="pixels (default 480; tiny: 64)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default 832; tiny: 96)")
+    p.add_argument(
+        "--steps", default="1000,750,500,250", help="comma-separated timesteps or a preset name"
+    )
+    p.add_argument("--kv-bias", type=float, default=0.3, help="KV-cache attention bias in (0, 1]")
+    p.add_argument(
+        "--dtype", choices=list(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU"
+    )
+    p.add_argument("--device", default=None, help="default cuda when available, else cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    p.add_argument(
+        "--attention", default=None, help="force a backend: fa3 fa2 sage sdpa cudnn math"
+    )
+    p.add_argument("--decoder", choices=["none", "wan", "tae"], default="none")
+    p.add_argument("--blocks", type=int, default=5, help="measured steady blocks")
+    p.add_argument(
+        "--warmup", type=int, default=2, help="blocks before measuring (block 0 is always one)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--profile",
+        metavar="TRACE",
+        default=None,
+        help="write a torch.profiler trace of one more block",
+    )
+    p.set_defaults(func=run)
+
+
+def _parse_steps(text: str) -> tuple[int, ...]:
+    from engine.stream.schedule import STEP_PRESETS, StepsError, validate_steps
+
+    try:
+        if text in STEP_PRESETS:
+            return validate_steps(text)
+        try:
+            items = [int(s) for s in text.split(",") if s.strip()]
+        except ValueError:
+            raise StepsError(f"not a list of integers: {text!r}") from None
+        return validate_steps(items)
+    except StepsError as e:
+        raise UsageError(f"--steps: {e}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from engine.models.attention import AttentionError, select_backend
+    from engine.models.wan import CONFIGS
+    from engine.stream.session import BlockInputs, StreamSession
+    from engine.weights.transformer import random_transformer
+
+    tiny = args.model == "tiny"
+    height = args.height or (64 if tiny else 480)
+    width = args.width or (96 if tiny else 832)
+    for name, v in (("--height", height), ("--width", width)):
+        if v <= 0 or v % 16:
+            raise UsageError(f"{name} must be a positive multiple of 16, got {v}")
+    if not 0.0 < args.kv_bias <= 1.0:
+        raise UsageError(f"--kv-bias must be in (0, 1], got {args.kv_bias}")
+    if args.blocks < 1 or args.warmup < 0:
+        raise UsageError("--blocks must be >= 1 and --warmup >= 0")
+    steps = _parse_steps(args.steps)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available here")
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = getattr(torch, DTYPES[dtype_name])
+    try:
+        backend = select_backend(args.attention, device)
+    except AttentionError as e:
+        raise UsageError(f"--attention: {e}") from None
+
+    decoder = encoder = None
+    if args.decoder != "none":
+        try:
+            from engine.models.decoders import build_decoder
+        except ImportError as e:
+            raise UsageError(
+                f"--decoder {args.decoder}: engine.models.decoders.build_decoder is not available ({e})"
+            ) from None
+        decoder, encoder = build_decoder(args.decoder, tiny=tiny, device=device, dtype=dtype)
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    cfg = CONFIGS[args.model]
+    model = random_transformer(cfg, device, dtype, seed=args.seed)
+    model.set_attention(backend)
+    if args.compile:
+        model.compile_blocks()
+    session = StreamSession(
+        model,
+        height=height,
+        width=width,
+        decoder=decoder,
+        encoder=encoder,
+        device=device,
+        dtype=dtype,
+    )
+    g = torch.Generator(device).manual_seed(args.seed)
+    text = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g, device=device, dtype=dtype)
+    text[:, 20:] = 0  # a 20-token prompt, zero past it as the text encoder gives
+    inputs = BlockInputs(
+        text=text, text_key="bench", steps=steps, seed=args.seed, kv_bias=args.kv_bias
+    )
+
+    first = None
+    for _ in range(max(1, args.warmup)):
+        out = session.next_block(inputs)
+        first = first or out.timings
+    measured = [session.next_block(inputs).timings for _ in range(args.blocks)]
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts, record_shapes=True) as prof:
+            session.next_block(inputs)
+        prof.export_chrome_trace(args.profile)
+
+    stages = sorted({k for m in measured for k in m if k != "total"}, key=_stage_order)
+    block_ms = statistics.median(m["total"] for m in measured)
+    result = {
+        "fps": STEADY_FRAMES * 1000.0 / block_ms,
+        "frames_per_block": STEADY_FRAMES,
+        "block_ms": block_ms,
+        "latency_ms": block_ms,  # a control applied at a block's start shows at its end
+        "stages_ms": {k: statistics.median(m.get(k, 0.0) for m in measured) for k in stages},
+        "transformer_share": sum(
+            statistics.median(m.get(k, 0.0) for m in measured)
+            for k in stages
+            if k == "recompute" or k.startswith("step")
+        )
+        / block_ms,
+        "first_block_ms": first.get("total"),
+        "blocks": args.blocks,
+        "warmup": max(1, args.warmup),
+        "peak_memory_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30
+        if cuda
+        else None,
+        "peak_memory_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30 if cuda else None,
+        "device": torch.cuda.get_device_name(device)
+        if cuda
+        else f"cpu ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__,
+        "attention": backend,
+        "config": {
+            "model": args.model,
+            **cfg.to_dict(),
+            "height": height,
+            "width": width,
+            "steps": list(steps),
+            "kv_bias": args.kv_bias,
+            "dtype": dtype_name,
+            "compile": args.compile,
+            "decoder": args.decoder,
+            "anchor": session.anchor_source,
+            "tokens_per_frame": session.fsl,
+        },
+    }
+    if args.profile:
+        result["profile"] = args.profile
+    if args.json:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        _print_summary(result)
+    return 0
+
+
+def _stage_order(name: str) -> tuple[int, int]:
+    order = {"text": 0, "encode": 1, "recompute": 2, "decode": 9}
+    if name.startswith("step"):
+        return (3, int(name[4:]))
+    return (order.get(name, 8), 0)
+
+
+def _print_summary(r: dict) -> None:
+    c = r["config"]
+    print(
+        f"{c['model']} {c['width']}x{c['height']} {c['dtype']} steps={c['steps']} kv_bias={c['kv_bias']}"
+        f" attention={r['attention']} compile={c['compile']} decoder={c['decoder']}"
+    )
+    print(f"device: {r['device']}, torch {r['torch']}")
+    print(
+        f"{r['fps']:.2f} fps ({r['frames_per_block']} frames per {r['block_ms']:.1f} ms block, median of {r['blocks']})"
+    )
+    for k, v in r["stages_ms"].items():
+        print(f"  {k:>10}: {v:8.2f} ms")
+    print(f"  transformer share: {100 * r['transformer_share']:.1f}%")
+    if r["peak_memory_allocated_gb"] is not None:
+        print(
+            f"peak memory: {r['peak_memory_allocated_gb']:.2f} GB allocated,"
+            f" {r['peak_memory_reserved_gb']:.2f} GB reserved"
+        )
