@@ -1,0 +1,311 @@
+"""`dreamdeck run`: the live engine with its outputs, recording and control bridges.
+
+Bridges plug in through hooks: every importable ``bridges.<name>.run_hook`` module with
+``add_arguments(parser)`` and ``start(args, engine) -> object with .close() | None``.
+Their flags join this command's; they start after the engine is built and before
+generation begins, and close on shutdown. The engine itself never imports a bridge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from engine.cli import UsageError
+
+log = logging.getLogger("dreamdeck.run")
+
+DEFAULT_PRESET = "h100-832x480"
+# preset `ports` keys -> the OSC bridge's flag destinations (defaults only: flags win)
+PORT_DESTS = {
+    "host": "osc_host",
+    "osc": "osc_port",
+    "oscquery": "oscquery_port",
+    "feedback": "osc_feedback_port",
+}
+
+
+# -- shared with `dreamdeck render` -----------------------------------------------------------
+
+
+def add_preset_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and preset (presets/engine/README.md)")
+    g.add_argument(
+        "--preset",
+        help=f"engine preset name or YAML file (default {DEFAULT_PRESET}; tiny with --model tiny)",
+    )
+    g.add_argument(
+        "--model",
+        choices=("14b", "1.3b", "tiny"),
+        help="tiny: random weights on the CPU, no download",
+    )
+    g.add_argument(
+        "--models-dir",
+        help="models folder (default $DREAMDECK_MODELS or ~/.cache/dreamdeck/models)",
+    )
+    g.add_argument("--height", type=int, help="output height (multiple of 16)")
+    g.add_argument("--width", type=int, help="output width (multiple of 16)")
+    g.add_argument("--steps", help="step list, e.g. 1000,750,500,250, or quality|balanced|fast")
+    g.add_argument("--seed", type=int, help="noise seed")
+    g.add_argument("--prompt", help="prompt at start")
+    g.add_argument("--decoder", choices=("wan", "tae"), help="frame decoder")
+    g.add_argument("--device", choices=("auto", "cuda", "cpu"), help="where the model runs")
+    g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="model dtype")
+
+
+def _parse_steps(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    from engine.stream.schedule import STEP_PRESETS, StepsError, validate_steps
+
+    try:
+        if text.strip() in STEP_PRESETS:
+            return list(STEP_PRESETS[text.strip()])
+        return list(validate_steps([int(x) for x in text.replace(",", " ").split()]))
+    except (StepsError, ValueError) as e:
+        raise UsageError(f"--steps {text!r}: {e}") from None
+
+
+def preset_from_args(args: argparse.Namespace, **defaults: Any) -> Any:
+    """The preset named by the flags, with the flags' overrides. `defaults` (e.g. a timeline's
+    resolution) apply where no flag was given."""
+    from engine.runtime.presets import PresetError, load_preset
+
+    name = args.preset or ("tiny" if args.model == "tiny" else DEFAULT_PRESET)
+    overrides = {
+        "model": args.model,
+        "height": args.height,
+        "width": args.width,
+        "steps": _parse_steps(args.steps),
+        "seed": args.seed,
+        "prompt": args.prompt,
+        "decoder": args.decoder,
+        "device": args.device,
+        "dtype": args.dtype,
+    }
+    for k, v in defaults.items():
+        if overrides.get(k) is None:
+            overrides[k] = v
+    try:
+        return load_preset(name).replace(**overrides)
+    except PresetError as e:
+        raise UsageError(str(e)) from None
+
+
+def build_or_explain(preset: Any, models_dir: str | None) -> Any:
+    """Build the pipeline; on missing weights print which files and the download command."""
+    from engine.runtime.pipeline import PipelineError, build_pipeline
+    from engine.weights.checkpoint import WeightsError
+
+    if preset.model == "tiny":
+        print(
+            "dreamdeck: --model tiny: random weights, the frames are noise. Use it to wire up"
+            " TouchDesigner, OSC and MIDI; `dreamdeck download` fetches the real model.",
+            file=sys.stderr,
+        )
+    try:
+        return build_pipeline(preset, models_dir=models_dir)
+    except (PipelineError, WeightsError) as e:
+        print(f"dreamdeck: {e}", file=sys.stderr)
+        return None
+
+
+# -- bridge hooks -----------------------------------------------------------------------------
+
+
+def discover_hooks() -> list[ModuleType]:
+    """Every importable ``bridges.<name>.run_hook``. A hook that fails to import is reported
+    and skipped: one broken bridge must not take the show down."""
+    try:
+        import bridges
+    except ImportError:
+        return []
+    hooks = []
+    for info in sorted(pkgutil.iter_modules(bridges.__path__), key=lambda m: m.name):
+        if not info.ispkg or info.name.startswith("_"):
+            continue
+        name = f"bridges.{info.name}.run_hook"
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue
+            log.warning("bridge hook %s cannot be imported: %s", name, e)
+            continue
+        except Exception as e:  # noqa: BLE001 - report and run without that bridge
+            log.warning("bridge hook %s cannot be imported: %s", name, e)
+            continue
+        if callable(getattr(module, "add_arguments", None)) and callable(
+            getattr(module, "start", None)
+        ):
+            hooks.append(module)
+    return hooks
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run the live engine",
+        description="Run the live engine: frames to TouchDesigner (shared memory, NDI, Spout),"
+        " control over OSC/MIDI, optional recording.",
+    )
+    add_preset_arguments(p)
+    g = p.add_argument_group("outputs")
+    g.add_argument(
+        "--shm", metavar="NAME", help="shared-memory ring name (default from the preset: dreamdeck)"
+    )
+    g.add_argument("--no-shm", action="store_true", help="no shared-memory output")
+    g.add_argument(
+        "--ndi",
+        nargs="?",
+        const="dreamdeck",
+        metavar="NAME",
+        help="NDI source (default name dreamdeck)",
+    )
+    g.add_argument(
+        "--spout", nargs="?", const="dreamdeck", metavar="NAME", help="Spout sender (Windows)"
+    )
+    g.add_argument("--fps", type=float, help="fixed presentation rate (default: follow generation)")
+    g.add_argument(
+        "--record", metavar="FILE.mp4", help="record H.264 + the control log (FILE.controls.jsonl)"
+    )
+    g = p.add_argument_group("run length (tests, soak runs)")
+    g.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this many seconds")
+    g.add_argument("--blocks", type=int, metavar="N", help="stop after N blocks")
+    hooks = discover_hooks()
+    for hook in hooks:
+        try:
+            hook.add_arguments(p)
+        except Exception as e:  # noqa: BLE001
+            log.warning("bridge hook %s: add_arguments failed: %s", hook.__name__, e)
+    p.set_defaults(func=lambda args: run(args, p, hooks))
+
+
+def _apply_port_defaults(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, ports: Any
+) -> None:
+    """The preset's ports become the OSC flags' values where the flag was not given."""
+    for key, dest in PORT_DESTS.items():
+        if hasattr(args, dest) and getattr(args, dest) == parser.get_default(dest):
+            setattr(args, dest, getattr(ports, key))
+
+
+def _output_specs(args: argparse.Namespace, preset: Any) -> list[str]:
+    specs = []
+    shm = args.shm or preset.outputs.shm
+    if shm and not args.no_shm:
+        specs.append(f"shm:{shm}")
+    ndi = args.ndi or preset.outputs.ndi
+    if ndi:
+        specs.append(f"ndi:{ndi}")
+    spout = args.spout or preset.outputs.spout
+    if spout:
+        specs.append(f"spout:{spout}")
+    return specs
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[ModuleType]) -> int:
+    if args.blocks is not None and args.blocks < 1:
+        raise UsageError("--blocks must be at least 1")
+    if args.duration is not None and args.duration <= 0:
+        raise UsageError("--duration must be positive")
+    if args.fps is not None and args.fps <= 0:
+        raise UsageError("--fps must be positive")
+    preset = preset_from_args(args)
+    _apply_port_defaults(args, parser, preset.ports)
+    record = Path(args.record) if args.record else None
+    if record is not None and (record.suffix.lower() != ".mp4" or not record.parent.is_dir()):
+        raise UsageError(f"--record {args.record}: must be an .mp4 file in an existing folder")
+
+    from engine.runtime.engine import Engine
+    from engine.runtime.frame_path import FramePath
+    from engine.runtime.pacer import Pacer
+    from engine.runtime.recorder import Recorder
+    from engine.runtime.sinks import SinkError, make_sinks
+
+    specs = _output_specs(args, preset)
+    try:
+        sinks = make_sinks(specs, shm_slots=preset.outputs.shm_slots)
+    except SinkError as e:
+        raise UsageError(str(e)) from None
+
+    pipeline = build_or_explain(preset, args.models_dir)
+    if pipeline is None:
+        return 1
+    frame_path = FramePath(sinks, Pacer(fps=args.fps or preset.outputs.fps))
+    recorder = None
+    if record is not None:
+        recorder = Recorder(
+            record,
+            width=preset.width,
+            height=preset.height,
+            fps=None,  # live time stamps: the file plays back the way the show ran
+            header={"model": preset.model, "preset": preset.name, "mode": "live"},
+        )
+    engine = Engine(
+        pipeline,
+        frame_path=frame_path,
+        recorder=recorder,
+        max_blocks=args.blocks,
+        duration=args.duration,
+    )
+    log.info(
+        "preset %s: %s %dx%d, steps %s, decoder %s, outputs %s%s",
+        preset.name,
+        preset.model,
+        preset.width,
+        preset.height,
+        preset.steps,
+        preset.decoder,
+        ", ".join(specs) or "none",
+        f", recording {record}" if record else "",
+    )
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    closers: list[Any] = []
+    try:
+        for hook in hooks:
+            try:
+                handle = hook.start(args, engine)
+            except Exception as e:  # noqa: BLE001 - a bridge that cannot start is reported
+                log.error("bridge %s did not start: %s", hook.__name__.split(".")[1], e)
+                continue
+            if handle is not None:
+                closers.append(handle)
+        engine.start()
+        while not stop.is_set() and engine.running:
+            stop.wait(0.1)
+    finally:
+        for handle in reversed(closers):
+            try:
+                handle.close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing a bridge failed")
+        engine.stop()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if recorder is not None:
+        log.info(
+            "recorded %d frames to %s (+ %s)", recorder.frames_written, record, recorder.log_path
+        )
+    if engine.error is not None:
+        print(f"dreamdeck run: stopped by an error: {engine.error}", file=sys.stderr)
+        return 1
+    return 0

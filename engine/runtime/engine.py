@@ -1,0 +1,266 @@
+"""The live engine: the block loop on its own generation thread, frames out to the frame
+path and the recorder, a status line once a second.
+
+Threads (all bounded, none can slow the generation thread):
+
+- generation: ``registry.begin_block`` -> `BlockDriver.step` -> ``frame_path.submit_block``
+  (returns at once) and ``recorder.submit`` (never blocks; drops when behind);
+- status: logs fps, block time, latency and VRAM once a second;
+- the frame path's publisher, the recorder's encoder and the text encoder's worker belong
+  to their own modules.
+
+Controls arrive only through the registry (bridges, the command line, tests). ``pause``
+holds the loop at once; ``reset`` restarts the stream at the next block; ``decoder``
+reloads the decoder between blocks. The registry's ``lookahead`` follows the measured
+time from a block's start to its frames, so beat-quantised changes land on the beat.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from engine.runtime.block_driver import BlockDriver, BlockResult
+from engine.runtime.controls import make_registry
+from engine.runtime.registry import Change, Registry
+
+log = logging.getLogger(__name__)
+
+STATES = ("starting", "running", "paused", "stopped")
+
+
+class Engine:
+    """``Engine(pipeline, frame_path=..., recorder=...)``; ``start()``, ``stop()``,
+    ``status()``, ``wait_frames(n, timeout)``; controls through ``engine.registry``."""
+
+    def __init__(
+        self,
+        pipeline: Any,
+        *,
+        registry: Registry | None = None,
+        frame_path: Any = None,
+        recorder: Any = None,
+        max_blocks: int | None = None,
+        duration: float | None = None,
+        status_interval: float | None = 1.0,
+        on_block: Callable[[BlockResult], None] | None = None,
+    ):
+        preset = pipeline.preset
+        self.pipeline = pipeline
+        self.preset = preset
+        self.registry = registry or make_registry(
+            default_prompt=preset.prompt, default_steps=preset.steps
+        )
+        self.frame_path = frame_path
+        self.recorder = recorder
+        self.max_blocks = max_blocks
+        self.duration = duration
+        self.status_interval = status_interval
+        self.on_block = on_block
+        self.driver = BlockDriver(pipeline)
+        self.state = "stopped"
+        self.error: BaseException | None = None
+        self.block = 0  # the next block's index (registry numbering: counts on across resets)
+        self.frames_out = 0
+        self.block_ms: float | None = None
+        self.latency_ms: float | None = None
+        self._block_ema: float | None = None  # seconds
+        self._rate: deque[tuple[float, int]] = deque(maxlen=64)  # (time, frames_out)
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._status_thread: threading.Thread | None = None
+        self._stopped = False
+        self._apply_preset_defaults()
+        self._unsubscribe = self.registry.subscribe(self._on_change)
+
+    def _apply_preset_defaults(self) -> None:
+        """The preset's defaults for the controls the registry declares with fixed defaults."""
+        p = self.preset
+        self.registry.set_many(
+            {
+                "seed": p.seed,
+                "kv_bias": p.kv_bias,
+                "transition/blocks": p.transition_blocks,
+                "transition/method": p.transition_method,
+                "decoder": p.decoder,
+            }
+        )
+
+    def _on_change(self, change: Change) -> None:
+        if change.path == "pause":
+            self._wake.set()
+
+    # -- control --------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
+        self.state = "starting"
+        self._thread = threading.Thread(target=self._run, name="dreamdeck-generation", daemon=True)
+        self._thread.start()
+        if self.status_interval:
+            self._status_thread = threading.Thread(
+                target=self._status_loop, name="dreamdeck-status", daemon=True
+            )
+            self._status_thread.start()
+
+    def pause(self, on: bool = True) -> None:
+        self.registry.set("pause", on)
+
+    def reset(self) -> None:
+        self.registry.set("reset", 1)
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop generating, then close the outputs and finalise the recording. Idempotent;
+        safe from a signal handler's thread."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("generation thread did not stop within %ss", timeout)
+        with self._cond:
+            if self._stopped:
+                return
+            self._stopped = True
+        self._unsubscribe()
+        for name, part in (("frame path", self.frame_path), ("recorder", self.recorder)):
+            if part is not None:
+                try:
+                    part.close()
+                except Exception:  # noqa: BLE001 - close the rest anyway
+                    log.exception("closing the %s failed", name)
+        self.pipeline.close()
+        self.state = "stopped"
+        with self._cond:
+            self._cond.notify_all()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the generation thread to end (max blocks, duration, an error, stop)."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait_frames(self, n: int, timeout: float | None = None) -> bool:
+        """Block until `n` frames in all have gone out (or the engine stopped, or timeout)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self.frames_out < n:
+                if self.error is not None or (
+                    self._thread is not None and not self._thread.is_alive()
+                ):
+                    return self.frames_out >= n
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(0.05 if left is None else min(left, 0.05))
+            return True
+
+    # -- status ---------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        vram = None
+        if self.pipeline.device.type == "cuda":
+            vram = torch.cuda.memory_reserved(self.pipeline.device) / 2**20
+        return {
+            "fps": self._fps(),
+            "block_ms": self.block_ms,
+            "latency_ms": self.latency_ms,
+            "block": self.block,
+            "vram_mb": vram,
+            "state": self.state,
+            "frames": self.frames_out,
+        }
+
+    def _fps(self) -> float | None:
+        with self._cond:
+            if len(self._rate) < 2:
+                return None
+            now = time.monotonic()
+            recent = [r for r in self._rate if now - r[0] <= 5.0] or list(self._rate)[-2:]
+            if len(recent) < 2:
+                # one block in the last seconds: rate since the previous one
+                recent = list(self._rate)[-2:]
+            (t0, f0), (t1, f1) = recent[0], recent[-1]
+            return (f1 - f0) / (t1 - t0) if t1 > t0 else None
+
+    def status_line(self) -> str:
+        s = self.status()
+
+        def f(v: Any, fmt: str) -> str:
+            return "-" if v is None else format(v, fmt)
+
+        return (
+            f"{s['state']:8s} block {s['block']:6d}  {f(s['fps'], '5.1f')} fps  "
+            f"block {f(s['block_ms'], '6.1f')} ms  latency {f(s['latency_ms'], '6.1f')} ms  "
+            f"VRAM {f(s['vram_mb'], '.0f')} MB"
+        )
+
+    def _status_loop(self) -> None:
+        while not self._stop.wait(self.status_interval):
+            if self.state in ("running", "paused"):
+                log.info("%s", self.status_line())
+
+    # -- generation thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self.driver.warmup(self.registry.snapshot(), self.preset.warmup_blocks)
+            t_end = None if self.duration is None else time.monotonic() + self.duration
+            self.state = "running"
+            log.info(
+                "engine running: %s %dx%d", self.preset.name, self.preset.width, self.preset.height
+            )
+            while not self._stop.is_set():
+                if self.max_blocks is not None and self.block >= self.max_blocks:
+                    break
+                if t_end is not None and time.monotonic() >= t_end:
+                    break
+                if self.registry.applied("pause"):
+                    self.state = "paused"
+                    self._wake.wait(0.1)
+                    self._wake.clear()
+                    continue
+                self.state = "running"
+                self._one_block()
+        except BaseException as e:  # noqa: BLE001 - reported to the caller through .error
+            self.error = e
+            log.exception("generation stopped by an error")
+        finally:
+            self.state = "stopped"
+            with self._cond:
+                self._cond.notify_all()
+
+    def _one_block(self) -> None:
+        t0 = time.perf_counter()
+        controls = self.registry.begin_block(self.block)
+        result = self.driver.step(controls)
+        if self.frame_path is not None:
+            self.frame_path.submit_block(result.rgba, result.block)
+        if self.recorder is not None:
+            self.recorder.submit(result.rgba, result.record)
+        done = time.time()
+        dt = time.perf_counter() - t0
+        self._block_ema = dt if self._block_ema is None else 0.8 * self._block_ema + 0.2 * dt
+        # A change applied at a block boundary shows up when that block's frames come out.
+        self.registry.lookahead = self._block_ema
+        with self._cond:
+            self.block_ms = dt * 1e3
+            if controls.received is not None:
+                self.latency_ms = (done - controls.received) * 1e3
+            self.frames_out += result.frames
+            self._rate.append((time.monotonic(), self.frames_out))
+            self.block += 1
+            self._cond.notify_all()
+        if self.on_block is not None:
+            self.on_block(result)

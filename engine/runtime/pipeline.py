@@ -1,0 +1,206 @@
+"""Building the generation pipeline from a preset: transformer, stream session, decoder,
+text encoder, embedding cache and prompt mixer.
+
+The same function builds the tiny random-weights pipeline (CPU, no download: `dreamdeck
+run --model tiny`, tests) and the real 14B one (weights from the models folder); only the
+numbers differ. Missing weights are reported all at once, with the `dreamdeck download`
+command that fetches them, before anything big is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.runtime.presets import EnginePreset
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class PipelineError(RuntimeError):
+    """The pipeline cannot be built as asked (missing weights, no GPU, ...): the message
+    says what is wrong and how to fix it."""
+
+
+@dataclass
+class Pipeline:
+    preset: EnginePreset
+    model: Any  # engine.models.wan.WanModel
+    session: Any  # engine.stream.session.StreamSession
+    text_encoder: Any
+    cache: Any  # engine.stream.embedding_cache.EmbeddingCache
+    mixer: Any  # engine.stream.blending.PromptMixer
+    device: torch.device
+    dtype: torch.dtype
+    decoder_kind: str
+    weights: dict[str, Path] = field(default_factory=dict)  # role -> file (real weights only)
+
+    @property
+    def tiny(self) -> bool:
+        return self.preset.model == "tiny"
+
+    def set_decoder(self, kind: str) -> None:
+        """Swap the frame decoder between blocks (the `decoder` control, applies="reload").
+        The new decoder has no causal cache, so the stream restarts at block 0."""
+        if kind == self.decoder_kind:
+            return
+        decoder, encoder = _build_decoder(kind, self.preset, self.weights, self.device, self.dtype)
+        self.session.decoder, self.session.encoder = decoder, encoder
+        self.session.reset()
+        self.decoder_kind = kind
+        log.info("decoder: %s (stream restarted)", kind)
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+def resolve_device(preset: EnginePreset) -> torch.device:
+    if preset.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if preset.device == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(
+            f"preset {preset.name!r} needs a CUDA GPU and none is available here;"
+            " `dreamdeck run --model tiny` runs on a CPU"
+        )
+    return torch.device(preset.device)
+
+
+def required_weights(preset: EnginePreset, models_dir: str | Path | None) -> dict[str, Path]:
+    """role -> file for a real-weights preset. Raises PipelineError listing every missing
+    file and the download command (from the catalog) when any is missing."""
+    try:
+        from engine.weights import catalog
+    except ImportError as e:  # the catalog is another part of the project
+        raise PipelineError(
+            f"cannot locate model files: engine.weights.catalog unavailable ({e})"
+        ) from None
+    spec = {
+        "model": preset.model,
+        "decoder": preset.decoder,
+        "vace": preset.vace,
+        "text_encoder": preset.text_encoder,
+    }
+    missing = catalog.missing_files(spec, models_dir=models_dir)
+    if missing:
+        lines = "\n".join(f"  {_describe(m)}" for m in missing)
+        raise PipelineError(
+            f"model files missing for preset {preset.name!r}:\n{lines}\n"
+            f"fetch them with:\n  {catalog.download_command(spec, models_dir=models_dir)}"
+        )
+    return catalog.resolve_files(spec, models_dir=models_dir)
+
+
+def _describe(missing: Any) -> str:
+    path = getattr(missing, "path", None)
+    return str(path) if path is not None else str(missing)
+
+
+def _build_decoder(kind: str, preset: EnginePreset, weights: dict[str, Path], device, dtype):
+    from engine.models.decoders import build_decoder
+
+    if preset.model == "tiny":
+        return build_decoder(kind, tiny=True, device=device, dtype=dtype)
+    path = weights.get("taehv" if kind == "tae" else "vae")
+    if path is None:
+        raise PipelineError(f"no weights file for the {kind!r} decoder")
+    return build_decoder(
+        kind, tiny=False, device=device, dtype=dtype, path=path, vae_path=weights.get("vae")
+    )
+
+
+def build_pipeline(
+    preset: EnginePreset,
+    *,
+    models_dir: str | Path | None = None,
+    seed: int = 0,
+    cache_capacity: int = 32,
+) -> Pipeline:
+    """Build everything a `BlockDriver` needs. `seed` seeds random weights (tiny model)."""
+    from engine.models.attention import select_backend
+    from engine.models.wan import CONFIGS
+    from engine.stream.blending import PromptMixer
+    from engine.stream.embedding_cache import EmbeddingCache
+    from engine.stream.session import StreamSession
+    from engine.weights.transformer import load_transformer, random_transformer
+
+    preset.check(preset.name or "preset")
+    tiny = preset.model == "tiny"
+    # Missing files first: the most useful message, and nothing big is loaded yet.
+    weights: dict[str, Path] = {} if tiny else required_weights(preset, models_dir)
+    device = resolve_device(preset)
+    dtype = DTYPES[preset.dtype]
+    if device.type == "cpu" and dtype != torch.float32:
+        log.info("CPU: running in float32 instead of %s", preset.dtype)
+        dtype = torch.float32
+    cfg = CONFIGS[preset.model]
+    if tiny:
+        model = random_transformer(cfg, device=device, dtype=dtype, seed=seed)
+    else:
+        if "transformer" not in weights:
+            raise PipelineError(f"no transformer weights for model {preset.model!r}")
+        log.info("loading transformer %s", weights["transformer"])
+        model = load_transformer(weights["transformer"], cfg, device=device, dtype=dtype)
+    if preset.fp8:
+        if device.type != "cuda":
+            raise PipelineError("fp8 weights need a CUDA GPU (set fp8: false for the CPU)")
+        from engine.models.fp8 import quantize_linears
+
+        n = quantize_linears(model.blocks, out_dtype=dtype)
+        log.info("fp8: %d linears quantised", n)
+    model.set_attention(
+        select_backend(None if preset.attention == "auto" else preset.attention, device)
+    )
+    if preset.compile:
+        if device.type == "cuda":
+            model.compile_blocks()
+        else:
+            log.info("compile: skipped on the CPU")
+
+    decoder, encoder = _build_decoder(preset.decoder, preset, weights, device, dtype)
+    session = StreamSession(
+        model,
+        height=preset.height,
+        width=preset.width,
+        decoder=decoder,
+        encoder=encoder,
+        device=device,
+        dtype=dtype,
+    )
+    text_encoder = _build_text_encoder(preset, weights, device, dtype, cfg)
+    cache = EmbeddingCache(text_encoder, capacity=cache_capacity)
+    mixer = PromptMixer(cache)
+    return Pipeline(
+        preset=preset,
+        model=model,
+        session=session,
+        text_encoder=text_encoder,
+        cache=cache,
+        mixer=mixer,
+        device=device,
+        dtype=dtype,
+        decoder_kind=preset.decoder,
+        weights=weights,
+    )
+
+
+def _build_text_encoder(preset: EnginePreset, weights: dict[str, Path], device, dtype, cfg):
+    from engine.models import text_encoder as te
+
+    if preset.model == "tiny":
+        # deterministic stand-in sized to the tiny transformer's text input
+        return te.TinyTextEncoder(length=cfg.text_len, dim=cfg.text_dim)
+    placement = {"gpu": "gpu", "gpu-fp8": "fp8", "cpu": "cpu"}[preset.text_encoder]
+    return te.load_text_encoder(
+        weights["text_encoder"],
+        weights["tokenizer"],
+        placement=placement,
+        device=device if placement != "cpu" else "cpu",
+        dtype=torch.bfloat16 if dtype == torch.float32 else dtype,
+        output_device=device,
+    )
