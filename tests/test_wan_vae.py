@@ -226,3 +226,12 @@ def test_latent_stats_stay_float32_in_bf16():
     )
     torch.testing.assert_close(z.float(), want.expand_as(z).to(torch.bfloat16).float())
     torch.testing.assert_close(vae.denormalize(z.float()), mu.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_bf16_model_takes_float32_latents_and_stays_close():
+    """The session hands float32 latents to a bf16 VAE: cast inside, result near float32."""
+    z = torch.randn(1, 16, 3, 4, 4)
+    ref = WanStreamDecoder(random_wan_vae(CONFIGS["tiny"], seed=5)).decode(z)
+    out = WanStreamDecoder(random_wan_vae(CONFIGS["tiny"], seed=5, dtype=torch.bfloat16)).decode(z)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert rel(out.float(), ref) < 0.05

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.models.wan_vae import check_frames, check_latents
+from engine.models.wan_vae import check_frames, check_latents, to_model
 from engine.weights.checkpoint import WeightsError, assign_state_dict, load_checkpoint, strip_prefix
 
 
@@ -204,7 +204,7 @@ class TAEHVStreamDecoder:
     def decode(self, latents: Tensor) -> Tensor:
         check_latents(latents, self.tae.cfg.latent_channels, "TAEHV decode")
         self.shape = _check_continues(self.shape, latents)
-        y = self.tae.decode_video(latents.transpose(1, 2), self.memory)
+        y = self.tae.decode_video(to_model(self.tae, latents).transpose(1, 2), self.memory)
         if not self.started:
             y = y[:, self.tae.frames_to_trim :]
             self.started = True
@@ -237,7 +237,7 @@ class TAEHVStreamEncoder:
             )
             raise ValueError(f"TAEHV encode: got {t} frames, the stream encoder needs {want}")
         self.shape = shape
-        x = frames.transpose(1, 2).add(1.0).mul_(0.5)
+        x = to_model(self.tae, frames).transpose(1, 2).add(1.0).mul_(0.5)
         if not self.started:
             x = torch.cat([x[:, :1].expand(-1, k - 1, -1, -1, -1), x], 1)
             self.started = True
@@ -257,7 +257,13 @@ class TAEHVImageEncoder:
         check_frames(frame, "TAEHV encode_image")
         if frame.shape[2] != 1:
             raise ValueError(f"TAEHV encode_image: expected one frame, got {frame.shape[2]}")
-        x = frame.transpose(1, 2).add(1.0).mul_(0.5).expand(-1, self.tae.t_downscale, -1, -1, -1)
+        x = (
+            to_model(self.tae, frame)
+            .transpose(1, 2)
+            .add(1.0)
+            .mul_(0.5)
+            .expand(-1, self.tae.t_downscale, -1, -1, -1)
+        )
         return self.tae.encode_video(x).transpose(1, 2)
 
 

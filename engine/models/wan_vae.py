@@ -407,6 +407,13 @@ def check_latents(z: Tensor, channels: int, what: str) -> None:
 # ---- streaming objects seen by the stream session ------------------------------------
 
 
+def to_model(module: nn.Module, x: Tensor) -> Tensor:
+    """`x` on the module's device and in its dtype: the session may run the transformer in
+    another dtype than the VAE (and hands over float32 latents)."""
+    p = next(module.parameters())
+    return x.to(device=p.device, dtype=p.dtype)
+
+
 class WanStreamDecoder:
     """FrameDecoder: transformer latents block by block, cache carried across blocks.
 
@@ -428,7 +435,7 @@ class WanStreamDecoder:
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         check_latents(latents, self.vae.cfg.z_dim, "Wan VAE decode")
-        z = self.vae.denormalize(latents)
+        z = to_model(self.vae, self.vae.denormalize(latents))
         if self.chunk is None or self.chunk >= z.shape[2]:
             return self.vae.decode(z, self.cache)
         return torch.cat([self.vae.decode(c, self.cache) for c in z.split(self.chunk, 2)], 2)
@@ -445,7 +452,7 @@ class WanImageEncoder:
         check_frames(frame, "Wan VAE encode_image")
         if frame.shape[2] != 1:
             raise ValueError(f"Wan VAE encode_image: expected one frame, got {frame.shape[2]}")
-        return self.vae.normalize(self.vae.encode(frame))
+        return self.vae.normalize(self.vae.encode(to_model(self.vae, frame)))
 
 
 class WanStreamEncoder:
@@ -471,7 +478,7 @@ class WanStreamEncoder:
             )
             raise ValueError(f"Wan VAE encode: got {t} frames, the stream encoder needs {want}")
         self.started = True
-        return self.vae.normalize(self.vae.encode(frames, self.cache))
+        return self.vae.normalize(self.vae.encode(to_model(self.vae, frames), self.cache))
 
 
 # ---- construction ---------------------------------------------------------------------
