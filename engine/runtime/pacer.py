@@ -93,8 +93,7 @@ class Pacer:
         self._next_due: float | None = None
         self.presented = 0  # frames presented since start (FrameMeta.index of the next + 0)
         self.dropped = 0  # frames never presented (consumer side too slow)
-        self.holds = 0  # times a frame was due but none was queued (generation late)
-        self._was_due_empty = False
+        self.holds = 0  # times generation was late: a frame was due, none queued
         self._backlog_at_arrival = margin_frames
 
     # -- rate --------------------------------------------------------------------------------
@@ -142,6 +141,8 @@ class Pacer:
         self._measure(nframes, t)
         if not self._queue:
             # Late (or first) block: start now, don't catch up on the missed schedule.
+            if self._next_due is not None and self._next_due < t:
+                self.holds += 1  # a frame was due and there was none: the last one held
             if self._next_due is None or self._next_due < t:
                 self._next_due = t
         self._queue.append(_Block(block, nframes, payload))
@@ -168,15 +169,9 @@ class Pacer:
     def pop_due(self, now: float | None = None) -> Presented | None:
         """The frame due at ``now``, if any; advances the schedule."""
         now = self.clock() if now is None else now
-        if not self._queue:
-            if self._next_due is not None and now >= self._next_due and not self._was_due_empty:
-                self.holds += 1
-                self._was_due_empty = True
-            return None
         due = self._next_due
-        if due is None or now < due:
+        if not self._queue or due is None or now < due:
             return None
-        self._was_due_empty = False
         b = self._queue[0]
         frame = b.next_frame
         b.next_frame += 1
