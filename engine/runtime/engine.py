@@ -83,16 +83,7 @@ class Engine:
 
     def _apply_preset_defaults(self) -> None:
         """The preset's defaults for the controls the registry declares with fixed defaults."""
-        p = self.preset
-        self.registry.set_many(
-            {
-                "seed": p.seed,
-                "kv_bias": p.kv_bias,
-                "transition/blocks": p.transition_blocks,
-                "transition/method": p.transition_method,
-                "decoder": p.decoder,
-            }
-        )
+        self.registry.set_many(self.preset.control_defaults())
 
     def _on_change(self, change: Change) -> None:
         if change.path == "pause":

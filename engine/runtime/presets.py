@@ -120,6 +120,16 @@ class EnginePreset:
         new.check("overrides")
         return new
 
+    def control_defaults(self) -> dict[str, Any]:
+        """The preset's values for live controls whose registry defaults are fixed."""
+        return {
+            "seed": self.seed,
+            "kv_bias": self.kv_bias,
+            "transition/blocks": self.transition_blocks,
+            "transition/method": self.transition_method,
+            "decoder": self.decoder,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

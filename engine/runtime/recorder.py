@@ -111,12 +111,18 @@ class Recorder:
         self._thread.start()
 
     # -- generation side ----------------------------------------------------------------
-    def submit(self, rgba: Any, record: Mapping[str, Any], when: float | None = None) -> bool:
+    def submit(
+        self, rgba: Any, record: Mapping[str, Any], when: float | None = None, *, wait: bool = False
+    ) -> bool:
         """Queue one block ([T,H,W,4] uint8, numpy or torch, any device) with its control
-        record. Never blocks; returns False when the block had to be dropped."""
+        record. Live (`wait` False) it never blocks and returns False when the block had to
+        be dropped; the offline render passes `wait` True and loses nothing."""
         if self._closed:
             raise RecorderError(f"{self.path}: recorder is closed")
         when = time.time() if when is None else when
+        if wait:
+            self._queue.put((rgba, dict(record), when))
+            return True
         try:
             self._queue.put_nowait((rgba, dict(record), when))
             return True
