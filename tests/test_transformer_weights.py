@@ -118,3 +118,10 @@ def test_random_transformer_is_seeded_and_on_device():
     x, t, text = inputs()
     with torch.no_grad():
         assert torch.isfinite(a(x, t, text)).all()
+
+
+def test_attention_chosen_at_load(tmp_path, source):
+    f = write(tmp_path / "w.safetensors", source.state_dict())
+    assert load_transformer(f, CFG, "cpu", torch.float32).attn.backend == "sdpa"
+    assert load_transformer(f, CFG, "cpu", torch.float32, attention="math").attn.backend == "math"
+    assert random_transformer(CFG, attention="math").attn.backend == "math"

@@ -117,8 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     cfg = CONFIGS[args.model]
-    model = random_transformer(cfg, device, dtype, seed=args.seed)
-    model.set_attention(backend)
+    model = random_transformer(cfg, device, dtype, seed=args.seed, attention=backend)
     if args.compile:
         model.compile_blocks()
     session = StreamSession(

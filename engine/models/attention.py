@@ -99,39 +99,44 @@ def select_backend(
 # or None when not asked for).
 
 
+_cudnn_failed = False  # set once cuDNN rejects a call; PyTorch's dispatch is used after
+
+
 def _sdpa(
     q: Tensor, k: Tensor, v: Tensor, want_lse: bool, kind: str
 ) -> tuple[Tensor, Tensor | None]:
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    global _cudnn_failed
     if kind == "math":
         return _math(q, k, v, want_lse)
-    if not want_lse:
-        if kind == "cudnn":
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            # Priority order, not exclusivity: shapes cuDNN rejects fall back to flash.
-            order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
-            order += [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-            with sdpa_kernel(order, set_priority=True):
-                o = F.scaled_dot_product_attention(qt, kt, vt)
-        else:
-            o = F.scaled_dot_product_attention(qt, kt, vt)
-        return o.transpose(1, 2), None
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     B, Nq, H, _ = q.shape
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if kind == "cudnn" and q.is_cuda and half and not _cudnn_failed:
+        # The aten op directly (not an sdpa_kernel context): traceable by torch.compile and
+        # the same kernel with or without the log-sum-exp.
+        # Schema: (q, k, v, attn_bias, compute_log_sumexp, dropout_p, is_causal, return_debug_mask)
+        try:
+            o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                qt, kt, vt, None, want_lse, 0.0, False, False
+            )[:2]
+            return o.transpose(1, 2), (_flat_lse(lse, B, H, Nq) if want_lse else None)
+        except RuntimeError as e:
+            _cudnn_failed = True
+            log.warning("cuDNN attention failed (%s); using PyTorch's SDPA dispatch instead", e)
+    if not want_lse:
+        return F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2), None
     if q.device.type == "cpu":
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt)
-    elif kind == "cudnn" and q.dtype in (torch.float16, torch.bfloat16):
-        # Schema: (q, k, v, attn_bias, compute_log_sumexp, dropout_p, is_causal, return_debug_mask)
-        o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            qt, kt, vt, None, True, 0.0, False, False
-        )[:2]
-    elif q.dtype in (torch.float16, torch.bfloat16):
+    elif half:
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
     else:
         o, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True)[:2]
-    # cuDNN gives [B,H,Nq,1]; the efficient kernel may pad Nq: cut and flatten to [B,H,Nq].
-    lse = lse.reshape(B, H, -1)[..., :Nq].float()
-    return o.transpose(1, 2), lse
+    return o.transpose(1, 2), _flat_lse(lse, B, H, Nq)
+
+
+def _flat_lse(lse: Tensor, B: int, H: int, Nq: int) -> Tensor:
+    """cuDNN gives [B,H,Nq,1]; the efficient kernel may pad Nq: cut and flatten to [B,H,Nq]."""
+    return lse.reshape(B, H, -1)[..., :Nq].float()
 
 
 def _math(q: Tensor, k: Tensor, v: Tensor, want_lse: bool) -> tuple[Tensor, Tensor | None]:
