@@ -123,10 +123,10 @@ class FramePath:
                     hb.event = torch.cuda.Event(blocking=True)  # publisher sleeps, not spins
                 hb.event.record(stream)
             rgba.record_stream(stream)
-        elif isinstance(rgba, np.ndarray):
-            np.copyto(hb.array[:t], rgba)
         else:
-            hb.host[:t].copy_(rgba)
+            # numpy, not torch's copy_: torch's CPU thread pool can cost tens of ms here
+            # when cores are contended, numpy's memcpy doesn't.
+            np.copyto(hb.array[:t], rgba if isinstance(rgba, np.ndarray) else rgba.numpy())
         hb.block, hb.nframes, hb.arrival = int(block_index), t, arrival
         with self._cond:
             if self._pending is not None:
