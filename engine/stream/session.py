@@ -150,9 +150,8 @@ class StreamSession:
         hp, wp = self.h // cfg.patch[1], self.w // cfg.patch[2]
         self.fsl = hp * wp  # tokens per latent frame
         self.decoder, self.encoder = decoder, encoder
-        self.anchor_source = "vae" if encoder is not None else "first_latent"
         self.timing = timing
-        if self.anchor_source == "first_latent":
+        if encoder is None:
             log.info("anchor: first latent of block 0 kept (no VAE encoder attached; a stand-in)")
 
         n = WINDOW_LATENTS * self.fsl
@@ -169,6 +168,12 @@ class StreamSession:
         self._text_key: Hashable | None = None
         self._cross: list[tuple[Tensor, Tensor]] | None = None
         self.reset()
+
+    @property
+    def anchor_source(self) -> str:
+        """ "vae": Krea's re-encoded anchor; "first_latent": the no-encoder stand-in.
+        A property because the runtime may attach a decoder and encoder later."""
+        return "vae" if self.encoder is not None and self.decoder is not None else "first_latent"
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -223,7 +228,7 @@ class StreamSession:
         if index == 0:
             mode, rope, log_bias = SELF, self.rope_first, None
         else:
-            if self.encoder is not None and index >= 2 and len(self._ring) == RING_FRAMES:
+            if self.anchor_source == "vae" and index >= 2 and len(self._ring) == RING_FRAMES:
                 with timer.stage("encode"):
                     anchor = self.encoder.encode_image(self._ring[0]).to(dev, torch.float32)
             else:
