@@ -88,17 +88,12 @@ def required_weights(preset: EnginePreset, models_dir: str | Path | None) -> dic
     }
     missing = catalog.missing_files(spec, models_dir=models_dir)
     if missing:
-        lines = "\n".join(f"  {_describe(m)}" for m in missing)
+        lines = "\n".join(f"  {m}" for m in missing)
         raise PipelineError(
             f"model files missing for preset {preset.name!r}:\n{lines}\n"
             f"fetch them with:\n  {catalog.download_command(spec, models_dir=models_dir)}"
         )
     return catalog.resolve_files(spec, models_dir=models_dir)
-
-
-def _describe(missing: Any) -> str:
-    path = getattr(missing, "path", None)
-    return str(path) if path is not None else str(missing)
 
 
 def _build_decoder(kind: str, preset: EnginePreset, weights: dict[str, Path], device, dtype):
