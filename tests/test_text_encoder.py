@@ -272,6 +272,8 @@ def test_fp8_linear_and_encoder():
     ea, eb = a.encode(texts), b.encode(texts)
     assert ((ea == 0) == (eb == 0)).all()
     assert (ea - eb).norm() / ea.norm() < 0.1
+    t = te.time_encode(b, texts, repeats=2)  # the helper device timing scripts use
+    assert t["n"] == 2 and 0 < t["min_ms"] <= t["median_ms"]
 
 
 def test_tiny_text_encoder_is_deterministic_and_distinct():

@@ -564,3 +564,25 @@ class TinyTextEncoder(TextEncoder):
         super().__init__(
             model, HashTokenizer(spec.vocab), length=length, device=device, placement="cpu"
         )
+
+
+def time_encode(encoder: TextEncoder, texts: Sequence[str], repeats: int = 5) -> dict[str, float]:
+    """Median / min wall time of `encoder.encode(texts)` in ms after one warm-up, synchronising
+    CUDA around each call (for `bench` and device scripts; not used in the live path)."""
+    import statistics
+    import time
+
+    def sync() -> None:
+        for d in {encoder.device, encoder.output_device}:
+            if d.type == "cuda":
+                torch.cuda.synchronize(d)
+
+    encoder.encode(texts)
+    sync()
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        encoder.encode(texts)
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "n": len(times)}
