@@ -13,7 +13,7 @@ file are reported together, so `dreamdeck midi check` gives the whole list at on
       - {cc: [1, 33], target: vace/scale, range: [0, 2]}     # 14-bit (MSB, LSB)
       - {cc: 16, target: seed, mode: relative, encoding: twos}
       - {note: 36, target: prompt/1/solo}
-      - {nrpn: 0x0102, target: kv_bias}
+      - {nrpn: [1, 2], target: kv_bias}                        # NRPN MSB 1, LSB 2 (= 130)
       - {note: 40, action: preset, preset: calm}
       - {note: 41, action: cycle, step: 1}
 """
@@ -65,6 +65,7 @@ class _Dict(dict):
 class _List(list):
     line = 0
     lines: list[int]
+    flow = False
 
 
 class _Loader(yaml.SafeLoader):
@@ -89,6 +90,7 @@ def _mapping(loader: _Loader, node: yaml.MappingNode) -> _Dict:
 def _sequence(loader: _Loader, node: yaml.SequenceNode) -> _List:
     out = _List(loader.construct_object(n, deep=True) for n in node.value)
     out.line, out.lines = node.start_mark.line + 1, [n.start_mark.line + 1 for n in node.value]
+    out.flow = bool(node.flow_style)
     return out
 
 
@@ -271,8 +273,13 @@ class _Validator:
                 return None
             kind, number, lsb = "cc14", raw[0], raw[1]
         elif src == "nrpn":
+            # [MSB, LSB] as manuals print them ("NRPN 01/02"), or the 14-bit number
+            if isinstance(raw, list) and len(raw) == 2 and all(self.is7(x) for x in raw):
+                raw = raw[0] << 7 | raw[1]
             if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= 16383:
-                self.err(at("nrpn"), f"nrpn must be 0..16383 (e.g. 0x0102), got {raw!r}")
+                self.err(
+                    at("nrpn"), f"nrpn must be [MSB, LSB] (0..127 each) or 0..16383, got {raw!r}"
+                )
                 return None
             kind, number = "nrpn", raw
         else:
@@ -311,10 +318,10 @@ class _Validator:
 
         mode = m.get("mode")
         if mode is None:
-            if action is not None or (param is not None and not param.stateful):
-                mode = "trigger"
-            elif "value" in m:
+            if "value" in m:
                 mode = "set"
+            elif action is not None or (param is not None and not param.stateful):
+                mode = "trigger"
             elif kind == "note" and param is not None and param.type == "bool":
                 mode = "toggle"
             else:
