@@ -44,10 +44,29 @@ def build_decoder(
     path: str | Path | None = None,
     vae_path: str | Path | None = None,
     anchor: Literal["wan", "tae"] = "wan",
+    channels_last: bool | None = None,
+    compile: bool = False,
 ) -> tuple[FrameDecoder, AnchorEncoder]:
     """Decoder and anchor encoder; random weights when `path` is None (tiny configs when
     `tiny`). `path` is the decoder's file (`Wan2.1_VAE.pth` or `taew2_1.pth`); for "tae"
-    with the Wan anchor, `vae_path` is `Wan2.1_VAE.pth` (only its encoder is kept)."""
+    with the Wan anchor, `vae_path` is `Wan2.1_VAE.pth` (only its encoder is kept).
+
+    `channels_last` (default: on CUDA) stores conv weights channels-last (measured on an
+    H100 for diffusers' Wan VAE: 283 -> 253 ms a block at 832x480); `compile` wraps the
+    decoder and the anchor encoder in torch.compile."""
+    dec, enc = _build(kind, tiny, device, dtype, path, vae_path, anchor)
+    if channels_last if channels_last is not None else torch.device(device).type == "cuda":
+        models = (getattr(obj, name, None) for obj in (dec, enc) for name in ("vae", "tae"))
+        for model in {id(m): m for m in models if m is not None}.values():
+            model.to_channels_last()
+    if compile:
+        dec.compile()
+        if hasattr(enc, "compile"):
+            enc.compile()
+    return dec, enc
+
+
+def _build(kind, tiny, device, dtype, path, vae_path, anchor) -> tuple:
     if kind == "wan":
         vae = _wan(tiny, device, dtype, path, ("encoder", "decoder"))
         return wan_vae.WanStreamDecoder(vae), wan_vae.WanImageEncoder(vae)

@@ -193,7 +193,13 @@ class TAEHVStreamDecoder:
 
     def __init__(self, tae: TAEHV) -> None:
         self.tae = tae
+        self._decode = tae.decode_video
         self.reset()
+
+    def compile(self, **kw) -> TAEHVStreamDecoder:
+        """torch.compile the decoder (two graphs: stream start without memory, then steady)."""
+        self._decode = torch.compile(self.tae.decode_video, fullgraph=True, **kw)
+        return self
 
     def reset(self) -> None:
         self.memory: list[Tensor | None] = [None] * len(self.tae.decoder)
@@ -204,7 +210,7 @@ class TAEHVStreamDecoder:
     def decode(self, latents: Tensor) -> Tensor:
         check_latents(latents, self.tae.cfg.latent_channels, "TAEHV decode")
         self.shape = _check_continues(self.shape, latents)
-        y = self.tae.decode_video(to_model(self.tae, latents).transpose(1, 2), self.memory)
+        y = self._decode(to_model(self.tae, latents).transpose(1, 2), self.memory)
         if not self.started:
             y = y[:, self.tae.frames_to_trim :]
             self.started = True

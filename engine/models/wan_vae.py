@@ -427,7 +427,14 @@ class WanStreamDecoder:
             raise ValueError(f"chunk must be a positive number of latents or None, got {chunk}")
         self.vae = vae
         self.chunk = chunk
+        self._decode = vae.decode
         self.reset()
+
+    def compile(self, **kw) -> WanStreamDecoder:
+        """torch.compile the decoder (whole graph: the cache is plain Python state). Expect
+        three graphs: the stream's first block, the second (history appears), steady state."""
+        self._decode = torch.compile(self.vae.decode, fullgraph=True, **kw)
+        return self
 
     def reset(self) -> None:
         self.cache = StreamCache()
@@ -437,8 +444,8 @@ class WanStreamDecoder:
         check_latents(latents, self.vae.cfg.z_dim, "Wan VAE decode")
         z = to_model(self.vae, self.vae.denormalize(latents))
         if self.chunk is None or self.chunk >= z.shape[2]:
-            return self.vae.decode(z, self.cache)
-        return torch.cat([self.vae.decode(c, self.cache) for c in z.split(self.chunk, 2)], 2)
+            return self._decode(z, self.cache)
+        return torch.cat([self._decode(c, self.cache) for c in z.split(self.chunk, 2)], 2)
 
 
 class WanImageEncoder:
@@ -446,13 +453,18 @@ class WanImageEncoder:
 
     def __init__(self, vae: WanVAE) -> None:
         self.vae = vae
+        self._encode = vae.encode
+
+    def compile(self, **kw) -> WanImageEncoder:
+        self._encode = torch.compile(self.vae.encode, fullgraph=True, **kw)
+        return self
 
     @torch.no_grad()
     def encode_image(self, frame: Tensor) -> Tensor:
         check_frames(frame, "Wan VAE encode_image")
         if frame.shape[2] != 1:
             raise ValueError(f"Wan VAE encode_image: expected one frame, got {frame.shape[2]}")
-        return self.vae.normalize(self.vae.encode(to_model(self.vae, frame)))
+        return self.vae.normalize(self._encode(to_model(self.vae, frame)))
 
 
 class WanStreamEncoder:
