@@ -315,3 +315,45 @@ def test_forward_traces_as_one_graph(text):
     got = [sess.next_block(BlockInputs(text, "a", [1000, 500], 1)).latents for _ in range(3)]
     for x, y in zip(got, want, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- GPU (lead's runs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["sdpa", "cudnn", "fa3", "fa2", "sage"])
+def test_gpu_bf16_stream_close_to_fp32(text, backend):
+    from engine.models.attention import AttentionError, select_backend
+
+    try:
+        select_backend(backend, "cuda")
+    except AttentionError as e:
+        pytest.skip(str(e))
+    m32 = init_random_(WanModel(CONFIGS["tiny"]), seed=4).eval().cuda()
+    from engine.models.wan import cast_model
+
+    m16 = cast_model(init_random_(WanModel(CONFIGS["tiny"]), seed=4).eval(), torch.bfloat16).cuda()
+    m16.set_attention(backend)
+    outs = []
+    for m in (m32, m16):
+        sess = StreamSession(m, height=64, width=96)
+        outs.append(
+            [sess.next_block(BlockInputs(text.cuda(), "a", [1000], 5)).latents for _ in range(3)]
+        )
+    for x, y in zip(*outs, strict=True):
+        assert x.dtype == y.dtype == torch.float32 and x.is_cuda
+        assert rel(y, x) < 5e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_compiled_blocks_match_eager(text):
+    m = init_random_(WanModel(CONFIGS["tiny"]), seed=4).eval().cuda()
+    sess = StreamSession(m, height=64, width=96)
+    want = [
+        sess.next_block(BlockInputs(text.cuda(), "a", [1000, 500], 5)).latents for _ in range(3)
+    ]
+    m.compile_blocks()
+    sess = StreamSession(m, height=64, width=96)
+    got = [sess.next_block(BlockInputs(text.cuda(), "a", [1000, 500], 5)).latents for _ in range(3)]
+    for x, y in zip(got, want, strict=True):
+        assert rel(x, y) < 1e-3
