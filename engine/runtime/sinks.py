@@ -161,6 +161,10 @@ class WorkerSink:
         except BaseException as e:  # reported by open() in the caller's thread
             self._error = e
             self._ready.set()
+            try:
+                self._teardown()  # release whatever setup got as far as creating
+            except Exception:
+                log.exception("%s: teardown after a failed setup failed", self.name)
             return
         self._ready.set()
         failures = 0
