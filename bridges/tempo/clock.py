@@ -116,7 +116,7 @@ class MidiClock:
             fit, anchor = self._fit, self._anchor
             if fit is None:
                 return None
-            if anchor is None:  # stopped before a pulse came: position is where we wait
+            if anchor is None or not self.running:  # stopped: the position holds
                 return self._next_tick / PPQN
         slope, t0 = fit
         count, tick = anchor
