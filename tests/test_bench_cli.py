@@ -35,8 +35,8 @@ def test_bench_tiny_json():
     assert set(out["stages_ms"]) == {"recompute", "step0", "step1", "step2"}
     assert out["fps"] > 0 and out["frames_per_block"] == 12
     assert abs(out["fps"] - 12000 / out["block_ms"]) < 1e-6
-    # the stages are parts of the block
-    assert sum(out["stages_ms"].values()) <= out["block_ms"] * 1.001
+    # each stage is part of every block, so its median cannot exceed the block's median
+    assert all(0 < v <= out["block_ms"] for v in out["stages_ms"].values())
     c = out["config"]
     assert (c["model"], c["dim"], c["layers"], c["height"], c["width"]) == ("tiny", 64, 2, 64, 96)
     assert c["steps"] == [1000, 750, 500] and c["kv_bias"] == 0.3 and c["dtype"] == "fp32"
