@@ -256,4 +256,217 @@ def test_rope_refs_positions():
     assert not math.isclose(cos[0, 0, 0].item(), cos[2, 0, 0].item())
 
 
-_ = SimpleNamespace  # used by the context tests below
+# --------------------------------------------------------------------------- context
+
+
+@pytest.fixture(scope="module")
+def vae_pair():
+    """Our tiny VAE and diffusers' AutoencoderKLWan on the same weights."""
+    from diffusers import AutoencoderKLWan
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    from engine.models.wan_vae import CONFIGS as VAE_CONFIGS
+    from engine.models.wan_vae import random_wan_vae
+
+    vae = random_wan_vae(VAE_CONFIGS["tiny"], seed=3)
+    ref = AutoencoderKLWan(base_dim=8, z_dim=16)
+    sd = {k: v.clone() for k, v in vae.state_dict().items()}
+    ref.load_state_dict(convert_wan_vae_to_diffusers(sd), strict=True)
+    return vae, ref.eval()
+
+
+def pipeline_oracle(ref_vae):
+    """diffusers' WanVACEPipeline condition helpers, bound to a stand-in `self` holding only
+    what they read (the VAE and the scale factors): the real functions, no pipeline load."""
+    from diffusers import WanVACEPipeline
+
+    fake = SimpleNamespace(
+        vae=ref_vae,
+        vae_scale_factor_temporal=4,
+        vae_scale_factor_spatial=8,
+        transformer=SimpleNamespace(config=SimpleNamespace(patch_size=(1, 2, 2))),
+        transformer_2=None,
+        _execution_device=torch.device("cpu"),
+    )
+
+    def context(video, mask, refs=((),)):
+        refs = [list(r) for r in refs]  # the pipeline passes [[]] when there are none
+        lat = WanVACEPipeline.prepare_video_latents(fake, video, mask, refs, None, "cpu")
+        masks = WanVACEPipeline.prepare_masks(fake, mask, refs)
+        return torch.cat([lat, masks], dim=1)
+
+    return context
+
+
+def video_and_mask(t, h=16, w=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    video = torch.rand(1, 3, t, h, w, generator=g) * 2 - 1
+    mask = (torch.rand(1, 1, t, h // 8, w // 8, generator=g) > 0.5).float()
+    mask = mask.repeat_interleave(8, 3).repeat_interleave(8, 4)
+    mask[..., :3, :5] = 0.3  # soft values: binarised at 0.5 like diffusers
+    return video, mask
+
+
+def test_context_matches_diffusers_first_block(vae_pair):
+    from engine.stream.vace_context import VaceContextEncoder
+
+    vae, ref = vae_pair
+    video, mask = video_and_mask(9)
+    with torch.no_grad():
+        want = pipeline_oracle(ref)(video, mask)
+        got = VaceContextEncoder(vae).encode_block(video, mask)
+    assert got.shape == want.shape == (1, 96, 3, 2, 4)
+    assert rel_err(got[:, :32], want[:, :32]) <= 1e-4
+    assert torch.equal(got[:, 32:], want[:, 32:])
+    # no mask = all ones: nothing kept, all to regenerate
+    with torch.no_grad():
+        ones = VaceContextEncoder(vae).encode_block(video)
+        want1 = pipeline_oracle(ref)(video, torch.ones_like(mask))
+    assert rel_err(ones, want1) <= 1e-4
+
+
+def test_context_streams_like_whole_video(vae_pair):
+    """Blocks of 9 then 12 frames give the whole 21-frame encode for the 32 video channels
+    (causal cache carried); the mask channels are the per-block nearest-exact fold."""
+    from engine.stream.vace_context import VaceContextEncoder, fold_mask
+
+    vae, ref = vae_pair
+    video, mask = video_and_mask(21, h=16, w=16, seed=1)
+    enc = VaceContextEncoder(vae)
+    with torch.no_grad():
+        whole = pipeline_oracle(ref)(video, mask)
+        a = enc.encode_block(video[:, :, :9], mask[:, :, :9])
+        b = enc.encode_block(video[:, :, 9:], mask[:, :, 9:])
+    assert rel_err(torch.cat([a, b], 2)[:, :32], whole[:, :32]) <= 1e-4
+    assert torch.equal(b[:, 32:], fold_mask(mask[:, :, 9 + torch.tensor([2, 6, 10])], 3))
+    # cell (row offset 1, col offset 2) of latent pixel (0, 0) is channel 8 + 2
+    assert b[0, 32 + 10, 0, 0, 0] == mask[0, 0, 11, 1, 2]
+    with pytest.raises(ValueError, match="multiple of 4"):
+        enc.encode_block(video[:, :, :9])
+    with pytest.raises(ValueError, match="VACE mask must be"):
+        enc.encode_block(video[:, :, :12], mask[:, :, :8])
+    enc.reset()
+    assert enc.encode_block(video[:, :, :9]).shape[2] == 3
+
+
+def write_png(path: Path, rgb):
+    from PIL import Image
+
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def test_reference_images(vae_pair, tmp_path: Path):
+    import numpy as np
+
+    from engine.stream.vace_context import AssetPathError, ReferenceImages, to_model_frame
+
+    vae, ref = vae_pair
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)
+    write_png(assets / "a.png", img)
+    big = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    write_png(assets / "b.png", big)
+    outside = write_png(tmp_path / "secret.png", img)
+    (assets / "link.png").symlink_to(outside)
+    (assets / "notes.png").write_text("not an image")
+
+    refs = ReferenceImages(vae, width=48, height=32, assets_dir=assets)
+    assert refs.tensors() == (None, None, None)
+    refs.set_path(1, "a.png")
+    lat, ctx, noise = refs.tensors()
+    # the reference context is diffusers' reference latent, zero-padded to 96 channels
+    video = torch.zeros(1, 3, 1, 32, 48)
+    with torch.no_grad():
+        want = pipeline_oracle(ref)(
+            video, torch.ones(1, 1, 1, 32, 48), [[to_model_frame(img)[0, :, 0]]]
+        )
+    assert ctx.shape == (1, 96, 1, 4, 6) and noise.shape == lat.shape
+    assert rel_err(ctx[:, :32], want[:, :32, :1]) <= 1e-4
+    assert torch.equal(ctx[:, 32:], want[:, 32:, :1]) and not ctx[:, 16:].any()
+
+    # crop to fill: a square image fills 48x32 by a centre crop
+    refs.set_path(2, assets / "b.png")
+    assert refs.count == 2 and refs.tensors()[1].shape[2] == 2
+    v = refs.version
+    refs.set_path(2, "b.png")  # same file again: cached, set unchanged
+    assert refs.version == v and len(refs._cache) == 2
+
+    for bad, msg in [
+        ("../secret.png", "outside the assets folder"),
+        (outside, "outside the assets folder"),
+        ("link.png", "outside the assets folder"),
+        ("missing.png", "not found"),
+        ("notes.png", "cannot be read as an image"),
+    ]:
+        with pytest.raises(AssetPathError, match=msg):
+            refs.set_path(3, bad)
+        assert refs.version == v and refs.count == 2  # nothing changed
+    with pytest.raises(ValueError, match="slot must be 1..3"):
+        refs.set_path(4, "a.png")
+
+    refs.set_frame(3, np.concatenate([img, np.full((32, 48, 1), 255, np.uint8)], -1))
+    assert refs.count == 3
+    refs.clear(1)
+    assert refs.count == 2 and torch.equal(
+        refs.tensors()[0][:, :, :1], lat * 0 + refs.tensors()[0][:, :, :1]
+    )
+    refs.clear()
+    assert refs.count == 0 and refs.tensors() == (None, None, None)
+
+
+# --------------------------------------------------------------------------- V2V
+
+
+def test_v2v_strength_zero_is_the_encoded_input(vae_pair):
+    from engine.models.wan_vae import WanStreamEncoder
+    from engine.stream.v2v import v2v_start, v2v_steps
+
+    vae, _ = vae_pair
+    video, _ = video_and_mask(9)
+    enc = WanStreamEncoder(vae).encode(video)
+    noise = torch.randn_like(enc)
+    assert torch.equal(v2v_start(enc, noise, 0.0), enc)
+    assert v2v_steps((1000, 750, 500, 250), 0.0) == ()
+    assert torch.equal(v2v_start(enc, noise, 1.0), noise)
+    x = v2v_start(enc, noise, 0.3)
+    assert torch.allclose(x, 0.3 * noise + 0.7 * enc)
+    # a model that predicts the exact velocity (noise - x0) gets E(frames) back at any s
+    from engine.stream.schedule import renoise, sigma, x0_from_velocity
+
+    for s in (0.0, 0.25, 0.6, 1.0):
+        x = v2v_start(enc, noise, s)
+        steps = v2v_steps((1000, 750, 500, 250), s)
+        x0 = x
+        for i, t in enumerate(steps):
+            x0 = x0_from_velocity(x, noise - enc, sigma(t))
+            if i + 1 < len(steps):
+                x = renoise(x0, noise, sigma(steps[i + 1]))
+        assert torch.allclose(x0, enc, atol=1e-5)
+
+
+def test_v2v_steps_and_motion():
+    from engine.stream.v2v import adapt_strength, motion, v2v_steps
+
+    assert v2v_steps((1000, 750, 500, 250), 1.0) == (1000, 750, 500, 250)
+    assert v2v_steps((1000, 750, 500, 250), 0.5) == (500, 250)
+    assert v2v_steps((1000, 750), 0.6) == (600,)
+    with pytest.raises(ValueError, match="0..1"):
+        v2v_steps((1000,), 1.5)
+    still = torch.zeros(1, 3, 5, 8, 8)
+    assert motion(still) == 0.0
+    flip = torch.cat([-torch.ones(1, 3, 1, 8, 8), torch.ones(1, 3, 1, 8, 8)], 2)
+    assert motion(flip) == 1.0
+    # one frame-to-frame step of 0.1 on the 0..1 scale (0.2 in [-1, 1]): motion 0.5
+    ramp = torch.zeros(1, 3, 3, 8, 8)
+    ramp[:, :, 2] = 0.2
+    assert motion(ramp) == pytest.approx(0.5)
+    assert motion(still[:, :, :1], previous=ramp[:, :, 2:]) == pytest.approx(0.5)
+    s = 0.3
+    for _ in range(50):
+        s = adapt_strength(s, 0.0)
+    assert s == pytest.approx(0.8)
+    assert adapt_strength(0.5, 1.0) == pytest.approx(0.9 * 0.6 + 0.05)
+    assert adapt_strength(0.5, 7.0) == adapt_strength(0.5, 1.0)
