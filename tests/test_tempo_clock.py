@@ -76,7 +76,7 @@ def test_clock_ignores_other_messages_and_forgets_after_a_gap():
 def test_tap_tempo():
     tap = TapTempo()
     assert tap.tap(0.0) is None
-    for i, t in enumerate([0.5, 1.0, 1.51, 1.99], start=2):
+    for t in (0.5, 1.0, 1.51, 1.99):
         bpm = tap.tap(t)
     assert bpm == pytest.approx(60 * 4 / 1.99)
     assert tap.tap(10.0) is None  # a pause starts a new series
