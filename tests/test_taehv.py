@@ -233,7 +233,7 @@ def test_channels_last_and_compiled_decoders_give_the_same_frames():
     """The GPU knobs change layout and execution, never the frames (CPU, eager backend)."""
     from engine.models.decoders import build_decoder
 
-    z = torch.randn(1, 16, 6, 4, 4)
+    z = torch.randn(1, 16, 4, 4, 4)
     for kind in ("wan", "tae"):
         plain, _ = build_decoder(
             kind, tiny=True, device="cpu", dtype=torch.float32, channels_last=False
@@ -242,8 +242,8 @@ def test_channels_last_and_compiled_decoders_give_the_same_frames():
             kind, tiny=True, device="cpu", dtype=torch.float32, channels_last=True
         )
         assert enc.vae.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)
-        want = [plain.decode(z[:, :, :3]), plain.decode(z[:, :, 3:])]
-        got = [fast.decode(z[:, :, :3]), fast.decode(z[:, :, 3:])]
+        want = [plain.decode(z[:, :, :2]), plain.decode(z[:, :, 2:])]
+        got = [fast.decode(z[:, :, :2]), fast.decode(z[:, :, 2:])]
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     dec, _ = build_decoder("tae", tiny=True, device="cpu", dtype=torch.float32)
