@@ -36,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def render(args: argparse.Namespace) -> int:
-    from bridges.timeline import FPS, TimelineError, first_frame, load_show
+    from bridges.timeline import FPS, TimelineError, load_show
     from engine.runtime.presets import available_presets
 
     out = Path(args.output)
@@ -70,7 +70,6 @@ def render(args: argparse.Namespace) -> int:
     from engine.runtime.block_driver import BlockDriver
     from engine.runtime.controls import make_registry
     from engine.runtime.recorder import Recorder
-    from engine.runtime.registry import ControlError
 
     pipeline = build_or_explain(preset, args.models_dir)
     if pipeline is None:
@@ -84,7 +83,6 @@ def render(args: argparse.Namespace) -> int:
         if flag is not None
     )
     driver = BlockDriver(pipeline, sync_prompts=True)
-    replay = show.kind == "control-log"
     blocks = show.blocks if args.blocks is None else min(show.blocks, args.blocks)
     recorder = Recorder(
         out,
@@ -110,18 +108,14 @@ def render(args: argparse.Namespace) -> int:
     )
     frames = 0
     try:
-        for b in tqdm.trange(
-            blocks, desc="render", unit="block", disable=args.no_progress, file=sys.stderr
-        ):
-            changes, events = show.changes_at(b, skip=skip, known=registry)
-            # Immediate controls (pause, tempo, ...) steer a live show, not its frames.
-            items = [(k, v) for k, v in changes.items() if registry.param(k).applies != "immediate"]
-            items += [(e, 1) for e in events]
-            _apply(registry, items, b, ControlError)
-            controls = registry.begin_block(b, now=first_frame(b) / FPS)
-            result = driver.step(controls, prompt=show.prompt_at(b), replay=replay)
+        progress = tqdm.tqdm(
+            total=blocks, desc="render", unit="block", disable=args.no_progress, file=sys.stderr
+        )
+        for result in play_show(show, driver, registry, blocks=blocks, skip=skip):
             recorder.submit(result.rgba, result.record, wait=True)
             frames += result.frames
+            progress.update()
+        progress.close()
     finally:
         recorder.close()
         pipeline.close()
@@ -135,14 +129,28 @@ def render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _apply(registry, items: list, block: int, error_type: type) -> None:
-    """All changes of a block together; if one is refused, the others still land (each
-    refusal is reported with the block and the reason)."""
-    try:
-        registry.set_many(items)
-    except error_type:
-        for item in items:
-            try:
-                registry.set_many([item])
-            except error_type as e:
-                log.warning("block %d: %s refused: %s", block, item[0], e)
+def play_show(
+    show, driver, registry, *, blocks: int | None = None, skip: frozenset[str] = frozenset()
+):
+    """Yield the `BlockResult` of every block of `show`: its changes applied through the
+    registry, then the block made by `driver` (synchronously). Control logs replay the
+    prompt targets where the recorded engine started them."""
+    from bridges.timeline import FPS, first_frame
+    from engine.runtime.registry import ControlError
+
+    replay = show.kind == "control-log"
+    for b in range(show.blocks if blocks is None else blocks):
+        changes, events = show.changes_at(b, skip=skip, known=registry)
+        # Immediate controls (pause, tempo, ...) steer a live show, not its frames.
+        items = [(k, v) for k, v in changes.items() if registry.param(k).applies != "immediate"]
+        items += [(e, 1) for e in events]
+        try:
+            registry.set_many(items)
+        except ControlError:  # apply what can be applied; report each refusal
+            for item in items:
+                try:
+                    registry.set_many([item])
+                except ControlError as e:
+                    log.warning("block %d: %s refused: %s", b, item[0], e)
+        controls = registry.begin_block(b, now=first_frame(b) / FPS)
+        yield driver.step(controls, prompt=show.prompt_at(b), replay=replay)
