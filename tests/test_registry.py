@@ -189,3 +189,15 @@ def test_immediate_triggers_reach_listeners_at_once():
     reg.set("tap", 1)
     assert seen and seen[0].path == "tap" and seen[0].block is None
     assert reg.begin_block(0).events == ()
+
+
+def test_immediate_triggers_fire_at_once_even_when_quantized():
+    reg = Registry(
+        [Param("tap", "trigger", applies="immediate", description="tap"), Param("x", "int", 0)]
+    )
+    reg.quantizer = lambda: reg.clock() + 100.0  # the next bar is far away
+    seen = []
+    reg.subscribe(lambda c: seen.append(c.path))
+    reg.set_many({"tap": 1, "x": 3}, quantized=True)
+    assert seen == ["tap"]  # the tap is not held for the bar; x is
+    assert reg.begin_block(0).changed == {}

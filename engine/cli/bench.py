@@ -44,6 +44,23 @@ def add_parser(subparsers) -> None:
         "--attention", default=None, help="force a backend: fa3 fa2 sage sdpa cudnn math"
     )
     p.add_argument("--decoder", choices=["none", "wan", "tae"], default="none")
+    p.add_argument(
+        "--fp8", action="store_true", help="fp8 (e4m3) weights for the transformer blocks' linears"
+    )
+    p.add_argument(
+        "--compile-decoder",
+        action="store_true",
+        help="torch.compile the decoder and anchor encoder",
+    )
+    p.add_argument(
+        "--suite",
+        action="store_true",
+        help="run every row of docs' targets table (bf16 then fp8) in one process; "
+        "prints a markdown table and JSON lines",
+    )
+    p.add_argument(
+        "--write", metavar="FILE", default=None, help="with --suite: append the dated table to FILE"
+    )
     p.add_argument("--blocks", type=int, default=5, help="measured steady blocks")
     p.add_argument(
         "--warmup", type=int, default=2, help="blocks before measuring (block 0 is always one)"
@@ -79,7 +96,6 @@ def run(args: argparse.Namespace) -> int:
 
     from engine.models.attention import AttentionError, select_backend
     from engine.models.wan import CONFIGS
-    from engine.stream.session import BlockInputs, StreamSession
     from engine.weights.transformer import random_transformer
 
     tiny = args.model == "tiny"
@@ -103,23 +119,71 @@ def run(args: argparse.Namespace) -> int:
     except AttentionError as e:
         raise UsageError(f"--attention: {e}") from None
 
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        torch.backends.cudnn.benchmark = True  # the VAE's convolutions pick their kernels once
+    cfg = CONFIGS[args.model]
+    model = random_transformer(cfg, device, dtype, seed=args.seed, attention=backend)
+    if args.fp8:
+        _quantize(model)
+    if args.compile:
+        model.compile_blocks()
+    if args.suite:
+        from engine.cli._bench_suite import run_suite
+
+        return run_suite(args, model, cfg, device, dtype, backend, measure)
+    result = measure(
+        model,
+        cfg,
+        device,
+        dtype,
+        backend,
+        args,
+        height=height,
+        width=width,
+        steps=steps,
+        decoder_kind=args.decoder,
+    )
+    if args.json:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        _print_summary(result)
+    return 0
+
+
+def _quantize(model) -> int:
+    from engine.models.fp8 import quantize_linears
+
+    # The blocks hold all but a sliver of the FLOPs; embeddings and head stay in bf16.
+    return quantize_linears(model, include=lambda name, m: name.startswith("blocks."))
+
+
+def measure(
+    model, cfg, device, dtype, backend, args, *, height, width, steps, decoder_kind
+) -> dict:
+    """Run warm-up and measured blocks on one session; return the result record."""
+    import torch
+
+    from engine.stream.session import BlockInputs, StreamSession
+
+    tiny = args.model == "tiny"
+    cuda = device.type == "cuda"
     decoder = encoder = None
-    if args.decoder != "none":
+    if decoder_kind != "none":
         try:
             from engine.models.decoders import build_decoder
         except ImportError as e:
             raise UsageError(
-                f"--decoder {args.decoder}: engine.models.decoders.build_decoder is not available ({e})"
+                f"--decoder {decoder_kind}: engine.models.decoders.build_decoder is not available ({e})"
             ) from None
-        decoder, encoder = build_decoder(args.decoder, tiny=tiny, device=device, dtype=dtype)
-
-    cuda = device.type == "cuda"
+        decoder, encoder = build_decoder(
+            decoder_kind, tiny=tiny, device=device, dtype=dtype, compile=args.compile_decoder
+        )
     if cuda:
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    cfg = CONFIGS[args.model]
-    model = random_transformer(cfg, device, dtype, seed=args.seed, attention=backend)
-    if args.compile:
-        model.compile_blocks()
     session = StreamSession(
         model,
         height=height,
@@ -183,21 +247,17 @@ def run(args: argparse.Namespace) -> int:
             "width": width,
             "steps": list(steps),
             "kv_bias": args.kv_bias,
-            "dtype": dtype_name,
+            "dtype": {v: k for k, v in DTYPES.items()}[str(dtype).removeprefix("torch.")],
             "compile": args.compile,
-            "decoder": args.decoder,
+            "fp8": args.fp8,
+            "decoder": decoder_kind,
             "anchor": session.anchor_source,
             "tokens_per_frame": session.fsl,
         },
     }
     if args.profile:
         result["profile"] = args.profile
-    if args.json:
-        json.dump(result, sys.stdout)
-        sys.stdout.write("\n")
-    else:
-        _print_summary(result)
-    return 0
+    return result
 
 
 def _stage_order(name: str) -> tuple[int, int]:

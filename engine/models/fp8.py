@@ -57,9 +57,7 @@ class Fp8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, out_dtype: torch.dtype | None = None) -> Fp8Linear:
         w = linear.weight.detach()
-        dtype = out_dtype or (
-            w.dtype if w.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        )
+        dtype = out_dtype or w.dtype
         m = cls(
             linear.in_features,
             linear.out_features,

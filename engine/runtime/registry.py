@@ -366,10 +366,13 @@ class Registry:
                     k: v for k, v in result.values.items() if self._params[k].applies == "immediate"
                 }
                 later = {k: v for k, v in result.values.items() if k not in immediate}
+                fired = [e for e in result.events if self._params[e].applies == "immediate"]
+                later_events = tuple(e for e in result.events if e not in fired)
                 self._apply_immediate(immediate)
                 self._seq += 1
-                self._scheduled.append((when, self._seq, later, tuple(result.events), now))
+                self._scheduled.append((when, self._seq, later, later_events, now))
                 self._scheduled.sort(key=lambda s: (s[0], s[1]))
+                self._notify([Change(e, True, None) for e in fired])
                 return result
             immediate = {}
             for k, v in result.values.items():
