@@ -59,6 +59,12 @@ def add_parser(subparsers) -> None:
         "prints a markdown table and JSON lines",
     )
     p.add_argument(
+        "--text",
+        choices=["gpu", "fp8", "cpu"],
+        default=None,
+        help="time the UMT5-XXL text encoder in this placement instead of the transformer",
+    )
+    p.add_argument(
         "--write", metavar="FILE", default=None, help="with --suite: append the dated table to FILE"
     )
     p.add_argument("--blocks", type=int, default=5, help="measured steady blocks")
@@ -93,6 +99,11 @@ def _parse_steps(text: str) -> tuple[int, ...]:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
+    if args.text:
+        from engine.cli._bench_text import run_text_bench
+
+        return run_text_bench(args.text, args.json)
 
     from engine.models.attention import AttentionError, select_backend
     from engine.models.wan import CONFIGS
