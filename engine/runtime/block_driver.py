@@ -67,9 +67,10 @@ def prompt_target(values: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 class BlockDriver:
-    def __init__(self, pipeline: Any, *, sync_prompts: bool = False):
+    def __init__(self, pipeline: Any, *, sync_prompts: bool = False, registry: Any = None):
         self.pipeline = pipeline
         self.sync_prompts = sync_prompts
+        self.registry = registry  # to undo a control that could not be applied (live)
         self._sent: dict[str, Any] | None = None  # target given to the mixer, not yet started
         self._text_key: Hashable | None = None
         self._text: torch.Tensor | None = None
@@ -109,6 +110,17 @@ class BlockDriver:
             self._text_key = key
         return self._text, key, started
 
+    def _reload_decoder(self, kind: str) -> None:
+        """A decoder that cannot be built (weights missing, out of memory) leaves the old
+        one running; the registry is set back so feedback shows what is really in use."""
+        try:
+            self.pipeline.set_decoder(kind)
+        except Exception as e:  # noqa: BLE001 - the show goes on with the old decoder
+            self.last_error = f"decoder {kind!r} not loaded: {e}"
+            log.error(self.last_error)
+            if self.registry is not None:
+                self.registry.set("decoder", self.pipeline.decoder_kind)
+
     # -- the block ------------------------------------------------------------------------
     def step(
         self,
@@ -124,7 +136,7 @@ class BlockDriver:
 
         pipeline, values = self.pipeline, controls.values
         if "decoder" in controls.changed and values["decoder"] != pipeline.decoder_kind:
-            pipeline.set_decoder(values["decoder"])
+            self._reload_decoder(values["decoder"])
         if "reset" in controls.events:
             pipeline.session.reset()
         if replay and (prompt is not None or self._text_key is not None):

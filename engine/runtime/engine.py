@@ -63,7 +63,7 @@ class Engine:
         self.duration = duration
         self.status_interval = status_interval
         self.on_block = on_block
-        self.driver = BlockDriver(pipeline)
+        self.driver = BlockDriver(pipeline, registry=self.registry)
         self.state = "stopped"
         self.error: BaseException | None = None
         self.block = 0  # the next block's index (registry numbering: counts on across resets)
