@@ -99,13 +99,20 @@ def required_weights(preset: EnginePreset, models_dir: str | Path | None) -> dic
 def _build_decoder(kind: str, preset: EnginePreset, weights: dict[str, Path], device, dtype):
     from engine.models.decoders import build_decoder
 
+    compile = preset.compile and torch.device(device).type == "cuda"
     if preset.model == "tiny":
-        return build_decoder(kind, tiny=True, device=device, dtype=dtype)
+        return build_decoder(kind, tiny=True, device=device, dtype=dtype, compile=compile)
     path = weights.get("taehv" if kind == "tae" else "vae")
     if path is None:
         raise PipelineError(f"no weights file for the {kind!r} decoder")
     return build_decoder(
-        kind, tiny=False, device=device, dtype=dtype, path=path, vae_path=weights.get("vae")
+        kind,
+        tiny=False,
+        device=device,
+        dtype=dtype,
+        path=path,
+        vae_path=weights.get("vae"),
+        compile=compile,
     )
 
 
@@ -117,7 +124,7 @@ def build_pipeline(
     cache_capacity: int = 32,
 ) -> Pipeline:
     """Build everything a `BlockDriver` needs. `seed` seeds random weights (tiny model)."""
-    from engine.models.attention import select_backend
+    from engine.models.attention import AttentionError
     from engine.models.wan import CONFIGS
     from engine.stream.blending import PromptMixer
     from engine.stream.embedding_cache import EmbeddingCache
@@ -134,28 +141,33 @@ def build_pipeline(
         log.info("CPU: running in float32 instead of %s", preset.dtype)
         dtype = torch.float32
     cfg = CONFIGS[preset.model]
-    if tiny:
-        model = random_transformer(cfg, device=device, dtype=dtype, seed=seed)
-    else:
-        if "transformer" not in weights:
-            raise PipelineError(f"no transformer weights for model {preset.model!r}")
-        log.info("loading transformer %s", weights["transformer"])
-        model = load_transformer(weights["transformer"], cfg, device=device, dtype=dtype)
+    attention = None if preset.attention == "auto" else preset.attention
+    try:
+        if tiny:
+            model = random_transformer(
+                cfg, device=device, dtype=dtype, seed=seed, attention=attention
+            )
+        else:
+            if "transformer" not in weights:
+                raise PipelineError(f"no transformer weights for model {preset.model!r}")
+            log.info("loading transformer %s", weights["transformer"])
+            model = load_transformer(
+                weights["transformer"], cfg, device=device, dtype=dtype, attention=attention
+            )
+    except AttentionError as e:
+        raise PipelineError(f"preset {preset.name!r}: {e}") from None
     if preset.fp8:
         if device.type != "cuda":
             raise PipelineError("fp8 weights need a CUDA GPU (set fp8: false for the CPU)")
         from engine.models.fp8 import quantize_linears
 
-        n = quantize_linears(model.blocks, out_dtype=dtype)
+        # the blocks hold all but a sliver of the FLOPs; embeddings and head stay in dtype
+        n = quantize_linears(model, include=lambda name, m: name.startswith("blocks."))
         log.info("fp8: %d linears quantised", n)
-    model.set_attention(
-        select_backend(None if preset.attention == "auto" else preset.attention, device)
-    )
-    if preset.compile:
-        if device.type == "cuda":
-            model.compile_blocks()
-        else:
-            log.info("compile: skipped on the CPU")
+    if preset.compile and device.type == "cuda":
+        model.compile_blocks()
+    elif preset.compile:
+        log.info("compile: skipped on the CPU")
 
     decoder, encoder = _build_decoder(preset.decoder, preset, weights, device, dtype)
     session = StreamSession(
