@@ -341,12 +341,25 @@ def test_context_streams_like_whole_video(vae_pair):
     assert torch.equal(b[:, 32:], fold_mask(mask[:, :, 9 + torch.tensor([2, 6, 10])], 3))
     # cell (row offset 1, col offset 2) of latent pixel (0, 0) is channel 8 + 2
     assert b[0, 32 + 10, 0, 0, 0] == mask[0, 0, 11, 1, 2]
-    with pytest.raises(ValueError, match="multiple of 4"):
-        enc.encode_block(video[:, :, :9])
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        enc.encode_block(video[:, :, :10])
     with pytest.raises(ValueError, match="VACE mask must be"):
         enc.encode_block(video[:, :, :12], mask[:, :, :8])
+    # a 1 + 4k block is a video start again: same as a fresh encoder
+    with torch.no_grad():
+        again = enc.encode_block(video[:, :, :9], mask[:, :, :9])
+    assert torch.equal(again, a)
+    # a 12-frame block with nothing to continue (after a loss): its first frame is put in
+    # front as the video start, and the 3 latents are those of the 13-frame video's end
     enc.reset()
-    assert enc.encode_block(video[:, :, :9]).shape[2] == 3
+    with torch.no_grad():
+        got = enc.encode_block(video[:, :, 9:], mask[:, :, 9:])
+        lead = torch.cat([video[:, :, 9:10], video[:, :, 9:]], 2)
+        lead_m = torch.cat([mask[:, :, 9:10], mask[:, :, 9:]], 2)
+        want = pipeline_oracle(ref)(lead, lead_m)[:, :32, 1:]
+    assert got.shape == (1, 96, 3, 2, 2)
+    assert rel_err(got[:, :32], want) <= 1e-4
+    assert torch.equal(got[:, 32:], b[:, 32:])
 
 
 def write_png(path: Path, rgb):

@@ -74,24 +74,39 @@ class VaceContextEncoder:
 
     @torch.no_grad()
     def encode_block(self, frames: Tensor, mask: Tensor | None = None) -> Tensor:
-        """frames [1, 3, T, H, W] in [-1, 1] (T = 1 + 4k on the first block after reset,
-        4k after), mask [1, 1, T, H, W] in 0..1 or None (all ones)."""
+        """frames [1, 3, T, H, W] in [-1, 1], mask [1, 1, T, H, W] in 0..1 or None (all
+        ones) -> [1, 96, n, h, w].
+
+        T = 1 + 4k is a video start (the stream's first block: 9 frames): the causal
+        cache starts afresh. T = 4k continues the stream (12 frames: 3 latents); if there
+        is nothing to continue (after `reset`, or an input that came back after a loss)
+        the block's first frame is put once more in front, encoded as the video start,
+        and its latent dropped, so the block still gives T/4 latents."""
         if frames.dim() != 5 or frames.shape[0] != 1 or frames.shape[1] != 3:
             raise ValueError(f"VACE frames must be [1, 3, T, H, W], got {list(frames.shape)}")
         t = frames.shape[2]
+        if t % TEMPORAL not in (0, 1) or t == 0:
+            raise ValueError(f"VACE frames: got {t} per block, need 1 + 4k (a start) or 4k")
         if mask is None:
             mask = frames.new_ones(1, 1, *frames.shape[2:])
-        elif mask.shape != (1, 1, *frames.shape[2:]):
+        elif tuple(mask.shape) != (1, 1, *frames.shape[2:]):
             raise ValueError(
                 f"VACE mask must be [1, 1, {t}, {frames.shape[3]}, {frames.shape[4]}] like the"
                 f" frames, got {list(mask.shape)}"
             )
-        first = not self.stream.started
-        n = (t - 1) // TEMPORAL + 1 if first else t // TEMPORAL
+        n = (t - 1) // TEMPORAL + 1 if t % TEMPORAL else t // TEMPORAL
+        lead = 0
+        if t % TEMPORAL == 1:
+            self.stream.reset()
+        elif not self.stream.started:
+            frames = torch.cat([frames[:, :, :1], frames], dim=2)
+            mask_in = torch.cat([mask[:, :, :1], mask], dim=2)
+            lead = 1
         dtype = self.vae.conv1.weight.dtype
-        m = (mask > 0.5).to(frames.dtype)
+        m = (mask_in if lead else mask) > 0.5
+        m = m.to(frames.dtype)
         both = torch.cat([frames * (1 - m), frames * m], dim=0).to(dtype)
-        z = self.stream.encode(both)  # [2, 16, n, h, w]; checks the frame count
+        z = self.stream.encode(both)[:, :, lead:]  # [2, 16, n, h, w]
         folded = fold_mask(mask.float(), n).to(z.dtype)
         return torch.cat([z[:1], z[1:], folded], dim=1)
 
