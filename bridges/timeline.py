@@ -286,12 +286,12 @@ def parse_timeline(data: Any, path: str | Path = "<timeline>") -> Show:
         raw = settings["denoisingSteps"]
         if not isinstance(raw, list) or not raw:
             raise err("settings.denoisingSteps", "expected a non-empty list of timesteps")
-        steps = [
-            _int(t, f"{path}: settings.denoisingSteps[{i}]", lo=1, hi=1000)
-            for i, t in enumerate(raw)
-        ]
-        if any(b >= a for a, b in zip(steps, steps[1:], strict=False)):
-            raise err("settings.denoisingSteps", f"{steps} is not strictly decreasing")
+        from engine.stream.schedule import StepsError, validate_steps
+
+        try:
+            steps = list(validate_steps(raw))
+        except StepsError as e:
+            raise err("settings.denoisingSteps", str(e)) from None
     if settings.get("kvCacheAttentionBias") is not None:
         kv_bias = _num(
             settings["kvCacheAttentionBias"],

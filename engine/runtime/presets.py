@@ -92,15 +92,12 @@ class EnginePreset:
             v = getattr(self, key)
             if v <= 0 or v % 16:
                 raise PresetError(f"{where}: {key}: {v} is not a positive multiple of 16")
-        if not self.steps:
-            raise PresetError(f"{where}: steps: empty step list")
-        prev = 1001
-        for t in self.steps:
-            if not 1 <= t <= 1000 or t >= prev:
-                raise PresetError(
-                    f"{where}: steps: {self.steps} is not strictly decreasing within 1..1000"
-                )
-            prev = t
+        from engine.stream.schedule import StepsError, validate_steps
+
+        try:
+            validate_steps(self.steps)
+        except StepsError as e:
+            raise PresetError(f"{where}: steps: {e}") from None
         if not 0.01 <= self.kv_bias <= 1.0:
             raise PresetError(f"{where}: kv_bias: {self.kv_bias} is outside 0.01..1")
         if not 0 <= self.seed <= 2**31 - 1:
