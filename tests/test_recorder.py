@@ -80,6 +80,20 @@ def test_live_stamps_follow_block_times(tmp_path):
     assert times[32] - times[21] == pytest.approx(11 * 0.5 / 12, abs=0.01)
 
 
+def test_live_stamps_after_a_pause_hold_the_last_frame(tmp_path):
+    out = tmp_path / "paused.mp4"
+    rec = Recorder(out, width=W, height=H, fps=None)
+    for b, when in enumerate([100.0, 100.75, 101.5, 131.5, 132.25]):  # paused 29 s
+        rec.submit(smooth_block(9 if b == 0 else 12, b), record(b), when=when)
+    rec.close()
+    times = [t for _, t in decode(out)]
+    step = [b - a for a, b in zip(times, times[1:], strict=False)]
+    # block 3 (frames 33..44) is not stretched over the pause: it keeps the usual pace,
+    # and the pause is one long held frame before it
+    assert max(step[33:44]) < 0.2
+    assert max(step) == pytest.approx(step[32]) and step[32] > 25
+
+
 def test_a_full_queue_drops_blocks_but_the_log_stays_complete(tmp_path):
     out = tmp_path / "drop.mp4"
     rec = Recorder(out, width=W, height=H, fps=16, queue_blocks=1)

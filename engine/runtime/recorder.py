@@ -15,7 +15,8 @@ the encoder at once) and ``threads=1`` (deterministic bytes for the same frames)
 
 Time: ``fps`` set gives a constant rate (offline render: the model's 16 fps). ``fps``
 None stamps frames with the live output times: a block's frames are spread evenly over
-the time since the previous block, so the file plays back the way the show looked.
+the time since the previous block (a pause shows as a held frame), so the file plays
+back the way the show looked.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ class Recorder:
         self._frame_index = 0
         self._last_time: float | None = None
         self._t0 = 0.0
+        self._span: float | None = None  # usual seconds per live block
         self.frames_written = 0
         self.blocks_dropped = 0
         self.error: BaseException | None = None
@@ -190,8 +192,15 @@ class Recorder:
             if self._last_time is None:
                 self._t0 = when - n / NATIVE_FPS
                 self._last_time = self._t0
-            span = max(when - self._last_time, 1e-3)
-            stamps = [self._last_time - self._t0 + i * span / n for i in range(n)]
+            gap = max(when - self._last_time, 1e-3)
+            # After a pause (or a stall) the block's frames keep their usual pace and the
+            # gap shows as the previous frame held, the way the live output looked.
+            typical = self._span if self._span is not None else n / NATIVE_FPS
+            span = min(gap, 3 * typical)
+            if span == gap:
+                self._span = gap if self._span is None else 0.8 * self._span + 0.2 * gap
+            start = when - span - self._t0
+            stamps = [start + i * span / n for i in range(n)]
             self._last_time = when
         for i in range(n):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgba")
