@@ -483,3 +483,39 @@ def test_v2v_steps_and_motion():
     assert s == pytest.approx(0.8)
     assert adapt_strength(0.5, 1.0) == pytest.approx(0.9 * 0.6 + 0.05)
     assert adapt_strength(0.5, 7.0) == adapt_strength(0.5, 1.0)
+
+
+def test_conditioner_drives_a_streaming_block(vae_pair, tmp_path: Path):
+    """The per-block glue: a first block (9 frames) with a reference image gives the hints
+    of [refs + current] and the 3-frame output; text-only blocks give no VACE input; the
+    base forward is untouched without it."""
+    import numpy as np
+
+    from engine.stream.vace_context import VaceConditioner
+
+    vae, _ = vae_pair
+    model, vace = tiny_pair(6)
+    assets = tmp_path
+    write_png(assets / "r.png", np.full((16, 32, 3), 90, np.uint8))
+    cond = VaceConditioner(model, vace, vae, height=16, width=32, assets_dir=assets)
+    video, mask = video_and_mask(9)
+    text = torch.randn(1, CFG.text_len, CFG.text_dim)
+    cond.prepare_block(video, mask, text, "a")
+    assert cond.step_inputs(0.75, 1.0).refs_ctx is None
+    cond.refs.set_path(1, "r.png")
+    vin = cond.step_inputs(0.75, 1.0)
+    lat, rctx, noise = cond.refs.tensors()
+    assert (
+        torch.equal(vin.refs_x, 0.25 * lat + 0.75 * noise)
+        and vin.rope[0].shape[0] == (1 + 3) * 1 * 2
+    )  # (ref + 3 frames) x hp x wp
+    x = torch.randn(1, 16, 3, 2, 4)
+    t = torch.tensor([750.0])
+    kv = model.cross_kv(text)
+    rope = rope_table(CFG, (0, 1, 2), 1, 2)
+    with torch.no_grad():
+        out = forward_stream_vace(model, vace, x, t, kv, rope, None, SELF, vin=vin)
+        base = model.forward_stream(x, t, kv, rope, None, SELF)
+    assert out.shape == x.shape and not torch.equal(out, base)
+    cond.prepare_block(None, None, text, "a")  # input lost: text only
+    assert cond.step_inputs(0.5, 1.0) is None

@@ -246,3 +246,61 @@ class ReferenceImages:
             out = (lat, torch.cat([lat, pad], dim=1), noise)
         self._stacked = (self.version, *out)
         return out
+
+
+# --------------------------------------------------------------------------- per-block glue
+
+
+class VaceConditioner:
+    """Everything the VACE branch needs per block and per step, for the stream session:
+    the context encoder, the reference images, the VACE cross-attention K/V (cached per
+    text key) and the rope tables (per reference count).
+
+    Per block: `prepare_block(frames, mask, text, text_key)` (frames None: text only, no
+    hints this block). Per denoising step: `step_inputs(sigma, scale)` -> VaceInputs or
+    None, to pass to `forward_stream_vace(..., vin=...)`. The recompute pass gets none.
+    """
+
+    def __init__(self, model, vace, vae: WanVAE, *, height: int, width: int, assets_dir):
+        from engine.models.vace import vace_rope
+
+        self.model, self.vace = model, vace
+        self.encoder = VaceContextEncoder(vae)
+        self.refs = ReferenceImages(vae, width, height, assets_dir)
+        hp, wp = height // 8 // model.cfg.patch[1], width // 8 // model.cfg.patch[2]
+        self._ropes = {
+            r: vace_rope(model.cfg, r, hp, wp, model.device) for r in range(MAX_REFS + 1)
+        }
+        self._text_key = None
+        self._cross = None
+        self.ctx: Tensor | None = None
+
+    def reset(self) -> None:
+        self.encoder.reset()
+        self.ctx = None
+
+    def prepare_block(
+        self, frames: Tensor | None, mask: Tensor | None, text: Tensor, text_key
+    ) -> None:
+        """Encode this block's context (or drop it: text only). Cross K/V follow the text."""
+        from engine.models.vace import vace_cross_kv
+
+        if frames is None:
+            self.ctx = None
+            return
+        dev = self.model.device
+        self.ctx = self.encoder.encode_block(frames.to(dev), None if mask is None else mask.to(dev))
+        if self._cross is None or text_key != self._text_key:
+            self._cross = vace_cross_kv(self.model, self.vace, text.to(dev))
+            self._text_key = text_key
+
+    def step_inputs(self, sigma: float, scale: float):
+        """VaceInputs for a denoising step at noise level `sigma`, or None (no context)."""
+        from engine.models.vace import VaceInputs, noised_refs
+
+        if self.ctx is None:
+            return None
+        lat, rctx, noise = self.refs.tensors()
+        r = 0 if lat is None else lat.shape[2]
+        refs_x = None if lat is None else noised_refs(lat, noise, sigma)
+        return VaceInputs(self.ctx, self._cross, self._ropes[r], rctx, refs_x, scale)
