@@ -71,7 +71,7 @@ def render(args: argparse.Namespace) -> int:
     from engine.runtime.controls import make_registry
     from engine.runtime.recorder import Recorder
 
-    pipeline = build_or_explain(preset, args.models_dir)
+    pipeline = build_or_explain(preset, args.models_dir, args.random_weights)
     if pipeline is None:
         return 1
     registry = make_registry(default_prompt=preset.prompt, default_steps=preset.steps)

@@ -59,6 +59,11 @@ def add_preset_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decoder", choices=("wan", "tae"), help="frame decoder")
     g.add_argument("--device", choices=("auto", "cuda", "cpu"), help="where the model runs")
     g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="model dtype")
+    g.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="random weights at full size, nothing downloaded (frames are noise; for timing)",
+    )
 
 
 def _parse_steps(text: str | None) -> list[int] | None:
@@ -100,19 +105,20 @@ def preset_from_args(args: argparse.Namespace, **defaults: Any) -> Any:
         raise UsageError(str(e)) from None
 
 
-def build_or_explain(preset: Any, models_dir: str | None) -> Any:
+def build_or_explain(preset: Any, models_dir: str | None, random_weights: bool = False) -> Any:
     """Build the pipeline; on missing weights print which files and the download command."""
     from engine.runtime.pipeline import PipelineError, build_pipeline
     from engine.weights.checkpoint import WeightsError
 
-    if preset.model == "tiny":
+    if preset.model == "tiny" or random_weights:
         print(
-            "dreamdeck: --model tiny: random weights, the frames are noise. Use it to wire up"
-            " TouchDesigner, OSC and MIDI; `dreamdeck download` fetches the real model.",
+            f"dreamdeck: {'--model tiny' if preset.model == 'tiny' else '--random-weights'}:"
+            " random weights, the frames are noise. Use it to wire up TouchDesigner, OSC and"
+            " MIDI; `dreamdeck download` fetches the real model.",
             file=sys.stderr,
         )
     try:
-        return build_pipeline(preset, models_dir=models_dir)
+        return build_pipeline(preset, models_dir=models_dir, random_weights=random_weights)
     except (PipelineError, WeightsError) as e:
         print(f"dreamdeck: {e}", file=sys.stderr)
         return None
@@ -240,7 +246,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
     except SinkError as e:
         raise UsageError(str(e)) from None
 
-    pipeline = build_or_explain(preset, args.models_dir)
+    pipeline = build_or_explain(preset, args.models_dir, args.random_weights)
     if pipeline is None:
         return 1
     frame_path = FramePath(sinks, Pacer(fps=args.fps or preset.outputs.fps))

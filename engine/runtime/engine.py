@@ -78,12 +78,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._status_thread: threading.Thread | None = None
         self._stopped = False
-        self._apply_preset_defaults()
+        # the preset's values for controls whose registry defaults are fixed (seed, ...)
+        self.registry.set_many(preset.control_defaults())
         self._unsubscribe = self.registry.subscribe(self._on_change)
-
-    def _apply_preset_defaults(self) -> None:
-        """The preset's defaults for the controls the registry declares with fixed defaults."""
-        self.registry.set_many(self.preset.control_defaults())
 
     def _on_change(self, change: Change) -> None:
         if change.path == "pause":

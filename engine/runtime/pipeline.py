@@ -39,11 +39,7 @@ class Pipeline:
     device: torch.device
     dtype: torch.dtype
     decoder_kind: str
-    weights: dict[str, Path] = field(default_factory=dict)  # role -> file (real weights only)
-
-    @property
-    def tiny(self) -> bool:
-        return self.preset.model == "tiny"
+    weights: dict[str, Path] = field(default_factory=dict)  # role -> file; empty: random weights
 
     def set_decoder(self, kind: str) -> None:
         """Swap the frame decoder between blocks (the `decoder` control, applies="reload").
@@ -100,8 +96,10 @@ def _build_decoder(kind: str, preset: EnginePreset, weights: dict[str, Path], de
     from engine.models.decoders import build_decoder
 
     compile = preset.compile and torch.device(device).type == "cuda"
-    if preset.model == "tiny":
-        return build_decoder(kind, tiny=True, device=device, dtype=dtype, compile=compile)
+    if not weights:  # random weights (tiny model, or --random-weights)
+        return build_decoder(
+            kind, tiny=preset.model == "tiny", device=device, dtype=dtype, compile=compile
+        )
     path = weights.get("taehv" if kind == "tae" else "vae")
     if path is None:
         raise PipelineError(f"no weights file for the {kind!r} decoder")
@@ -122,8 +120,11 @@ def build_pipeline(
     models_dir: str | Path | None = None,
     seed: int = 0,
     cache_capacity: int = 32,
+    random_weights: bool = False,
 ) -> Pipeline:
-    """Build everything a `BlockDriver` needs. `seed` seeds random weights (tiny model)."""
+    """Build everything a `BlockDriver` needs. The tiny model always has random weights;
+    `random_weights` gives any model random ones (the whole live path at full size with
+    nothing downloaded: timing runs). `seed` seeds them."""
     from engine.models.attention import AttentionError
     from engine.models.wan import CONFIGS
     from engine.stream.blending import PromptMixer
@@ -132,9 +133,9 @@ def build_pipeline(
     from engine.weights.transformer import load_transformer, random_transformer
 
     preset.check(preset.name or "preset")
-    tiny = preset.model == "tiny"
+    random_init = random_weights or preset.model == "tiny"
     # Missing files first: the most useful message, and nothing big is loaded yet.
-    weights: dict[str, Path] = {} if tiny else required_weights(preset, models_dir)
+    weights: dict[str, Path] = {} if random_init else required_weights(preset, models_dir)
     device = resolve_device(preset)
     dtype = DTYPES[preset.dtype]
     if device.type == "cpu" and dtype != torch.float32:
@@ -143,7 +144,7 @@ def build_pipeline(
     cfg = CONFIGS[preset.model]
     attention = None if preset.attention == "auto" else preset.attention
     try:
-        if tiny:
+        if random_init:
             model = random_transformer(
                 cfg, device=device, dtype=dtype, seed=seed, attention=attention
             )
@@ -203,6 +204,12 @@ def _build_text_encoder(preset: EnginePreset, weights: dict[str, Path], device, 
         # deterministic stand-in sized to the tiny transformer's text input
         return te.TinyTextEncoder(length=cfg.text_len, dim=cfg.text_dim)
     placement = {"gpu": "gpu", "gpu-fp8": "fp8", "cpu": "cpu"}[preset.text_encoder]
+    if not weights:
+        return te.random_text_encoder(
+            placement=placement,
+            device=device if placement != "cpu" else "cpu",
+            output_device=device,
+        )
     return te.load_text_encoder(
         weights["text_encoder"],
         weights["tokenizer"],
