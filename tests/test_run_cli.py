@@ -68,14 +68,15 @@ def decoded_frames(path: Path) -> int:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two engines started together (their start-up overlaps): one stopped by SIGINT while
-    a reader takes frames from its ring, one killed."""
+    """Engines started together (their start-ups overlap): one stopped by SIGINT while a
+    reader takes frames from its ring, one by SIGTERM, one killed."""
     tmp = tmp_path_factory.mktemp("run")
     shm = f"ddtest{uuid.uuid4().hex[:8]}"
     a = start_run(tmp, "clean", "--shm", shm)
     b = start_run(tmp, "killed", "--no-shm")
-    yield a, b, shm
-    for proc, _ in (a, b):
+    c = start_run(tmp, "terminated", "--no-shm")
+    yield a, b, shm, c
+    for proc, _ in (a, b, c):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
@@ -85,7 +86,7 @@ def runs(tmp_path_factory):
 def test_sigint_stops_cleanly_with_frames_out_and_a_matching_recording(runs):
     from engine.runtime.shm_ring import ShmRingReader
 
-    (proc, out), _, shm = runs
+    (proc, out), _, shm, _ = runs
     log_path = out.with_name("clean.controls.jsonl")
     reader = ShmRingReader(shm)
     frames = []
@@ -119,7 +120,7 @@ def test_sigint_stops_cleanly_with_frames_out_and_a_matching_recording(runs):
 
 @pytest.mark.timeout(180)
 def test_sigkill_leaves_a_playable_recording(runs):
-    _, (proc, out), _ = runs
+    _, (proc, out), _, _ = runs
     log_path = out.with_name("killed.controls.jsonl")
     wait_until(lambda: logged_blocks(log_path) >= 4, 120, proc)
     proc.send_signal(signal.SIGKILL)
@@ -130,6 +131,18 @@ def test_sigkill_leaves_a_playable_recording(runs):
     # frame); frames of a block whose log line was not written yet may follow.
     assert logged - 1 <= n <= logged + 12, (n, logged)
     assert n >= 9 + 12 * 2
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_also_finalises_the_recording(runs):
+    *_, (proc, out) = runs
+    log_path = out.with_name("terminated.controls.jsonl")
+    wait_until(lambda: logged_blocks(log_path) >= 2, 120, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    log = read_control_log(log_path)
+    assert decoded_frames(out) == log.frames == 9 + 12 * (len(log.blocks) - 1)
 
 
 def test_missing_weights_are_named_with_the_download_command(tmp_path, capsys):
