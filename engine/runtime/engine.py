@@ -252,3 +252,13 @@ class Engine:
             self._cond.notify_all()
         if self.on_block is not None:
             self.on_block(result)
+
+
+def tiny_engine(*, height: int = 64, width: int = 64, **engine_kwargs: Any) -> Engine:
+    """A tiny random-weights engine on the CPU, built in about a second: for tests of the
+    bridges and tools that need a real engine producing frames (not started)."""
+    from engine.runtime.pipeline import build_pipeline
+    from engine.runtime.presets import load_preset
+
+    preset = load_preset("tiny").replace(height=height, width=width)
+    return Engine(build_pipeline(preset), **engine_kwargs)
