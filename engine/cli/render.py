@@ -69,7 +69,7 @@ def render(args: argparse.Namespace) -> int:
 
     from engine.runtime.block_driver import BlockDriver
     from engine.runtime.controls import make_registry
-    from engine.runtime.recorder import Recorder
+    from engine.runtime.recorder import Recorder, RecorderError
 
     pipeline = build_or_explain(preset, args.models_dir, args.random_weights)
     if pipeline is None:
@@ -84,18 +84,22 @@ def render(args: argparse.Namespace) -> int:
     )
     driver = BlockDriver(pipeline, sync_prompts=True)
     blocks = show.blocks if args.blocks is None else min(show.blocks, args.blocks)
-    recorder = Recorder(
-        out,
-        width=preset.width,
-        height=preset.height,
-        fps=FPS,
-        header={
-            "model": preset.model,
-            "preset": preset.name,
-            "mode": "render",
-            "source": str(show.path),
-        },
-    )
+    try:
+        recorder = Recorder(
+            out,
+            width=preset.width,
+            height=preset.height,
+            fps=FPS,
+            header={
+                "model": preset.model,
+                "preset": preset.name,
+                "mode": "render",
+                "source": str(show.path),
+            },
+        )
+    except RecorderError as e:
+        pipeline.close()
+        raise UsageError(f"-o: {e}") from None
     log.info(
         "rendering %s (%s, %d blocks) with %s at %dx%d, steps %s",
         show.path,

@@ -237,7 +237,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
     from engine.runtime.engine import Engine
     from engine.runtime.frame_path import FramePath
     from engine.runtime.pacer import Pacer
-    from engine.runtime.recorder import Recorder
+    from engine.runtime.recorder import Recorder, RecorderError
     from engine.runtime.sinks import SinkError, make_sinks
 
     specs = _output_specs(args, preset)
@@ -249,16 +249,20 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
     pipeline = build_or_explain(preset, args.models_dir, args.random_weights)
     if pipeline is None:
         return 1
-    frame_path = FramePath(sinks, Pacer(fps=args.fps or preset.outputs.fps))
     recorder = None
     if record is not None:
-        recorder = Recorder(
-            record,
-            width=preset.width,
-            height=preset.height,
-            fps=None,  # live time stamps: the file plays back the way the show ran
-            header={"model": preset.model, "preset": preset.name, "mode": "live"},
-        )
+        try:
+            recorder = Recorder(
+                record,
+                width=preset.width,
+                height=preset.height,
+                fps=None,  # live time stamps: the file plays back the way the show ran
+                header={"model": preset.model, "preset": preset.name, "mode": "live"},
+            )
+        except RecorderError as e:
+            pipeline.close()
+            raise UsageError(f"--record: {e}") from None
+    frame_path = FramePath(sinks, Pacer(fps=args.fps or preset.outputs.fps))
     engine = Engine(
         pipeline,
         frame_path=frame_path,
