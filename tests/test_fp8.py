@@ -49,3 +49,24 @@ def test_quantize_linears_replaces_only_selected_and_aligned():
         quantize_linears(model2, include=lambda name, m: name == "1", out_dtype=torch.float32) == 1
     )
     assert isinstance(model2[1], Fp8Linear) and isinstance(model2[0], nn.Linear)
+
+
+def test_tensorwise_scaling_matches_float64_within_fp8_error():
+    torch.manual_seed(2)
+    lin = nn.Linear(128, 64)
+    x = torch.randn(2, 30, 128)
+    ref = lin.double()(x.double())
+    lin = lin.float()
+    f8 = Fp8Linear.from_linear(lin, out_dtype=torch.float32, scaling="tensorwise")
+    err = rel(f8(x), ref)
+    assert 1e-4 < err < 0.06
+    # tensorwise and rowwise agree with each other about as well as each with the truth
+    rw = Fp8Linear.from_linear(lin, out_dtype=torch.float32)
+    assert rel(f8(x), rw(x)) < 0.08
+
+
+def test_unknown_scaling_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="scaling"):
+        Fp8Linear(16, 16, scaling="blockwise")

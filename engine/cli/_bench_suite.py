@@ -37,7 +37,7 @@ def run_suite(args, model, cfg, device, dtype, backend, measure) -> int:
     results = []
     for pass_name in passes:
         if pass_name == "fp8" and not args.fp8:
-            _quantize(model)
+            _quantize(model, args.fp8_scaling)
             args.fp8 = True
         for label, h, w, steps, dec, bias, t16, t8 in ROWS:
             if tiny:

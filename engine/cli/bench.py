@@ -48,6 +48,12 @@ def add_parser(subparsers) -> None:
         "--fp8", action="store_true", help="fp8 (e4m3) weights for the transformer blocks' linears"
     )
     p.add_argument(
+        "--fp8-scaling",
+        choices=["rowwise", "tensorwise"],
+        default="rowwise",
+        help="activation scales per token (rowwise) or per tensor (tensorwise, cuBLAS fp8)",
+    )
+    p.add_argument(
         "--compile-decoder",
         action="store_true",
         help="torch.compile the decoder and anchor encoder",
@@ -137,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = CONFIGS[args.model]
     model = random_transformer(cfg, device, dtype, seed=args.seed, attention=backend)
     if args.fp8:
-        _quantize(model)
+        _quantize(model, args.fp8_scaling)
     if args.compile:
         model.compile_blocks()
     if args.suite:
@@ -164,11 +170,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quantize(model) -> int:
+def _quantize(model, scaling: str = "rowwise") -> int:
     from engine.models.fp8 import quantize_linears
 
     # The blocks hold all but a sliver of the FLOPs; embeddings and head stay in bf16.
-    return quantize_linears(model, include=lambda name, m: name.startswith("blocks."))
+    return quantize_linears(
+        model, include=lambda name, m: name.startswith("blocks."), scaling=scaling
+    )
 
 
 def measure(
@@ -260,7 +268,7 @@ def measure(
             "kv_bias": args.kv_bias,
             "dtype": {v: k for k, v in DTYPES.items()}[str(dtype).removeprefix("torch.")],
             "compile": args.compile,
-            "fp8": args.fp8,
+            "fp8": args.fp8_scaling if args.fp8 else False,
             "decoder": decoder_kind,
             "anchor": session.anchor_source,
             "tokens_per_frame": session.fsl,
