@@ -105,6 +105,7 @@ class Recorder:
         self._last_time: float | None = None
         self._t0 = 0.0
         self._span: float | None = None  # usual seconds per live block
+        self._side_stream = None  # CUDA stream for device-to-host copies (made on first use)
         self.frames_written = 0
         self.blocks_dropped = 0
         self.error: BaseException | None = None
@@ -122,11 +123,12 @@ class Recorder:
         if self._closed:
             raise RecorderError(f"{self.path}: recorder is closed")
         when = time.time() if when is None else when
+        item = (rgba, dict(record), when, _ready_event(rgba))
         if wait:
-            self._queue.put((rgba, dict(record), when))
+            self._queue.put(item)
             return True
         try:
-            self._queue.put_nowait((rgba, dict(record), when))
+            self._queue.put_nowait(item)
             return True
         except queue.Full:
             self.blocks_dropped += 1
@@ -159,6 +161,21 @@ class Recorder:
         if self.error is not None:
             log.error("recorder: %s: %s", self.path, self.error)
 
+    def _to_host(self, rgba: Any, ready: Any) -> np.ndarray:
+        """The device-to-host copy, here on the recorder thread and on its own CUDA stream
+        (waiting for `ready` on the GPU), so the generation stream never carries it."""
+        if isinstance(rgba, np.ndarray):
+            return rgba
+        if ready is None:
+            return rgba.detach().numpy()
+        import torch
+
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(rgba.device)
+        with torch.cuda.stream(self._side_stream):
+            self._side_stream.wait_event(ready)
+            return rgba.detach().to("cpu").numpy()  # blocks this thread until copied
+
     # -- encoder thread -----------------------------------------------------------------
     def _run(self) -> None:
         while True:
@@ -168,10 +185,10 @@ class Recorder:
                 return
             if self.error is not None:
                 continue  # keep draining so submit never blocks; nothing more is written
-            rgba, record, when = item
+            rgba, record, when, ready = item
             try:
                 self._write_dropped(record.get("block"))
-                n = self._encode_block(rgba, when)
+                n = self._encode_block(self._to_host(rgba, ready), when)
                 self._log.write_block({**record, "frames": n})
             except Exception as e:  # noqa: BLE001 - a failing disk must not kill the engine
                 self.error = e
@@ -180,7 +197,7 @@ class Recorder:
     def _encode_block(self, rgba: Any, when: float) -> int:
         import av
 
-        frames = _to_numpy(rgba)
+        frames = rgba
         if frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 4):
             raise RecorderError(
                 f"block of shape {tuple(frames.shape)}, expected [T, {self.height}, {self.width}, 4]"
@@ -216,8 +233,13 @@ class Recorder:
         return n
 
 
-def _to_numpy(rgba: Any) -> np.ndarray:
-    if isinstance(rgba, np.ndarray):
-        return rgba
-    # torch tensor: the device-to-host copy happens here, on the recorder thread
-    return rgba.detach().to("cpu").numpy()
+def _ready_event(rgba: Any) -> Any:
+    """For a CUDA block: an event marking, on the producing stream, where its pixels are
+    done. Recording it costs the generation thread nothing (no sync)."""
+    if isinstance(rgba, np.ndarray) or not getattr(rgba, "is_cuda", False):
+        return None
+    import torch
+
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(rgba.device))
+    return event
