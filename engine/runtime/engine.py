@@ -237,6 +237,11 @@ class Engine:
             self.frame_path.submit_block(result.rgba, result.block)
         if self.recorder is not None:
             self.recorder.submit(result.rgba, result.record)
+        if result.rgba.is_cuda:
+            # The one host sync per block, on purpose: it keeps the CPU from queuing blocks
+            # ahead of the GPU (a control applied at begin_block must not wait behind
+            # them), and makes block_ms and the lookahead GPU time, not launch time.
+            torch.cuda.current_stream(result.rgba.device).synchronize()
         done = time.time()
         dt = time.perf_counter() - t0
         self._block_ema = dt if self._block_ema is None else 0.8 * self._block_ema + 0.2 * dt
