@@ -38,12 +38,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def render(args: argparse.Namespace) -> int:
     from bridges.timeline import FPS, TimelineError, load_show
     from engine.runtime.presets import available_presets
+    from engine.runtime.recorder import Recorder, RecorderError
 
     out = Path(args.output)
-    if out.suffix.lower() != ".mp4":
-        raise UsageError(f"-o {args.output}: the output must be an .mp4 file")
-    if not out.parent.is_dir():
-        raise UsageError(f"-o {args.output}: folder {out.parent} does not exist")
+    try:
+        Recorder.check(out)
+    except RecorderError as e:
+        raise UsageError(f"-o: {e}") from None
     if args.blocks is not None and args.blocks < 1:
         raise UsageError("--blocks must be at least 1")
     try:
@@ -69,7 +70,6 @@ def render(args: argparse.Namespace) -> int:
 
     from engine.runtime.block_driver import BlockDriver
     from engine.runtime.controls import make_registry
-    from engine.runtime.recorder import Recorder, RecorderError
 
     pipeline = build_or_explain(preset, args.models_dir, args.random_weights)
     if pipeline is None:

@@ -231,8 +231,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
     preset = preset_from_args(args)
     _apply_port_defaults(args, parser, preset.ports)
     record = Path(args.record) if args.record else None
-    if record is not None and (record.suffix.lower() != ".mp4" or not record.parent.is_dir()):
-        raise UsageError(f"--record {args.record}: must be an .mp4 file in an existing folder")
 
     from engine.runtime.engine import Engine
     from engine.runtime.frame_path import FramePath
@@ -240,9 +238,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
     from engine.runtime.recorder import Recorder, RecorderError
     from engine.runtime.sinks import SinkError, make_sinks
 
-    specs = _output_specs(args, preset)
     try:
-        sinks = make_sinks(specs, shm_slots=preset.outputs.shm_slots)
+        if record is not None:
+            Recorder.check(record, preset.width, preset.height)
+    except RecorderError as e:
+        raise UsageError(f"--record: {e}") from None
+    try:
+        sinks = make_sinks(_output_specs(args, preset), shm_slots=preset.outputs.shm_slots)
     except SinkError as e:
         raise UsageError(str(e)) from None
 
@@ -278,7 +280,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
         preset.height,
         preset.steps,
         preset.decoder,
-        ", ".join(specs) or "none",
+        ", ".join(s.name for s in sinks) or "none",
         f", recording {record}" if record else "",
     )
 

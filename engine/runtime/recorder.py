@@ -63,13 +63,8 @@ class Recorder:
     ):
         import av
 
-        if width % 2 or height % 2 or width <= 0 or height <= 0:
-            raise RecorderError(f"{path}: H.264 (yuv420p) needs even sizes, got {width}x{height}")
+        self.check(path, width, height)
         self.path = Path(path)
-        if self.path.suffix.lower() not in (".mp4", ".m4v", ".mov"):
-            raise RecorderError(f"{self.path}: the recording must be an .mp4 file")
-        if not self.path.parent.is_dir():
-            raise RecorderError(f"{self.path}: folder {self.path.parent} does not exist")
         self.width, self.height, self.fps = width, height, fps
         self.log_path = Path(log_path) if log_path else log_path_for(self.path)
         try:
@@ -112,6 +107,22 @@ class Recorder:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="dreamdeck-recorder", daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def check(path: str | Path, width: int | None = None, height: int | None = None) -> None:
+        """Refuse what cannot be recorded, before anything (a 28 GB model...) is loaded.
+        Sizes are checked when given."""
+        path = Path(path)
+        if (
+            width is not None
+            and height is not None
+            and (width % 2 or height % 2 or width <= 0 or height <= 0)
+        ):
+            raise RecorderError(f"{path}: H.264 (yuv420p) needs even sizes, got {width}x{height}")
+        if path.suffix.lower() not in (".mp4", ".m4v", ".mov"):
+            raise RecorderError(f"{path}: the recording must be an .mp4 file")
+        if not path.parent.is_dir():
+            raise RecorderError(f"{path}: folder {path.parent} does not exist")
 
     # -- generation side ----------------------------------------------------------------
     def submit(
