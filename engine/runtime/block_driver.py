@@ -16,7 +16,7 @@ exactly those blocks: a recorded show replays to the same frames.
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,7 +177,9 @@ class BlockDriver:
             timings=out.timings,
         )
 
-    def warmup(self, values: Mapping[str, Any], blocks: int) -> None:
+    def warmup(
+        self, values: Mapping[str, Any], blocks: int, stop: Callable[[], bool] = lambda: False
+    ) -> None:
         """Run `blocks` throwaway blocks (compile, allocator, cuDNN autotune) and restart the
         stream. Uses the cache directly, so the mixer's state is untouched."""
         if blocks <= 0:
@@ -191,6 +193,8 @@ class BlockDriver:
             raise RuntimeError(f"warm-up: prompt encoding failed: {pipeline.cache.error(text)}")
         emb = pipeline.cache.get(text)[None].to(pipeline.device, pipeline.dtype)
         for _ in range(blocks):
+            if stop():  # a warm-up with compilation can take minutes: let SIGINT through
+                break
             pipeline.session.next_block(
                 BlockInputs(
                     text=emb,

@@ -203,7 +203,9 @@ class Engine:
     # -- generation thread ----------------------------------------------------------------
     def _run(self) -> None:
         try:
-            self.driver.warmup(self.registry.snapshot(), self.preset.warmup_blocks)
+            self.driver.warmup(
+                self.registry.snapshot(), self.preset.warmup_blocks, self._stop.is_set
+            )
             t_end = None if self.duration is None else time.monotonic() + self.duration
             self.state = "running"
             log.info(
