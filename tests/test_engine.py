@@ -236,3 +236,24 @@ def test_a_stalled_consumer_does_not_slow_generation():
         if abs(ratios[-1] - 1) < 0.05:
             break
     assert abs(ratios[-1] - 1) < 0.05, ratios
+
+
+def test_warm_up_leaves_the_show_unchanged():
+    """Warm-up blocks (compile, autotune) are thrown away and the stream restarts: the show
+    is the same as without them."""
+    outs = []
+    for warm in (0, 2):
+        results = {}
+        pipeline = build_pipeline(PRESET.replace(warmup_blocks=warm))
+        engine = Engine(
+            pipeline,
+            max_blocks=3,
+            status_interval=None,
+            on_block=lambda r, res=results: res.__setitem__(r.block, r),
+        )
+        engine.start()
+        assert engine.join(60)
+        engine.stop()
+        assert engine.error is None
+        outs.append([results[b].rgba for b in range(3)])
+    assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
