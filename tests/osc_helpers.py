@@ -18,7 +18,7 @@ class Listener:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
         self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.05)
+        self.sock.settimeout(0.02)
         self.port = self.sock.getsockname()[1]
         self.messages: list[tuple[str, tuple[Any, ...]]] = []
         self._cond = threading.Condition()

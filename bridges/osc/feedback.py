@@ -58,6 +58,7 @@ class Feedback:
         self._thread: threading.Thread | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self.sent = 0
+        self._log = _RateLimitedLog()
 
     # -- targets -----------------------------------------------------------------------
     def saw_sender(self, host: str) -> None:
@@ -102,11 +103,11 @@ class Feedback:
             log.exception("could not encode OSC feedback %s %r", address, args)
 
     def error(self, address: str, reason: str, target: Target | None = None) -> None:
-        log.warning("OSC %s rejected: %s", address, reason)
+        self._log.log(f"OSC {address} rejected: {reason}")
         self.send(addresses.ERROR, [address, reason], target)
 
     def warning(self, address: str, message: str, target: Target | None = None) -> None:
-        log.warning("OSC %s: %s", address, message)
+        self._log.log(f"OSC {address}: {message}")
         self.send(addresses.WARNING, [address, message], target)
 
     def send_value(self, path: str, target: Target | None = None) -> None:
@@ -186,3 +187,28 @@ class Feedback:
                 log.exception("feedback for an unknown parameter")
             except Exception:  # noqa: BLE001 - feedback must never stop
                 log.exception("OSC feedback failed")
+
+
+class _RateLimitedLog:
+    """Warnings for the log, at most `burst` per `window` seconds: a flood of bad packets
+    must not turn into a flood of log lines (each one is still answered over OSC)."""
+
+    def __init__(self, burst: int = 20, window: float = 5.0):
+        self.burst, self.window = burst, window
+        self._start = 0.0
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def log(self, text: str) -> None:
+        import time
+
+        with self._lock:
+            now = time.monotonic()
+            if now - self._start > self.window:
+                if self._count > self.burst:
+                    log.warning("... %d more OSC warnings not logged", self._count - self.burst)
+                self._start, self._count = now, 0
+            self._count += 1
+            if self._count > self.burst:
+                return
+        log.warning("%s", text)

@@ -151,6 +151,13 @@ class OscBridge:
 
     def close(self) -> None:
         self._stop.set()
+        if self.sock is not None and self._thread is not None:
+            try:  # wake the receiver now rather than at its next timeout
+                host, port = self.address
+                host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+                self.sock.sendto(b"", (host, port))
+            except OSError:
+                pass
         if self._thread:
             self._thread.join(timeout=2)
         if self.feedback:
@@ -179,6 +186,8 @@ class OscBridge:
                 if self._stop.is_set():
                     return
                 continue  # e.g. Windows' ICMP 'connection reset' on UDP: not ours to die of
+            if self._stop.is_set():
+                return
             try:
                 self.handle_datagram(data, addr)
             except Exception:  # noqa: BLE001 - the receiver never dies of a packet
