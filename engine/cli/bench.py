@@ -232,6 +232,8 @@ def measure(
         with profile(activities=acts, record_shapes=True) as prof:
             session.next_block(inputs)
         prof.export_chrome_trace(args.profile)
+        sort = "cuda_time_total" if cuda else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=30), file=sys.stderr)
 
     stages = sorted({k for m in measured for k in m if k != "total"}, key=_stage_order)
     block_ms = statistics.median(m["total"] for m in measured)
