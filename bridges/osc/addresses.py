@@ -179,7 +179,9 @@ def describe(registry: Registry) -> list[dict[str, Any]]:
         p = registry.param(d["path"])
         kind = d["type"] if p.expand is None else f"{d['type']} action"
         if d["range"]:
-            rng = f"{_num(d['range'][0])}..{_num(d['range'][1])}"
+            rng = f"{_num(d['range'][0])}..{_num(d['range'][1])}" + (
+                f" {d['unit']}" if d["unit"] else ""
+            )
         elif d["choices"]:
             rng = " | ".join(d["choices"])
         else:
