@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import socket
+import tempfile
 import time
 import tracemalloc
+from pathlib import Path
 
 import pytest
 from osc_helpers import BlockLoop, Listener
@@ -14,6 +17,8 @@ from bridges.osc.addresses import value_to_args
 from bridges.osc.server import OscBridge, OscConfig
 from bridges.osc.wire import encode_bundle, encode_message
 from engine.runtime.controls import make_registry
+from engine.runtime.controls import standard_params as make_registry_params
+from engine.runtime.registry import ControlError
 
 
 def _status():
@@ -29,7 +34,7 @@ def _status():
 
 @pytest.fixture
 def rig():
-    reg = make_registry(default_prompt="a forest")
+    reg = _registry(default_prompt="a forest")
     fb = Listener()
     cfg = OscConfig(
         port=0, feedback_port=fb.port, oscquery_port=None, zeroconf=False, status_interval=0.2
@@ -67,6 +72,25 @@ def _handled(r, n):
     _wait(lambda: r.bridge.stats.packets >= n)
 
 
+ASSETS = Path(tempfile.mkdtemp(prefix="dd-osc-assets-"))
+(ASSETS / "ref.png").write_bytes(b"not really a png")
+
+
+def _registry(**kw):
+    """The standard registry; with an assets folder where the parameter set takes one."""
+    if "assets_dir" in inspect.signature(make_registry_params).parameters:
+        kw["assets_dir"] = str(ASSETS)
+    return make_registry(**kw)
+
+
+def _accepts(path, value):
+    try:
+        _registry().set(path, value)
+        return True
+    except ControlError:
+        return False
+
+
 def _test_value(p, current):
     """An OSC argument list that changes parameter p, and whether it is a plain value."""
     if p.type == "float":
@@ -82,7 +106,11 @@ def _test_value(p, current):
     if p.type == "str":
         if p.choices:
             return [next(c for c in p.choices if c != current)]
-        return [f"osc test of {p.path}"]
+        # Validated strings (sources, asset paths): the first candidate the registry takes.
+        for cand in (f"osc test of {p.path}", "shm:osctest", "ref.png", "@input"):
+            if cand != current and _accepts(p.path, cand):
+                return [cand]
+        raise AssertionError(f"no test value for {p.path}")
     if p.type == "int_list":
         return [1000, 600, 200]
     if p.type == "json":
@@ -94,7 +122,7 @@ def _test_value(p, current):
 
 def test_every_address_round_trips(rig):
     """Set through OSC -> in the next block's snapshot -> echoed on its address."""
-    reg, ref = rig.reg, make_registry(default_prompt="a forest")  # ref: the registry alone
+    reg, ref = rig.reg, _registry(default_prompt="a forest")  # ref: the registry alone
     n, block = 0, 0
     fired = []
     reg.subscribe(lambda ch: fired.append(ch.path) if ch.block is None else None)
@@ -382,3 +410,13 @@ def test_flood_last_value_within_one_block_memory_flat(rig):
     assert grown < 512 * 1024, f"memory grew by {grown} bytes during the flood"
     assert reg.pending_count() == 0
     rig.fb.wait(lambda a, args: a == "/dd/seed" and args == (last,))
+
+
+def test_ignore_timetags_applies_on_arrival():
+    reg = make_registry()
+    cfg = OscConfig(port=0, oscquery_port=None, zeroconf=False, timetags=False)
+    with OscBridge(reg, cfg).start() as bridge:
+        bridge.handle_datagram(
+            encode_bundle([("/dd/seed", [3])], time.time() + 60), ("127.0.0.1", 1)
+        )
+        assert reg.begin_block(1)["seed"] == 3

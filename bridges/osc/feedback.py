@@ -110,14 +110,17 @@ class Feedback:
         self._log.log(f"OSC {address}: {message}")
         self.send(addresses.WARNING, [address, message], target)
 
-    def send_value(self, path: str, target: Target | None = None) -> None:
+    def send_value(self, path: str, target: Target | None = None, applied: bool = False) -> None:
+        """The value on its address: the latest (staged or applied, what a query asks
+        for), or with ``applied`` the one in effect (what an echo reports)."""
         p = self.registry.param(path)
-        self.send(p.address, addresses.value_to_args(p, self.registry.get(path)), target)
+        value = self.registry.applied(path) if applied else self.registry.get(path)
+        self.send(p.address, addresses.value_to_args(p, value), target)
 
-    def send_all(self, target: Target | None = None) -> None:
+    def send_all(self, target: Target | None = None, applied: bool = False) -> None:
         for p in self.registry:
             if p.stateful:
-                self.send_value(p.path, target)
+                self.send_value(p.path, target, applied)
 
     def send_status(self, target: Target | None = None, only: str | None = None) -> None:
         if self.status is None:
@@ -174,8 +177,8 @@ class Feedback:
                 resync = target is not None and target != self._synced
                 self._synced = target
             try:
-                if resync:
-                    self.send_all(target)
+                if resync:  # a new target: everything in effect (staged values follow)
+                    self.send_all(target, applied=True)
                 else:
                     for path, value in dirty.items():
                         p = self.registry.param(path)

@@ -75,6 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--no-oscquery", action="store_true", help="no OSCQuery service")
     g.add_argument("--no-zeroconf", action="store_true", help="do not announce on zeroconf/Bonjour")
+    g.add_argument(
+        "--osc-ignore-timetags",
+        action="store_true",
+        help="apply bundles on arrival, ignoring their timetags (for hosts whose clocks are off)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -89,6 +94,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         allow=args.osc_allow or frozenset(),
         oscquery_port=None if args.no_oscquery else args.oscquery_port,
         zeroconf=not args.no_zeroconf,
+        timetags=not args.osc_ignore_timetags,
     )
 
 

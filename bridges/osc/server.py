@@ -41,6 +41,7 @@ class OscConfig:
     oscquery_port: int | None = 9138  # None: no OSCQuery service; 0: any free port
     zeroconf: bool = True
     max_datagram: int = MAX_DATAGRAM
+    timetags: bool = True  # False: apply bundles on arrival whatever their timetag
 
 
 @dataclass
@@ -219,7 +220,7 @@ class OscBridge:
         # Group by time: a bundle (same timetag) is one transaction, in time order.
         groups: dict[float | None, list[Message]] = {}
         for m in messages:
-            groups.setdefault(m.when, []).append(m)
+            groups.setdefault(m.when if self.config.timetags else None, []).append(m)
         for when in sorted(groups, key=lambda w: -1.0 if w is None else w):
             self._apply(groups[when], when, host)
 
