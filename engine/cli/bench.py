@@ -73,6 +73,29 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--write", metavar="FILE", default=None, help="with --suite: append the dated table to FILE"
     )
+    p.add_argument(
+        "--vace",
+        action="store_true",
+        help="VACE on (random VACE module + random Wan VAE context encoder) with a synthetic"
+        " moving input video; the context encode is the vace_encode stage",
+    )
+    p.add_argument(
+        "--vace-refs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --vace: N reference images (0..3) in front of each block",
+    )
+    p.add_argument(
+        "--vace-scale", type=float, default=1.0, help="with --vace: hint strength (0..2)"
+    )
+    p.add_argument(
+        "--v2v",
+        type=float,
+        default=None,
+        metavar="STRENGTH",
+        help="plain V2V at this strength (0..1) on the synthetic input; v2v_encode stage",
+    )
     p.add_argument("--blocks", type=int, default=5, help="measured steady blocks")
     p.add_argument(
         "--warmup", type=int, default=2, help="blocks before measuring (block 0 is always one)"
@@ -126,6 +149,14 @@ def run(args: argparse.Namespace) -> int:
     if args.blocks < 1 or args.warmup < 0:
         raise UsageError("--blocks must be >= 1 and --warmup >= 0")
     steps = _parse_steps(args.steps)
+    if not 0 <= args.vace_refs <= 3 or (args.vace_refs and not args.vace):
+        raise UsageError("--vace-refs takes 0..3 and needs --vace")
+    if not 0.0 <= args.vace_scale <= 2.0:
+        raise UsageError(f"--vace-scale must be in 0..2, got {args.vace_scale}")
+    if args.v2v is not None and not 0.0 <= args.v2v <= 1.0:
+        raise UsageError(f"--v2v must be in 0..1, got {args.v2v}")
+    if args.suite and (args.vace or args.v2v is not None):
+        raise UsageError("--suite measures the targets table; run --vace / --v2v on their own")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available here")
@@ -189,6 +220,8 @@ def measure(
 
     tiny = args.model == "tiny"
     cuda = device.type == "cuda"
+    vace_on = getattr(args, "vace", False)
+    v2v = getattr(args, "v2v", None)
     decoder = encoder = None
     if decoder_kind != "none":
         try:
@@ -212,25 +245,37 @@ def measure(
         device=device,
         dtype=dtype,
     )
+    if vace_on or v2v is not None:
+        _attach_inputs(session, model, cfg, args, device, dtype, height, width, encoder)
     g = torch.Generator(device).manual_seed(args.seed)
     text = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g, device=device, dtype=dtype)
     text[:, 20:] = 0  # a 20-token prompt, zero past it as the text encoder gives
     inputs = BlockInputs(
         text=text, text_key="bench", steps=steps, seed=args.seed, kv_bias=args.kv_bias
     )
+    video = None
+    if vace_on or v2v is not None:
+        video = SyntheticVideo(height, width, device)
+        inputs.vace_scale = args.vace_scale
+        inputs.v2v_strength = v2v
+
+    def block():
+        if video is not None:  # 9 frames for the stream's first block, then 12
+            inputs.video = video.next(9 if session.index == 0 else STEADY_FRAMES)
+        return session.next_block(inputs)
 
     first = None
     for _ in range(max(1, args.warmup)):
-        out = session.next_block(inputs)
+        out = block()
         first = first or out.timings
-    measured = [session.next_block(inputs).timings for _ in range(args.blocks)]
+    measured = [block().timings for _ in range(args.blocks)]
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=acts, record_shapes=True) as prof:
-            session.next_block(inputs)
+            block()
         prof.export_chrome_trace(args.profile)
         sort = "cuda_time_total" if cuda else "cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=30), file=sys.stderr)
@@ -274,6 +319,16 @@ def measure(
             "decoder": decoder_kind,
             "anchor": session.anchor_source,
             "tokens_per_frame": session.fsl,
+            "vace": {
+                "layers": len(session.vace.vace.vcfg.layers),
+                "refs": args.vace_refs,
+                "scale": args.vace_scale,
+                "fp8": bool(args.fp8),
+            }
+            if vace_on
+            else False,
+            "v2v": v2v if v2v is not None else False,
+            "input": "synthetic moving pattern" if video is not None else None,
         },
     }
     if args.profile:
@@ -281,8 +336,68 @@ def measure(
     return result
 
 
+class SyntheticVideo:
+    """A moving test pattern made on the device (no source thread, no host copy): a drifting
+    diagonal grating and an orbiting bright disc, so the context encoder sees motion."""
+
+    def __init__(self, height: int, width: int, device, fps: float = 16.0):
+        import torch
+
+        self.fps, self.frame = fps, 0
+        y = torch.linspace(-1, 1, height, device=device)[:, None]
+        x = torch.linspace(-1, 1, width, device=device)[None, :]
+        self.y, self.x = y, x * width / height
+
+    def next(self, count: int):
+        import torch
+
+        t = (self.frame + torch.arange(count, device=self.y.device)) / self.fps
+        t = t[:, None, None]
+        grating = torch.sin(8 * (self.x + self.y) - 4 * t)
+        cx, cy = 0.6 * torch.cos(2 * t), 0.5 * torch.sin(2 * t)
+        disc = (((self.x - cx) ** 2 + (self.y - cy) ** 2) < 0.1).float()
+        rgb = torch.stack([grating, torch.cos(3 * self.y - t).expand_as(grating), disc], 0)
+        self.frame += count
+        return rgb.clamp(-1, 1)[None]  # [1, 3, T, H, W]
+
+
+def _attach_inputs(session, model, cfg, args, device, dtype, height, width, encoder) -> None:
+    """VACE (random module, random Wan VAE context encoder) and/or the V2V encoder."""
+    import numpy as np
+
+    from engine.models import wan_vae
+    from engine.stream.v2v import VideoLatentEncoder
+
+    tiny = args.model == "tiny"
+    vae = getattr(encoder, "vae", None)
+    if vae is None or getattr(vae, "encoder", None) is None:
+        vcfg = wan_vae.CONFIGS["tiny" if tiny else "wan2.1"]
+        vae = wan_vae.random_wan_vae(vcfg, device=device, dtype=dtype, parts=("encoder",))
+        if device.type == "cuda":
+            vae.to_channels_last()
+    if args.v2v is not None:
+        session.video_encoder = VideoLatentEncoder(vae)
+    if not args.vace:
+        return
+    from engine.models.fp8 import quantize_linears
+    from engine.models.vace import VACE_CONFIGS, random_vace
+    from engine.stream.vace_context import VaceConditioner
+
+    vace = random_vace(cfg, VACE_CONFIGS[args.model], device, dtype, seed=args.seed + 1)
+    if args.fp8:
+        quantize_linears(vace.vace_blocks, scaling=args.fp8_scaling)
+    if args.compile:
+        for b in vace.vace_blocks:
+            b.compile(dynamic=False)
+    cond = VaceConditioner(model, vace, vae, height=height, width=width, assets_dir=None)
+    rng = np.random.default_rng(args.seed)
+    for n in range(1, args.vace_refs + 1):
+        cond.refs.set_frame(n, rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    session.vace = cond
+
+
 def _stage_order(name: str) -> tuple[int, int]:
-    order = {"text": 0, "encode": 1, "recompute": 2, "decode": 9}
+    order = {"text": 0, "v2v_encode": 1, "vace_encode": 1, "encode": 1, "recompute": 2, "decode": 9}
     if name.startswith("step"):
         return (3, int(name[4:]))
     return (order.get(name, 8), 0)
@@ -295,6 +410,8 @@ def _print_summary(r: dict) -> None:
         f" attention={r['attention']} compile={c['compile']} decoder={c['decoder']}"
     )
     print(f"device: {r['device']}, torch {r['torch']}")
+    if c.get("vace") or c.get("v2v") is not False:
+        print(f"input: {c['input']}, vace {c['vace']}, v2v {c['v2v']}")
     print(
         f"{r['fps']:.2f} fps ({r['frames_per_block']} frames per {r['block_ms']:.1f} ms block, median of {r['blocks']})"
     )

@@ -186,6 +186,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--record", metavar="FILE.mp4", help="record H.264 + the control log (FILE.controls.jsonl)"
     )
+    g = p.add_argument_group("input video: VACE and V2V (docs/osc.md: vace/*, v2v/*)")
+    g.add_argument(
+        "--vace", action="store_true", help="load the VACE module (input video, references)"
+    )
+    g.add_argument(
+        "--vace-source",
+        metavar="SPEC",
+        help="input at start: shm:NAME (TouchDesigner), file:PATH (inside --assets), ndi:NAME,"
+        " spout:NAME, camera:DEVICE; live: /dd/vace/source",
+    )
+    g.add_argument(
+        "--assets",
+        metavar="DIR",
+        help="assets folder: reference images and video files named over OSC must lie inside",
+    )
     g = p.add_argument_group("run length (tests, soak runs)")
     g.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this many seconds")
     g.add_argument("--blocks", type=int, metavar="N", help="stop after N blocks")
@@ -221,6 +236,31 @@ def _output_specs(args: argparse.Namespace, preset: Any) -> list[str]:
     return specs
 
 
+def _vace_from_args(args: argparse.Namespace, preset: Any) -> Any:
+    """--vace, --vace-source and --assets over the preset's `vace` section."""
+    import dataclasses
+
+    from engine.runtime.presets import PresetError
+
+    v = preset.vace
+    changes: dict[str, Any] = {}
+    if args.vace:
+        changes["enabled"] = True
+    if args.assets is not None:
+        folder = Path(args.assets).expanduser()
+        if not folder.is_dir():
+            raise UsageError(f"--assets {args.assets}: not a folder")
+        changes["assets_dir"] = str(folder.resolve())
+    if args.vace_source is not None:
+        changes["source"] = args.vace_source
+    if not changes:
+        return preset
+    try:
+        return preset.replace(vace=dataclasses.replace(v, **changes))
+    except PresetError as e:
+        raise UsageError(str(e).replace("overrides: vace.source", "--vace-source")) from None
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[ModuleType]) -> int:
     if args.blocks is not None and args.blocks < 1:
         raise UsageError("--blocks must be at least 1")
@@ -228,7 +268,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
         raise UsageError("--duration must be positive")
     if args.fps is not None and args.fps <= 0:
         raise UsageError("--fps must be positive")
-    preset = preset_from_args(args)
+    preset = _vace_from_args(args, preset_from_args(args))
     _apply_port_defaults(args, parser, preset.ports)
     record = Path(args.record) if args.record else None
 
@@ -272,6 +312,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
         max_blocks=args.blocks,
         duration=args.duration,
     )
+    if preset.vace.enabled or preset.vace.source != "none":
+        log.info(
+            "input video: %s, VACE %s, assets %s",
+            preset.vace.source,
+            "on" if preset.vace.enabled else "off (V2V only)",
+            preset.vace.assets_dir or "none (no file paths over the network)",
+        )
     log.info(
         "preset %s: %s %dx%d, steps %s, decoder %s, outputs %s%s",
         preset.name,

@@ -11,6 +11,15 @@ encodings are ready, so the stream never waits for the text encoder; render
 Either way the block where the move really started records the target (``record
 ["prompt"]``), and a replay (``step(controls, prompt=...)``) sets exactly those targets at
 exactly those blocks: a recorded show replays to the same frames.
+
+Input video (VACE and V2V): the `vace/*` and `v2v/*` controls are applied to the live
+input and the reference images at the block boundary; a change that cannot be applied
+(a source that cannot open, an image that does not decode, a grab with no input frame)
+sets the registry back to what is really in use and says why (`last_error`, the log).
+The block's input is asked for only when something uses it (VACE at a scale above 0,
+or V2V): 9 frames for the stream's first block, 12 after, over the span of output time
+the block stands for (the measured time between blocks). Input frames are not recorded:
+a show with live input replays its controls, not its picture.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from typing import Any
 
 import torch
 
-from engine.runtime.controls import PROMPT_SLOTS
+from engine.runtime.controls import PROMPT_SLOTS, REF_FROM_INPUT, REF_SLOTS
 from engine.runtime.registry import BlockControls
 
 log = logging.getLogger(__name__)
@@ -32,6 +41,8 @@ PROMPT_PATHS = frozenset(
     + ["transition/blocks", "transition/method"]
 )
 ENCODE_TIMEOUT = 300.0  # seconds a render waits for one prompt encoding (UMT5 on a CPU is slow)
+NOMINAL_FPS = 16.0  # the model's video rate: the input span of a block before one is measured
+STEADY_FRAMES = 12
 
 
 @dataclass
@@ -75,6 +86,107 @@ class BlockDriver:
         self._text_key: Hashable | None = None
         self._text: torch.Tensor | None = None
         self.last_error: str | None = None
+        self._refs = [""] * REF_SLOTS  # what each reference slot really holds (registry value)
+        self._block_s: float | None = None  # EMA of the time between blocks
+        self._t_last: float | None = None
+
+    def _fail(self, message: str, path: str | None = None, value: Any = None) -> None:
+        """A control that could not be applied: say so, and set the registry back."""
+        self.last_error = message
+        log.error(message)
+        if self.registry is not None and path is not None:
+            try:
+                self.registry.set(path, value)
+            except ValueError as e:  # the old value no longer validates (file gone)
+                log.warning("could not set %s back: %s", path, e)
+
+    # -- input video: VACE and V2V --------------------------------------------------------
+    def _apply_input_controls(self, controls: BlockControls) -> None:
+        from engine.runtime.inputs import InputError
+
+        live, cond = self.pipeline.live, self.pipeline.vace
+        if live is None:
+            return
+        ch, values = controls.changed, controls.values
+        if "vace/fit" in ch or "vace/mask" in ch:
+            try:
+                live.set_options(fit=values["vace/fit"], mask=values["vace/mask"])
+            except InputError as e:
+                self._fail(f"vace/fit, vace/mask: {e}")
+        if "vace/source" in ch and values["vace/source"] != live.spec:
+            try:
+                live.set_source(values["vace/source"])
+            except (InputError, ValueError) as e:
+                self._fail(f"vace/source not changed: {e}", "vace/source", live.spec)
+            else:
+                log.info("input source: %s", live.spec)
+        if "vace/mask_source" in ch:
+            try:
+                live.set_mask_source(values["vace/mask_source"])
+            except (InputError, ValueError) as e:
+                self._fail(f"vace/mask_source not changed: {e}")
+        if cond is None:
+            return
+        for n in range(1, REF_SLOTS + 1):
+            path = f"vace/ref/{n}"
+            if f"{path}/grab" in controls.events:
+                self._set_ref(n, REF_FROM_INPUT, echo=True)
+            elif path in ch and values[path] != self._refs[n - 1]:
+                self._set_ref(n, values[path])
+
+    def _set_ref(self, n: int, value: str, echo: bool = False) -> None:
+        """Reference slot n := an assets file, the input's current frame, or nothing."""
+        from engine.stream.vace_context import AssetPathError
+
+        refs, path = self.pipeline.vace.refs, f"vace/ref/{n}"
+        try:
+            if not value:
+                refs.clear(n)
+            elif value == REF_FROM_INPUT:
+                src = self.pipeline.live.source
+                frames = src.frames() if src is not None else []
+                if not frames:
+                    raise ValueError("no input frame to grab (vace/source gives none)")
+                refs.set_frame(n, frames[-1].rgba)
+            else:
+                refs.set_path(n, value)
+        except (AssetPathError, ValueError) as e:
+            self._fail(f"{path} not changed: {e}", path, self._refs[n - 1])
+            return
+        self._refs[n - 1] = value
+        if echo and self.registry is not None:
+            self.registry.set(path, value)  # feedback shows the slot holds a grabbed frame
+
+    def _input_video(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """This block's video fields of BlockInputs (none when nothing uses the input)."""
+        pipeline = self.pipeline
+        live, session = pipeline.live, pipeline.session
+        v2v = bool(values.get("v2v/enabled", False))
+        scale = float(values.get("vace/scale", 1.0))
+        out: dict[str, Any] = {
+            "vace_scale": scale,
+            "v2v_strength": float(values["v2v/strength"]) if v2v else None,
+            "v2v_auto": bool(values.get("v2v/auto", False)),
+        }
+        uses = v2v or (pipeline.vace is not None and scale > 0)
+        if live is None or live.source is None or not uses:
+            return out
+        count = 9 if session.index == 0 else STEADY_FRAMES
+        per_frame = (self._block_s / STEADY_FRAMES) if self._block_s else 1.0 / NOMINAL_FPS
+        bv = live.block(count, count * per_frame)
+        out.update(video=bv.frames, video_mask=bv.mask, video_restart=bv.restart)
+        if v2v and session.video_encoder is None:
+            out["v2v_strength"] = None
+        return out
+
+    def _tick(self) -> None:
+        import time
+
+        now = time.perf_counter()
+        if self._t_last is not None:
+            dt = now - self._t_last
+            self._block_s = dt if self._block_s is None else 0.8 * self._block_s + 0.2 * dt
+        self._t_last = now
 
     # -- prompts --------------------------------------------------------------------------
     def _set_target(self, target: dict[str, Any]) -> None:
@@ -139,6 +251,7 @@ class BlockDriver:
             self._reload_decoder(values["decoder"])
         if "reset" in controls.events:
             pipeline.session.reset()
+        self._apply_input_controls(controls)
         if replay and (prompt is not None or self._text_key is not None):
             if prompt is not None:
                 self._set_target(dict(prompt))
@@ -154,12 +267,15 @@ class BlockDriver:
                     controls.block,
                 )
         text, key, started = self._text_for_block()
+        self._tick()
+        video = self._input_video(values)
         inputs = BlockInputs(
             text=text,
             text_key=key,
             steps=list(values["steps"]),
             seed=int(values["seed"]),
             kv_bias=float(values["kv_bias"]),
+            **video,
         )
         out = pipeline.session.next_block(inputs)
         if out.frames is None:
@@ -168,6 +284,12 @@ class BlockDriver:
         record = controls.to_json()
         if started is not None:
             record["prompt"] = started
+        if "video" in video:  # what the input gave this block (not replayable)
+            record["input"] = {
+                "state": pipeline.live.fallback.state,
+                "vace": out.vace,
+                "v2v_strength": out.v2v_strength,
+            }
         return BlockResult(
             block=controls.block,
             index=out.index,

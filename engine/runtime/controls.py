@@ -11,6 +11,9 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from engine.runtime.inputs.base import FIT_MODES
+from engine.runtime.inputs.live import KINDS as SOURCE_KINDS
+from engine.runtime.inputs.live import MASK_MODES
 from engine.runtime.registry import ControlError, Param, Registry
 from engine.stream.schedule import STEP_PRESETS, validate_steps
 
@@ -75,7 +78,10 @@ def _random_seed(_: Any, get: Callable[[str], Any]) -> dict[str, Any]:
 
 
 def standard_params(
-    *, default_prompt: str = "", default_steps: list[int] | None = None
+    *,
+    default_prompt: str = "",
+    default_steps: list[int] | None = None,
+    assets_dir: str | None = None,
 ) -> list[Param]:
     params = [
         Param(
@@ -177,6 +183,7 @@ def standard_params(
         ),
     ]
     params += tempo_params()
+    params += vace_params(assets_dir)
     return params
 
 
@@ -228,6 +235,160 @@ def tempo_params() -> list[Param]:
             applies="immediate",
         ),
     ]
+
+
+# -- VACE, live input and V2V: owned by the VACE helper (engine/stream/vace_context.py) ----
+REF_SLOTS = 3
+REF_FROM_INPUT = "@input"  # vace/ref/{n} value: the slot holds a frame grabbed from the input
+
+
+def check_source_spec(spec: Any, assets_dir: str | None) -> str:
+    """A `vace/source` spec, normalised (stripped; "" and "off" -> "none"), or ValueError.
+
+    Only the form is checked here (sources that are not there yet are fine: the input
+    waits for them and says so), except `file:` paths, which come over the network and
+    must name a file inside the assets folder."""
+    if not isinstance(spec, str):
+        raise ValueError(f"expected a source like shm:NAME, got {type(spec).__name__}")
+    s = spec.strip()
+    if s.lower() in ("", "none", "off"):
+        return "none"
+    kind, sep, arg = s.partition(":")
+    if not sep or kind.lower() not in SOURCE_KINDS or not arg.strip():
+        raise ValueError(
+            f"{s[:60]!r}: use shm:NAME, file:PATH, ndi:NAME, spout:NAME, camera:DEVICE or none"
+        )
+    kind = kind.lower()
+    if kind == "shm":
+        from engine.runtime.shm_ring import _valid_name
+
+        _valid_name(arg)  # ValueError names the problem
+    if kind == "file":
+        _check_asset(arg, assets_dir, "video file")
+    return f"{kind}:{arg}"
+
+
+def _check_asset(path: str, assets_dir: str | None, what: str) -> None:
+    from engine.runtime.assets import AssetError, resolve_asset
+
+    if assets_dir is None:
+        raise ValueError(
+            f"{what} {path[:80]!r}: no assets folder is set (start dreamdeck with --assets DIR);"
+            " files named over the network must lie inside it"
+        )
+    try:
+        resolve_asset(path, assets_dir)
+    except AssetError as e:
+        raise ValueError(f"{what} {e}") from None
+
+
+def _ref_path(assets_dir: str | None) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        v = value.strip()
+        if v and v != REF_FROM_INPUT:
+            _check_asset(v, assets_dir, "reference image")
+        return v
+
+    return check
+
+
+def _clear_refs(_: Any, get: Callable[[str], Any]) -> dict[str, Any]:
+    return {f"vace/ref/{n}": "" for n in range(1, REF_SLOTS + 1)}
+
+
+def vace_params(assets_dir: str | None = None) -> list[Param]:
+    """VACE strength, reference images, the live input (source, fit, mask) and plain V2V.
+
+    They exist whether or not the engine loaded VACE (V2V and the input work without it;
+    with VACE off, the vace/* strength and references are kept and have no effect).
+    Paths are checked against `assets_dir` when set, so a path outside it is refused at
+    once and nothing changes."""
+    from functools import partial
+
+    params = [
+        Param(
+            "vace/scale",
+            "float",
+            1.0,
+            "VACE strength: how strongly the input video and references steer (0 = off)",
+            range=(0.0, 2.0),
+        ),
+        Param(
+            "vace/source",
+            "str",
+            "none",
+            "Input video: shm:NAME (TouchDesigner ring), file:PATH (assets folder), ndi:NAME,"
+            " spout:NAME, camera:DEVICE, or none",
+            validate=partial(check_source_spec, assets_dir=assets_dir),
+        ),
+        Param(
+            "vace/fit",
+            "str",
+            "fill",
+            "How the input is sized to the output: fit (bars), fill (crop) or stretch",
+            choices=FIT_MODES,
+        ),
+        Param(
+            "vace/mask",
+            "str",
+            "ones",
+            "VACE mask: ones (regenerate all, guided), alpha / inverse_alpha (the input's"
+            " alpha: 1 = regenerate), source (luminance of vace/mask_source)",
+            choices=MASK_MODES,
+        ),
+        Param(
+            "vace/mask_source",
+            "str",
+            "none",
+            "Second input whose luminance is the mask (with vace/mask source)",
+            validate=partial(check_source_spec, assets_dir=assets_dir),
+        ),
+    ]
+    for n in range(1, REF_SLOTS + 1):
+        params += [
+            Param(
+                f"vace/ref/{n}",
+                "str",
+                "",
+                f"Reference image {n}: a file in the assets folder; empty clears;"
+                f" {REF_FROM_INPUT} grabs the input's current frame",
+                validate=_ref_path(assets_dir),
+                max_len=1024,
+            ),
+            Param(
+                f"vace/ref/{n}/grab",
+                "trigger",
+                description=f"Reference image {n} := the input's current frame",
+            ),
+        ]
+    params += [
+        Param(
+            "vace/ref/clear",
+            "trigger",
+            description="Clear every reference image",
+            expand=_clear_refs,
+        ),
+        Param(
+            "v2v/enabled",
+            "bool",
+            False,
+            "Plain video-to-video: start each block from the encoded input (needs vace/source)",
+        ),
+        Param(
+            "v2v/strength",
+            "float",
+            0.7,
+            "V2V noise level: 0 = the input as it is, 1 = pure noise; first step at 1000 x strength",
+            range=(0.0, 1.0),
+        ),
+        Param(
+            "v2v/auto",
+            "bool",
+            False,
+            "V2V strength follows the input's motion (more motion, less noise)",
+        ),
+    ]
+    return params
 
 
 def make_registry(**kwargs: Any) -> Registry:

@@ -55,7 +55,9 @@ class Engine:
         self.pipeline = pipeline
         self.preset = preset
         self.registry = registry or make_registry(
-            default_prompt=preset.prompt, default_steps=preset.steps
+            default_prompt=preset.prompt,
+            default_steps=preset.steps,
+            assets_dir=preset.vace.assets_dir,  # network paths (vace/ref, file:) stay inside
         )
         self.frame_path = frame_path
         self.recorder = recorder
@@ -169,6 +171,11 @@ class Engine:
             "vram_mb": vram,
             "state": self.state,
             "frames": self.frames_out,
+            # the input video's state for feedback: "none", or e.g. "input shm:td: live"
+            "vace_input": self.pipeline.input_status()
+            if hasattr(self.pipeline, "input_status")
+            else None,
+            "last_error": self.driver.last_error,  # the last control that could not be applied
         }
 
     def _fps(self) -> float | None:

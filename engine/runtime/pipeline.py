@@ -5,6 +5,11 @@ The same function builds the tiny random-weights pipeline (CPU, no download: `dr
 run --model tiny`, tests) and the real 14B one (weights from the models folder); only the
 numbers differ. Missing weights are reported all at once, with the `dreamdeck download`
 command that fetches them, before anything big is loaded.
+
+The live input (`vace/source`) is always there (plain V2V needs no VACE); VACE itself
+(module + VaceConditioner) only with `vace.enabled`. Both encode the input with a Wan VAE
+encoder: the anchor encoder's own VAE when it has one (the weights are the same file),
+else an encoder-only Wan VAE.
 """
 
 from __future__ import annotations
@@ -40,6 +45,16 @@ class Pipeline:
     dtype: torch.dtype
     decoder_kind: str
     weights: dict[str, Path] = field(default_factory=dict)  # role -> file; empty: random weights
+    live: Any = None  # engine.runtime.inputs.LiveInput: the input video (VACE and V2V)
+    vace: Any = None  # engine.stream.vace_context.VaceConditioner when VACE is loaded
+    input_state: tuple[str, str] | None = None  # (state, message) of the input's last change
+
+    def input_status(self) -> str:
+        """One line for feedback (`engine.status()["vace_input"]`): the input's state."""
+        live = self.live
+        if live is None or live.source is None:
+            return "none"
+        return live.fallback.message
 
     def set_decoder(self, kind: str) -> None:
         """Swap the frame decoder between blocks (the `decoder` control, applies="reload").
@@ -53,6 +68,8 @@ class Pipeline:
         log.info("decoder: %s (stream restarted)", kind)
 
     def close(self) -> None:
+        if self.live is not None:
+            self.live.close()
         self.cache.close()
 
 
@@ -79,7 +96,7 @@ def required_weights(preset: EnginePreset, models_dir: str | Path | None) -> dic
     spec = {
         "model": preset.model,
         "decoder": preset.decoder,
-        "vace": preset.vace,
+        "vace": bool(preset.vace.enabled),
         "text_encoder": preset.text_encoder,
     }
     missing = catalog.missing_files(spec, models_dir=models_dir)
@@ -183,7 +200,7 @@ def build_pipeline(
     text_encoder = _build_text_encoder(preset, weights, device, dtype, cfg)
     cache = EmbeddingCache(text_encoder, capacity=cache_capacity)
     mixer = PromptMixer(cache)
-    return Pipeline(
+    pipeline = Pipeline(
         preset=preset,
         model=model,
         session=session,
@@ -195,6 +212,76 @@ def build_pipeline(
         decoder_kind=preset.decoder,
         weights=weights,
     )
+    try:
+        _build_inputs(pipeline, seed)
+    except BaseException:
+        pipeline.close()
+        raise
+    return pipeline
+
+
+def _input_vae(pipeline: Pipeline):
+    """A Wan VAE with its encoder, for the input video (VACE context and V2V)."""
+    vae = getattr(pipeline.session.encoder, "vae", None)
+    if vae is not None and getattr(vae, "encoder", None) is not None:
+        return vae
+    from engine.models import wan_vae
+
+    preset, weights = pipeline.preset, pipeline.weights
+    if not weights:
+        cfg = wan_vae.CONFIGS["tiny" if preset.model == "tiny" else "wan2.1"]
+        return wan_vae.random_wan_vae(
+            cfg, device=pipeline.device, dtype=pipeline.dtype, parts=("encoder",)
+        )
+    if "vae" not in weights:
+        raise PipelineError("the input video needs the Wan VAE (Wan2.1_VAE.pth): not found")
+    return wan_vae.load_wan_vae(weights["vae"], pipeline.device, pipeline.dtype, parts=("encoder",))
+
+
+def _build_inputs(pipeline: Pipeline, seed: int) -> None:
+    """The live input, the V2V encoder and (with vace.enabled) the VACE conditioner."""
+    from engine.runtime.inputs import LiveInput
+    from engine.stream.v2v import VideoLatentEncoder
+
+    preset, session = pipeline.preset, pipeline.session
+    v = preset.vace
+    vae = _input_vae(pipeline)
+    session.video_encoder = VideoLatentEncoder(vae)
+
+    def on_status(state: str, message: str) -> None:
+        pipeline.input_state = (state, message)
+
+    pipeline.live = LiveInput(
+        preset.width,
+        preset.height,
+        fit=v.fit,
+        mask=v.mask,
+        assets_dir=v.assets_dir,
+        device=pipeline.device,
+        hold_s=v.hold_s,
+        on_status=on_status,
+    )
+    if not v.enabled:
+        return
+    from engine.models.vace import VACE_CONFIGS, load_vace, quantize_vace, random_vace
+    from engine.stream.vace_context import VaceConditioner
+
+    model, device, dtype = pipeline.model, pipeline.device, pipeline.dtype
+    if not pipeline.weights:
+        vace = random_vace(model.cfg, VACE_CONFIGS[preset.model], device, dtype, seed=seed + 1)
+    else:
+        if "vace" not in pipeline.weights:
+            raise PipelineError("vace.enabled: no VACE module file among the model files")
+        log.info("loading VACE %s", pipeline.weights["vace"])
+        vace = load_vace(pipeline.weights["vace"], model.cfg, device, dtype)
+    if v.fp8:
+        if device.type != "cuda":
+            raise PipelineError("vace.fp8 needs a CUDA GPU (set vace.fp8: false for the CPU)")
+        log.info("fp8: %d VACE linears quantised", quantize_vace(vace))
+    session.vace = pipeline.vace = VaceConditioner(
+        model, vace, vae, height=preset.height, width=preset.width, assets_dir=v.assets_dir
+    )
+    log.info("VACE on (%d hint layers)", len(vace.vcfg.layers))
 
 
 def _build_text_encoder(preset: EnginePreset, weights: dict[str, Path], device, dtype, cfg):

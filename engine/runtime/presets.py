@@ -29,6 +29,8 @@ Device = Literal["auto", "cuda", "cpu"]
 TextPlacement = Literal["gpu", "gpu-fp8", "cpu"]
 Attention = Literal["auto", "fa3", "fa2", "sage", "sdpa"]
 TransitionMethod = Literal["linear", "slerp"]
+FitMode = Literal["fit", "fill", "stretch"]
+MaskMode = Literal["ones", "alpha", "inverse_alpha", "source"]
 
 
 class PresetError(ValueError):
@@ -57,6 +59,27 @@ class Ports:
 
 
 @dataclass
+class Vace:
+    """VACE (control video, masks, reference images) and the live input it reads.
+
+    `vace: true` / `vace: false` in a file is shorthand for `enabled`. The live input
+    (`source`, also `/dd/vace/source`) serves plain V2V too, with VACE off. File paths
+    that arrive over the network (reference images, `file:` sources) must lie inside
+    `assets_dir`; without one, they are refused."""
+
+    enabled: bool = False  # load the VACE module (14B: Wan2_1-VACE_module_14B_bf16)
+    fp8: bool = False  # VACE blocks' linears in float8 (GPU)
+    assets_dir: str | None = None  # reference images and video files live here
+    source: str = "none"  # input at start: shm:NAME, file:PATH, ndi:NAME, spout:NAME, camera:DEV
+    fit: FitMode = "fill"  # how the input is sized to the output
+    mask: MaskMode = "ones"  # ones: regenerate everything, guided; alpha: the input's alpha
+    hold_s: float = 1.0  # seconds a lost input is held before the blocks go text-only
+
+    def __bool__(self) -> bool:  # `if preset.vace:` and the catalog's bool(vace) mean enabled
+        return self.enabled
+
+
+@dataclass
 class EnginePreset:
     """Everything `dreamdeck run` needs to build the engine. See presets/engine/README.md."""
 
@@ -81,7 +104,7 @@ class EnginePreset:
     text_encoder: TextPlacement = "gpu"
     attention: Attention = "auto"
     compile: bool = False
-    vace: bool = False
+    vace: Vace = field(default_factory=Vace)
     warmup_blocks: int = 1
     outputs: Outputs = field(default_factory=Outputs)
     ports: Ports = field(default_factory=Ports)
@@ -106,6 +129,15 @@ class EnginePreset:
             raise PresetError(f"{where}: transition_blocks: must be >= 0")
         if self.outputs.shm_slots < 2:
             raise PresetError(f"{where}: outputs.shm_slots: at least 2 slots")
+        if not 0.0 <= self.vace.hold_s <= 60.0:
+            raise PresetError(f"{where}: vace.hold_s: {self.vace.hold_s} is outside 0..60 s")
+        if self.vace.source.strip().lower() not in ("", "none", "off"):
+            from engine.runtime.controls import check_source_spec
+
+            try:
+                check_source_spec(self.vace.source, self.vace.assets_dir)
+            except ValueError as e:
+                raise PresetError(f"{where}: vace.source: {e}") from None
         for key in ("osc", "oscquery", "feedback"):
             port = getattr(self.ports, key)
             if not 0 <= port <= 65535:
@@ -125,6 +157,9 @@ class EnginePreset:
             "transition/blocks": self.transition_blocks,
             "transition/method": self.transition_method,
             "decoder": self.decoder,
+            "vace/source": self.vace.source.strip() or "none",
+            "vace/fit": self.vace.fit,
+            "vace/mask": self.vace.mask,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,6 +193,13 @@ def _convert(tp: Any, node: yaml.Node, file: str, key: str) -> Any:
             raise PresetError(f"{here}: expected a list")
         return [_convert(args[0], n, file, f"{key}[{i}]") for i, n in enumerate(node.value)]
     if dataclasses.is_dataclass(tp):
+        if "enabled" in {f.name for f in dataclasses.fields(tp)} and isinstance(
+            node, yaml.ScalarNode
+        ):
+            v = _scalar(node, here)  # `vace: true` is shorthand for `vace: {enabled: true}`
+            if not isinstance(v, bool):
+                raise PresetError(f"{here}: expected true, false or a mapping, got {v!r}")
+            return tp(enabled=v)
         return _build(tp, node, file, key + ".")
     v = _scalar(node, here)
     if tp is bool:

@@ -22,6 +22,19 @@ an encoder attached, it is the VAE encoding (single image) of the oldest of the 
 decoded frames. Without them (transformer-only bench, early tests) the session keeps the
 first latent of block 0 as the anchor for good: `anchor_source == "first_latent"`, a
 stand-in, not Krea's scheme.
+
+Input video (`BlockInputs.video`, 9 frames for block 0, 12 after) steers a block two ways:
+- VACE (`session.vace`, a VaceConditioner): the block's 96-channel context is encoded
+  before the steps and each denoising step adds the VACE hints (never the recompute
+  pass). Reference images alone (no video) steer through a blank control video, as in
+  Wan's reference-to-video. Scale 0, no context and no VACE attached all run exactly
+  the base model's ops: the stream is then the base stream bit for bit.
+- plain V2V (`v2v_strength` not None, `session.video_encoder`): the block starts from
+  s·noise + (1−s)·E(frames) at t = 1000·s and runs only the steps below it; s = 0 makes
+  the block the encoded input itself (no model call at all). `v2v_auto` lets s follow
+  the input's motion, smoothed across blocks.
+Both encoders carry their causal cache across blocks, and restart (the block's first
+frame as a video start) when the input restarts or after blocks without it.
 """
 
 from __future__ import annotations
@@ -37,8 +50,10 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from engine.models.vace import forward_stream_vace
 from engine.models.wan import CONTEXT, DENOISE, SELF, WanModel, rope_table
 from engine.stream.schedule import renoise, sigma, validate_steps, x0_from_velocity
+from engine.stream.v2v import adapt_strength, motion, v2v_start, v2v_steps
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +78,14 @@ class BlockInputs:
     steps: Sequence[int]  # e.g. [1000, 750, 500, 250]
     seed: int
     kv_bias: float = 0.3
+    # input video of this block: [1, 3, T, H, W] in [-1, 1], T = 9 on block 0, else 12;
+    # None: text only. The mask [1, 1, T, H, W] in 0..1 (1: regenerate) or None (all 1).
+    video: Tensor | None = None
+    video_mask: Tensor | None = None
+    video_restart: bool = False  # a new video starts here (new source, back after a loss)
+    vace_scale: float = 1.0  # VACE hint strength 0..2 (0: base model, bit for bit)
+    v2v_strength: float | None = None  # plain V2V noise level 0..1; None: off
+    v2v_auto: bool = False  # strength follows the input's motion (seeded by v2v_strength)
 
 
 @dataclass
@@ -71,6 +94,9 @@ class BlockOutput:
     latents: Tensor  # [1, 16, 3, h, w] float32
     frames: Tensor | None  # [1, 3, T, H, W] in [-1, 1] when a decoder is attached
     timings: dict[str, float] = field(default_factory=dict)  # ms per stage
+    vace: bool = False  # VACE hints ran in this block
+    v2v_strength: float | None = None  # the V2V strength used (after motion adaptation)
+    steps: tuple[int, ...] = ()  # the timesteps run (V2V cuts the list)
 
 
 class _Timer:
@@ -137,6 +163,8 @@ class StreamSession:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         timing: bool = True,
+        vace=None,
+        video_encoder=None,
     ):
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or v <= 0 or v % 16:
@@ -154,6 +182,8 @@ class StreamSession:
         hp, wp = self.h // cfg.patch[1], self.w // cfg.patch[2]
         self.fsl = hp * wp  # tokens per latent frame
         self.decoder, self.encoder = decoder, encoder
+        self.vace = vace  # engine.stream.vace_context.VaceConditioner, or None
+        self.video_encoder = video_encoder  # engine.stream.v2v.VideoLatentEncoder, or None
         self.timing = timing
         if encoder is None:
             log.info("anchor: first latent of block 0 kept (no VAE encoder attached; a stand-in)")
@@ -192,6 +222,16 @@ class StreamSession:
         self._ring: deque[Tensor] = deque(maxlen=RING_FRAMES)
         if self.decoder is not None:
             self.decoder.reset()
+        # what each input encoder's causal cache continues: None (nothing: restart next
+        # time), "video" or "blank" (reference images without a video)
+        self._vace_fed: str | None = None
+        self._v2v_fed = False
+        self._v2v_s: float | None = None  # adapted strength (v2v_auto)
+        self._v2v_last: Tensor | None = None  # last input frame, for motion across blocks
+        if self.vace is not None:
+            self.vace.reset()
+        if self.video_encoder is not None:
+            self.video_encoder.reset()
 
     def _check(self, inputs: BlockInputs) -> tuple[tuple[int, ...], float]:
         """All validation before any state changes, so a bad block changes nothing."""
@@ -215,11 +255,33 @@ class StreamSession:
             raise ValueError(f"text embedding must be [1, L, {self.cfg.text_dim}], got {got}")
         if isinstance(inputs.seed, bool) or not isinstance(inputs.seed, int):
             raise ValueError(f"seed must be an integer, got {inputs.seed!r}")
-        return steps, bias
+        scale = _number(inputs.vace_scale, "vace_scale", 0.0, 2.0)
+        strength = inputs.v2v_strength
+        if strength is not None:
+            strength = _number(strength, "v2v_strength", 0.0, 1.0)
+            if self.video_encoder is None:
+                raise ValueError("V2V needs a video encoder: the session has none attached")
+        self._check_video(inputs)
+        return steps, bias, scale, strength
+
+    def _check_video(self, inputs: BlockInputs) -> None:
+        v, m = inputs.video, inputs.video_mask
+        if v is None:
+            if m is not None:
+                raise ValueError("a video mask was given without a video")
+            return
+        t = RING_FRAMES if self.index == 0 else 4 * LATENTS_PER_BLOCK
+        want = (1, 3, t, self.height, self.width)
+        if not isinstance(v, Tensor) or tuple(v.shape) != want:
+            got = list(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(f"block {self.index}: input video must be {list(want)}, got {got}")
+        if m is not None and (not isinstance(m, Tensor) or tuple(m.shape) != (1, 1, *want[2:])):
+            got = list(m.shape) if isinstance(m, Tensor) else type(m).__name__
+            raise ValueError(f"video mask must be {[1, 1, *want[2:]]}, got {got}")
 
     @torch.no_grad()
     def next_block(self, inputs: BlockInputs) -> BlockOutput:
-        steps, bias = self._check(inputs)
+        steps, bias, scale, strength = self._check(inputs)
         model, dev = self.model, self.device
         timer = _Timer(dev, self.timing)
         if self._cross is None or inputs.text_key != self._text_key:
@@ -229,7 +291,21 @@ class StreamSession:
 
         index = self.index
         g = torch.Generator(dev).manual_seed(inputs.seed + LATENTS_PER_BLOCK * index)
-        if index == 0:
+        shape = self.latent_shape
+        video = inputs.video
+        x = torch.randn(shape, generator=g, device=dev, dtype=torch.float32)
+        used_s = None
+        if strength is not None and video is not None:
+            used_s, steps, x = self._v2v(inputs, strength, steps, x, timer)
+        else:
+            self._v2v_fed = False
+        vace_on = False
+        if steps:
+            vace_on = self._prepare_vace(inputs, scale, timer)
+        else:
+            self._vace_fed = None  # the context encoder skipped a block: restart next time
+
+        if index == 0 or not steps:  # no step (V2V at strength 0): no context needed
             mode, rope, log_bias = SELF, self.rope_first, None
         else:
             if self.anchor_source == "vae" and index >= 2 and len(self._ring) == RING_FRAMES:
@@ -247,14 +323,20 @@ class StreamSession:
                 self._log_bias.fill_(math.log(bias))
                 log_bias = self._log_bias
 
-        shape = self.latent_shape
-        x = torch.randn(shape, generator=g, device=dev, dtype=torch.float32)
+        x0 = x  # V2V at strength 0: the block is the encoded input
         for i, t in enumerate(steps):
             with timer.stage(f"step{i}"):
                 tt = torch.full((1,), float(t), device=dev)
-                v = model.forward_stream(
-                    x, tt, self._cross, rope, self.cache, mode, self.bias_keys, log_bias
-                )
+                vin = self.vace.step_inputs(sigma(t), scale) if vace_on else None
+                if vin is None:
+                    v = model.forward_stream(
+                        x, tt, self._cross, rope, self.cache, mode, self.bias_keys, log_bias
+                    )
+                else:
+                    v = forward_stream_vace(
+                        model, self.vace.vace, x, tt, self._cross, rope, self.cache, mode,
+                        self.bias_keys, log_bias, vin,
+                    )  # fmt: skip
                 x0 = x0_from_velocity(x, v.float(), sigma(t))
             if i + 1 < len(steps):
                 noise = torch.randn(shape, generator=g, device=dev, dtype=torch.float32)
@@ -270,4 +352,69 @@ class StreamSession:
             for k in range(frames.shape[2]):
                 self._ring.append(frames[:, :, k : k + 1])
         self.index += 1
-        return BlockOutput(index=index, latents=x0, frames=frames, timings=timer.result())
+        return BlockOutput(
+            index=index,
+            latents=x0,
+            frames=frames,
+            timings=timer.result(),
+            vace=vace_on,
+            v2v_strength=used_s,
+            steps=tuple(steps),
+        )
+
+    def _v2v(self, inputs: BlockInputs, strength: float, steps, noise: Tensor, timer: _Timer):
+        """Plain V2V: (strength used, the cut step list, the start latents)."""
+        video = inputs.video
+        if inputs.v2v_auto:
+            # motion across the block boundary only within one continuous input
+            prev = self._v2v_last if self._v2v_fed and not inputs.video_restart else None
+            base = self._v2v_s if self._v2v_s is not None else strength
+            strength = adapt_strength(base, motion(video, prev))
+            self._v2v_s = strength
+        else:
+            self._v2v_s = None
+        if inputs.video_restart or not self._v2v_fed:
+            self.video_encoder.reset()
+        with timer.stage("v2v_encode"):
+            enc = self.video_encoder.encode_block(video).to(self.device)
+        self._v2v_fed = True
+        self._v2v_last = video[:, :, -1:]
+        steps = v2v_steps(steps, strength)
+        x = v2v_start(enc, noise, strength) if steps else enc
+        return strength, steps, x
+
+    def _prepare_vace(self, inputs: BlockInputs, scale: float, timer: _Timer) -> bool:
+        """Encode this block's VACE context; False when VACE does not act on this block
+        (none attached, scale 0, neither video nor reference images)."""
+        cond = self.vace
+        if cond is None or scale == 0.0:
+            self._vace_fed = None
+            return False
+        video, mask = inputs.video, inputs.video_mask
+        kind = "video"
+        if video is None:
+            if cond.refs.count == 0:
+                self._vace_fed = None
+                return False
+            # reference images alone: a blank control video (Wan's reference-to-video)
+            t = RING_FRAMES if self.index == 0 else 4 * LATENTS_PER_BLOCK
+            video = torch.zeros(1, 3, t, self.height, self.width, device=self.device)
+            mask, kind = None, "blank"
+        if self._vace_fed != kind or (kind == "video" and inputs.video_restart):
+            cond.encoder.reset()
+        with timer.stage("vace_encode"):
+            cond.prepare_block(video, mask, inputs.text, inputs.text_key)
+        self._vace_fed = kind
+        return True
+
+
+def _number(v, name: str, lo: float, hi: float) -> float:
+    if isinstance(v, bool):
+        raise ValueError(f"{name} must be a number in {lo}..{hi}, got {v!r}")
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in {lo}..{hi}, got {v!r}") from None
+    if not lo <= f <= hi:  # NaN fails too
+        raise ValueError(f"{name} must be in {lo}..{hi}, got {f}")
+    return f

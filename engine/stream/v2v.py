@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from engine.models.wan_vae import TEMPORAL, WanStreamEncoder, WanVAE
 from engine.stream.schedule import MAX_T
 
 MOTION_RMSE_FULL = 0.2
@@ -70,3 +71,32 @@ def adapt_strength(strength: float, motion_value: float) -> float:
     """s ← 0.9·(0.8 − 0.2·motion) + 0.1·s, motion clamped to 0..1."""
     m = min(max(float(motion_value), 0.0), 1.0)
     return 0.9 * (0.8 - 0.2 * m) + 0.1 * _check_strength(strength)
+
+
+class VideoLatentEncoder:
+    """E(frames) block by block: the input video as transformer latents (normalised, like
+    the anchor), the Wan VAE's causal cache carried across blocks so a stream of blocks
+    encodes like the whole video at once.
+
+    9 frames (1 + 4k) start a video; 12 (4k) continue it. A block of 12 with nothing to
+    continue (after `reset`: stream reset, new source, input back after a loss) puts its
+    first frame once more in front as the video start and drops that latent, so it still
+    gives 3 latents."""
+
+    def __init__(self, vae: WanVAE):
+        self.stream = WanStreamEncoder(vae)
+
+    def reset(self) -> None:
+        self.stream.reset()
+
+    @torch.no_grad()
+    def encode_block(self, frames: Tensor) -> Tensor:
+        """[1, 3, T, H, W] in [-1, 1] -> [1, 16, n, h, w] float32."""
+        t = frames.shape[2]
+        if t % TEMPORAL == 1:
+            self.stream.reset()
+            return self.stream.encode(frames).float()
+        if not self.stream.started:
+            lead = torch.cat([frames[:, :, :1], frames], dim=2)
+            return self.stream.encode(lead)[:, :, 1:].float()
+        return self.stream.encode(frames).float()

@@ -114,17 +114,21 @@ class VaceContextEncoder:
 # --------------------------------------------------------------------------- reference images
 
 
-def resolve_in_assets(path: str | os.PathLike, assets_dir: str | os.PathLike) -> Path:
+def resolve_in_assets(path: str | os.PathLike, assets_dir: str | os.PathLike | None) -> Path:
     """The real path of `path` (relative paths are taken inside `assets_dir`) if it is a file
-    inside `assets_dir` after resolving links and `..`; else AssetPathError."""
-    root = Path(assets_dir).expanduser().resolve()
-    p = Path(path).expanduser()
-    full = (p if p.is_absolute() else root / p).resolve()
-    if not full.is_relative_to(root):
-        raise AssetPathError(f"reference image {str(path)!r} is outside the assets folder {root}")
-    if not full.is_file():
-        raise AssetPathError(f"reference image {str(path)!r} not found in the assets folder {root}")
-    return full
+    inside `assets_dir` after resolving links; else AssetPathError. One implementation for
+    every network path: engine/runtime/assets.py's `resolve_asset`."""
+    from engine.runtime.assets import AssetError, resolve_asset
+
+    if assets_dir is None:
+        raise AssetPathError(
+            f"reference image {str(path)!r}: no assets folder is set (start dreamdeck with"
+            " --assets DIR)"
+        )
+    try:
+        return resolve_asset(path, assets_dir)
+    except AssetError as e:
+        raise AssetPathError(f"reference image {e}") from None
 
 
 def crop_to_fill(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -164,12 +168,18 @@ class ReferenceImages:
     VACE rope then)."""
 
     def __init__(
-        self, vae: WanVAE, width: int, height: int, assets_dir: str | os.PathLike, *, seed: int = 0
+        self,
+        vae: WanVAE,
+        width: int,
+        height: int,
+        assets_dir: str | os.PathLike | None,
+        *,
+        seed: int = 0,
     ):
         self.encoder = WanImageEncoder(vae)
         self.vae = vae
         self.width, self.height = width, height
-        self.assets_dir = Path(assets_dir)
+        self.assets_dir = None if assets_dir is None else Path(assets_dir)
         self.seed = seed
         self._slots: list[tuple[object, Tensor] | None] = [None] * MAX_REFS
         self._cache: dict[tuple, Tensor] = {}
