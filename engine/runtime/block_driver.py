@@ -87,6 +87,7 @@ class BlockDriver:
         self._text: torch.Tensor | None = None
         self.last_error: str | None = None
         self._refs = [""] * REF_SLOTS  # what each reference slot really holds (registry value)
+        self._failed: dict[str, Any] = {}  # path -> the value that could not be applied
         self._block_s: float | None = None  # EMA of the time between blocks
         self._t_last: float | None = None
 
@@ -108,15 +109,20 @@ class BlockDriver:
         if live is None:
             return
         ch, values = controls.changed, controls.values
+        for path in ch:
+            if self._failed.get(path) != ch[path]:
+                self._failed.pop(path, None)
         if "vace/fit" in ch or "vace/mask" in ch:
             try:
                 live.set_options(fit=values["vace/fit"], mask=values["vace/mask"])
             except InputError as e:
                 self._fail(f"vace/fit, vace/mask: {e}")
-        if "vace/source" in ch and values["vace/source"] != live.spec:
+        want = values["vace/source"]
+        if want != live.spec and want != self._failed.get("vace/source"):
             try:
-                live.set_source(values["vace/source"])
+                live.set_source(want)
             except (InputError, ValueError) as e:
+                self._failed["vace/source"] = want
                 self._fail(f"vace/source not changed: {e}", "vace/source", live.spec)
             else:
                 log.info("input source: %s", live.spec)
@@ -128,11 +134,14 @@ class BlockDriver:
         if cond is None:
             return
         for n in range(1, REF_SLOTS + 1):
+            # Reconciled every block, not only on a change: the registry coalesces, so an
+            # echo of our own (after a grab) may be overtaken by the performer's next value.
             path = f"vace/ref/{n}"
+            want = values[path]
             if f"{path}/grab" in controls.events:
                 self._set_ref(n, REF_FROM_INPUT, echo=True)
-            elif path in ch and values[path] != self._refs[n - 1]:
-                self._set_ref(n, values[path])
+            elif want != self._refs[n - 1] and want != self._failed.get(path):
+                self._set_ref(n, want)
 
     def _set_ref(self, n: int, value: str, echo: bool = False) -> None:
         """Reference slot n := an assets file, the input's current frame, or nothing."""
@@ -151,8 +160,10 @@ class BlockDriver:
             else:
                 refs.set_path(n, value)
         except (AssetPathError, ValueError) as e:
+            self._failed[path] = value  # not tried again until the control changes
             self._fail(f"{path} not changed: {e}", path, self._refs[n - 1])
             return
+        self._failed.pop(path, None)
         self._refs[n - 1] = value
         if echo and self.registry is not None:
             self.registry.set(path, value)  # feedback shows the slot holds a grabbed frame
