@@ -247,3 +247,20 @@ def test_run_flags(assets, capsys):
         assert main([*base, "--vace", *extra]) == 2
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
+
+
+def test_warm_up_runs_the_vace_path_and_leaves_the_show_unchanged():
+    pipeline = build_pipeline(PRESET)
+    reg = make_registry(default_prompt=PRESET.prompt, default_steps=PRESET.steps)
+    driver = BlockDriver(pipeline, registry=reg)
+    calls = []
+    vace_prepare = pipeline.vace.prepare_block
+    pipeline.vace.prepare_block = lambda *a: calls.append(a[0].shape) or vace_prepare(*a)
+    try:
+        driver.warmup(reg.snapshot(), 2)
+        assert [c[2] for c in calls] == [9, 12]  # both block shapes went through VACE
+        warmed = [driver.step(reg.begin_block(b)).rgba for b in range(2)]
+    finally:
+        pipeline.close()
+    cold = text_only_frames(PRESET, 2)
+    assert all(torch.equal(a, b) for a, b in zip(warmed, cold, strict=True))

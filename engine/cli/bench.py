@@ -380,15 +380,14 @@ def _attach_inputs(session, model, cfg, args, device, dtype, height, width, enco
     if not args.vace:
         return
     from engine.models.fp8 import quantize_linears
-    from engine.models.vace import VACE_CONFIGS, random_vace
+    from engine.models.vace import VACE_CONFIGS, compile_vace, random_vace
     from engine.stream.vace_context import VaceConditioner
 
     vace = random_vace(cfg, VACE_CONFIGS[args.model], device, dtype, seed=args.seed + 1)
     if args.fp8:
         quantize_linears(vace.vace_blocks, scaling=args.fp8_scaling)
     if args.compile:
-        for b in vace.vace_blocks:
-            b.compile(dynamic=False)
+        compile_vace(vace)
     cond = VaceConditioner(model, vace, vae, height=height, width=width, assets_dir=None)
     rng = np.random.default_rng(args.seed)
     for n in range(1, args.vace_refs + 1):

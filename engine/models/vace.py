@@ -142,7 +142,7 @@ class VaceModule(nn.Module):
         cos, sin = rope
         out = []
         for b, kv in zip(self.vace_blocks, cross_kv, strict=True):
-            c = WanBlock.forward(b, c, e0, kv, cos, sin, attn)
+            c = b(c, e0, kv, cos, sin, attn)  # through __call__: `compile_vace` applies
             out.append(b.after_proj(c))
         return out
 
@@ -335,6 +335,12 @@ def load_vace(
         if is_fp32_param(k):
             p.data = sd[k].to(device=device, dtype=torch.float32)
     return vace.eval().requires_grad_(False)
+
+
+def compile_vace(vace: VaceModule, **kwargs) -> None:
+    """torch.compile each VACE block's forward (like `WanModel.compile_blocks`)."""
+    for b in vace.vace_blocks:
+        b.compile(**{"dynamic": False, **kwargs})
 
 
 def quantize_vace(vace: VaceModule) -> int:

@@ -195,7 +195,8 @@ class BlockDriver:
 
         now = time.perf_counter()
         if self._t_last is not None:
-            dt = now - self._t_last
+            # clamped: a pause or a reload must not stretch the next input span for long
+            dt = min(max(now - self._t_last, 0.005), 2.0)
             self._block_s = dt if self._block_s is None else 0.8 * self._block_s + 0.2 * dt
         self._t_last = now
 
@@ -325,16 +326,24 @@ class BlockDriver:
         if not pipeline.cache.wait([text], ENCODE_TIMEOUT):
             raise RuntimeError(f"warm-up: prompt encoding failed: {pipeline.cache.error(text)}")
         emb = pipeline.cache.get(text)[None].to(pipeline.device, pipeline.dtype)
+        session = pipeline.session
         for _ in range(blocks):
             if stop():  # a warm-up with compilation can take minutes: let SIGINT through
                 break
-            pipeline.session.next_block(
+            video = None
+            if getattr(pipeline, "vace", None) is not None:
+                # the VACE path too (its compiled graphs, the context encoder), so the first
+                # live input does not stall the show; a grey clip is input enough
+                t = 9 if session.index == 0 else STEADY_FRAMES
+                video = torch.zeros(1, 3, t, session.height, session.width, device=session.device)
+            session.next_block(
                 BlockInputs(
                     text=emb,
                     text_key=("warmup", text),
                     steps=list(values["steps"]),
                     seed=int(values["seed"]),
                     kv_bias=float(values["kv_bias"]),
+                    video=video,
                 )
             )
-        pipeline.session.reset()
+        session.reset()

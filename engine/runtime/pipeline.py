@@ -263,7 +263,13 @@ def _build_inputs(pipeline: Pipeline, seed: int) -> None:
     )
     if not v.enabled:
         return
-    from engine.models.vace import VACE_CONFIGS, load_vace, quantize_vace, random_vace
+    from engine.models.vace import (
+        VACE_CONFIGS,
+        compile_vace,
+        load_vace,
+        quantize_vace,
+        random_vace,
+    )
     from engine.stream.vace_context import VaceConditioner
 
     model, device, dtype = pipeline.model, pipeline.device, pipeline.dtype
@@ -278,6 +284,8 @@ def _build_inputs(pipeline: Pipeline, seed: int) -> None:
         if device.type != "cuda":
             raise PipelineError("vace.fp8 needs a CUDA GPU (set vace.fp8: false for the CPU)")
         log.info("fp8: %d VACE linears quantised", quantize_vace(vace))
+    if preset.compile and device.type == "cuda":
+        compile_vace(vace)
     session.vace = pipeline.vace = VaceConditioner(
         model, vace, vae, height=preset.height, width=preset.width, assets_dir=v.assets_dir
     )
