@@ -264,3 +264,22 @@ def test_warm_up_runs_the_vace_path_and_leaves_the_show_unchanged():
         pipeline.close()
     cold = text_only_frames(PRESET, 2)
     assert all(torch.equal(a, b) for a, b in zip(warmed, cold, strict=True))
+
+
+def test_preset_vace_section(assets):
+    from engine.runtime.presets import PresetError, parse_preset
+    from engine.weights.catalog import needs_of
+
+    on = parse_preset("model: 14b\nvace: true\n")
+    assert on.vace.enabled and needs_of(on).vace and not needs_of(parse_preset("model: 14b\n")).vace
+    p = parse_preset(f"model: tiny\nvace:\n  assets_dir: {assets}\n  source: file:cat.png\n")
+    assert not p.vace.enabled and p.vace.source == "file:cat.png"
+    assert p.control_defaults()["vace/source"] == "file:cat.png"
+    for text, why in [
+        ("vace: 3\n", "expected true, false or a mapping"),
+        ("vace:\n  sorce: shm:x\n", "unknown key vace.sorce"),
+        ("vace:\n  fit: zoom\n", "vace.fit"),
+        (f"vace:\n  assets_dir: {assets}\n  source: file:../x.mp4\n", "vace.source"),
+    ]:
+        with pytest.raises(PresetError, match=why):
+            parse_preset("model: tiny\n" + text, "p.yaml")
