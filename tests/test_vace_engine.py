@@ -283,3 +283,19 @@ def test_preset_vace_section(assets):
     ]:
         with pytest.raises(PresetError, match=why):
             parse_preset("model: tiny\n" + text, "p.yaml")
+
+
+def test_bench_vace_and_v2v_report_their_encode_stages(capsys):
+    import json
+
+    args = ["bench", "--model", "tiny", "--height", "32", "--width", "32", "--json"]
+    args += ["--vace", "--vace-refs", "1", "--v2v", "0.5", "--blocks", "2", "--warmup", "1"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    # strength 0.5 cuts [1000, 750, 500, 250] to [500, 250]
+    assert set(out["stages_ms"]) == {"vace_encode", "v2v_encode", "recompute", "step0", "step1"}
+    c = out["config"]
+    assert c["vace"] == {"layers": 2, "refs": 1, "scale": 1.0, "fp8": False} and c["v2v"] == 0.5
+    for bad, why in [(["--vace-refs", "2"], "needs --vace"), (["--v2v", "2"], "--v2v")]:
+        assert main(["bench", "--model", "tiny", *bad]) == 2
+        assert why in capsys.readouterr().err

@@ -180,6 +180,7 @@ class BlockDriver:
             "v2v_auto": bool(values.get("v2v/auto", False)),
         }
         uses = v2v or (pipeline.vace is not None and scale > 0)
+        pipeline.input_used = uses
         if live is None or live.source is None or not uses:
             return out
         count = 9 if session.index == 0 else STEADY_FRAMES

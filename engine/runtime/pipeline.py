@@ -48,12 +48,15 @@ class Pipeline:
     live: Any = None  # engine.runtime.inputs.LiveInput: the input video (VACE and V2V)
     vace: Any = None  # engine.stream.vace_context.VaceConditioner when VACE is loaded
     input_state: tuple[str, str] | None = None  # (state, message) of the input's last change
+    input_used: bool = False  # the last block asked the input for frames (VACE or V2V on)
 
     def input_status(self) -> str:
         """One line for feedback (`engine.status()["vace_input"]`): the input's state."""
         live = self.live
         if live is None or live.source is None:
             return "none"
+        if not self.input_used:
+            return f"input {live.spec}: not in use (VACE off or vace/scale 0, and V2V off)"
         return live.fallback.message
 
     def set_decoder(self, kind: str) -> None:
