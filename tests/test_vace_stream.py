@@ -245,3 +245,39 @@ def test_bad_block_inputs_change_nothing(parts):
     no_encoder = session(parts)
     with pytest.raises(ValueError, match="video encoder"):
         no_encoder.next_block(BlockInputs(text, "t", STEPS, seed=7, v2v_strength=0.5))
+
+
+# --------------------------------------------------------------------------- GPU (lead's runs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_bf16_compiled_vace_stream_close_to_fp32_eager(parts):
+    """The live configuration (bf16, compiled main and VACE blocks, a reference image, V2V
+    off) against float32 eager on the same weights."""
+    from engine.models.vace import compile_vace
+    from engine.models.wan import cast_model
+
+    model, vmod, vae, text = parts
+    img = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    outs = []
+    for dtype, compiled in ((torch.float32, False), (torch.bfloat16, True)):
+        m = cast_model(init_random_(WanModel(CFG), seed=1).eval(), dtype).cuda()
+        v = cast_model(random_vace(CFG, VACE_CONFIGS["tiny"], seed=2), dtype).cuda()
+        e = wan_vae.random_wan_vae(wan_vae.CONFIGS["tiny"], seed=3, device="cuda", dtype=dtype)
+        if compiled:
+            m.compile_blocks()
+            compile_vace(v)
+        s = StreamSession(m, height=H, width=W, dtype=dtype)
+        s.vace = VaceConditioner(m, v, e, height=H, width=W, assets_dir=None)
+        s.vace.refs.set_frame(1, img)
+        outs.append(
+            [
+                s.next_block(
+                    BlockInputs(text.cuda().to(dtype), "t", STEPS, seed=7, video=b.cuda())
+                ).latents
+                for b in blocks(3)
+            ]
+        )
+    for x, y in zip(*outs, strict=True):
+        assert x.is_cuda and y.dtype == torch.float32
+        assert ((y - x).norm() / x.norm()).item() < 5e-2

@@ -338,7 +338,16 @@ def load_vace(
 
 
 def compile_vace(vace: VaceModule, **kwargs) -> None:
-    """torch.compile each VACE block's forward (like `WanModel.compile_blocks`)."""
+    """torch.compile each VACE block's forward (like `WanModel.compile_blocks`).
+
+    VACE blocks share `WanBlock.forward` with the main blocks, so their variants (one
+    token count per number of reference images) add to the same code object's graphs
+    (main: first block, context, denoise, with and without bias): raise dynamo's
+    recompile limit so none of them silently falls back to eager."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, 64)
     for b in vace.vace_blocks:
         b.compile(**{"dynamic": False, **kwargs})
 

@@ -114,10 +114,10 @@ class BlockDriver:
                 self._failed.pop(path, None)
         if "vace/fit" in ch or "vace/mask" in ch:
             try:
-                live.set_options(fit=values["vace/fit"], mask=values["vace/mask"])
+                live.set_options(fit=values.get("vace/fit"), mask=values.get("vace/mask"))
             except InputError as e:
                 self._fail(f"vace/fit, vace/mask: {e}")
-        want = values["vace/source"]
+        want = values.get("vace/source", live.spec)  # (a registry without vace/*: no-op)
         if want != live.spec and want != self._failed.get("vace/source"):
             try:
                 live.set_source(want)
@@ -128,7 +128,7 @@ class BlockDriver:
                 log.info("input source: %s", live.spec)
         if "vace/mask_source" in ch:
             try:
-                live.set_mask_source(values["vace/mask_source"])
+                live.set_mask_source(values.get("vace/mask_source", "none"))
             except (InputError, ValueError) as e:
                 self._fail(f"vace/mask_source not changed: {e}")
         if cond is None:
@@ -137,7 +137,7 @@ class BlockDriver:
             # Reconciled every block, not only on a change: the registry coalesces, so an
             # echo of our own (after a grab) may be overtaken by the performer's next value.
             path = f"vace/ref/{n}"
-            want = values[path]
+            want = values.get(path, self._refs[n - 1])
             if f"{path}/grab" in controls.events:
                 self._set_ref(n, REF_FROM_INPUT, echo=True)
             elif want != self._refs[n - 1] and want != self._failed.get(path):
@@ -176,7 +176,7 @@ class BlockDriver:
         scale = float(values.get("vace/scale", 1.0))
         out: dict[str, Any] = {
             "vace_scale": scale,
-            "v2v_strength": float(values["v2v/strength"]) if v2v else None,
+            "v2v_strength": float(values.get("v2v/strength", 0.7)) if v2v else None,
             "v2v_auto": bool(values.get("v2v/auto", False)),
         }
         uses = v2v or (pipeline.vace is not None and scale > 0)
