@@ -66,6 +66,13 @@ BRIDGE_ADDRESSES: tuple[BridgeAddress, ...] = (
         "/dd/status/vram", "f", "out", "GPU memory in use, in MB (not sent on CPU)", "vram_mb"
     ),
     BridgeAddress("/dd/status/state", "s", "out", "starting, running, paused or stopped", "state"),
+    BridgeAddress(
+        "/dd/status/vace_input",
+        "s",
+        "out",
+        "Input video (vace/source): none, live, holding the last frame or text only, and why",
+        "vace_input",
+    ),
 )
 STATUS_ADDRESSES = tuple(b for b in BRIDGE_ADDRESSES if b.status_key)
 
