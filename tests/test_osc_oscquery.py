@@ -24,6 +24,7 @@ def _status():
         "block": 3,
         "vram_mb": None,
         "state": "running",
+        "vace_input": "input shm:td_in: live",
     }
 
 
