@@ -199,6 +199,7 @@ class StreamSession:
         self.bias_keys = 2 * self.fsl  # slots 0-1: ctx1, ctx2
         self._log_bias = torch.zeros((), device=self.device, dtype=torch.float32)
         self._t_zero = torch.zeros(1, device=self.device)
+        self._blank: dict[int, Tensor] = {}  # grey control clips (reference images alone)
         self._text_key: Hashable | None = None
         self._cross: list[tuple[Tensor, Tensor]] | None = None
         self.reset()
@@ -398,7 +399,10 @@ class StreamSession:
                 return False
             # reference images alone: a blank control video (Wan's reference-to-video)
             t = RING_FRAMES if self.index == 0 else 4 * LATENTS_PER_BLOCK
-            video = torch.zeros(1, 3, t, self.height, self.width, device=self.device)
+            video = self._blank.get(t)
+            if video is None:  # made once per length: no allocation per block
+                video = torch.zeros(1, 3, t, self.height, self.width, device=self.device)
+                self._blank[t] = video
             mask, kind = None, "blank"
         if self._vace_fed != kind or (kind == "video" and inputs.video_restart):
             cond.encoder.reset()
