@@ -25,7 +25,7 @@ from bridges.osc.wire import (
     time_to_ntp,
 )
 
-addresses = st.from_regex(r"/[a-z0-9_/]{0,30}", fullmatch=True)
+addresses = st.from_regex(r"/[a-z0-9_/]{0,30}", fullmatch=True).filter(lambda a: a.startswith("/"))
 arg = st.one_of(
     st.tuples(st.just("i"), st.integers(-(2**31), 2**31 - 1)),
     st.tuples(st.just("h"), st.integers(-(2**63), 2**63 - 1)),
