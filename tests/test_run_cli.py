@@ -194,3 +194,24 @@ def test_preset_ports_become_bridge_flag_defaults(tmp_path):
         pytest.skip("the OSC bridge is not installed")
     _apply_port_defaults(args, run_parser, ports)
     assert args.osc_port == 9500 and args.oscquery_port == 9700
+
+
+def test_plain_run_without_weights_starts_the_tiny_model(tmp_path):
+    """The README's first command: `dreamdeck run` on a machine with nothing downloaded
+    runs the tiny model, after naming what is missing and how to fetch it."""
+    cmd = [sys.executable, "-m", "engine", "run", "--models-dir", str(tmp_path)]
+    cmd += ["--no-osc", "--no-shm", "--blocks", "2", "--height", "64", "--width", "64"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert "default preset h100-832x480 cannot run" in r.stderr
+    assert "krea-realtime-video-14b.safetensors (missing)" in r.stderr
+    assert "dreamdeck download" in r.stderr
+    assert "starting the tiny model instead" in r.stderr
+
+
+def test_plain_run_falls_back_but_an_explicit_preset_does_not(tmp_path, capsys):
+    rc = main(
+        ["run", "--preset", "h100-832x480", "--models-dir", str(tmp_path), "--no-osc", "--no-shm"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 1 and "starting the tiny model" not in err

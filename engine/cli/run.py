@@ -124,6 +124,34 @@ def build_or_explain(preset: Any, models_dir: str | None, random_weights: bool =
         return None
 
 
+def _fall_back_to_tiny(preset: Any, models_dir: str | None) -> bool:
+    """Plain `dreamdeck run` (no --preset, no --model) starts the default preset when it can
+    and the tiny model when it cannot (no GPU, or weights not downloaded), saying why and how
+    to get the real thing, so the first command on a fresh machine always runs."""
+    import torch
+
+    from engine.weights.catalog import download_command, missing_files
+
+    reasons = []
+    if preset.device in ("auto", "cuda") and not torch.cuda.is_available():
+        reasons.append("there is no CUDA GPU here")
+    missing = missing_files(preset, models_dir)
+    if missing:
+        reasons.append("its weights are not downloaded:")
+    lines = [f"dreamdeck: the default preset {preset.name} cannot run: {' and '.join(reasons)}"]
+    lines += [f"  missing: {m}" for m in missing]
+    if not reasons:
+        return False
+    if missing:
+        lines.append(f"dreamdeck: fetch them with: {download_command(preset, models_dir)}")
+    lines.append(
+        "dreamdeck: starting the tiny model instead (random weights on the CPU: the frames are"
+        " noise; wire up TouchDesigner, OSC and MIDI with it)"
+    )
+    print("\n".join(lines), file=sys.stderr)
+    return True
+
+
 # -- bridge hooks -----------------------------------------------------------------------------
 
 
@@ -269,6 +297,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
     if args.fps is not None and args.fps <= 0:
         raise UsageError("--fps must be positive")
     preset = _vace_from_args(args, preset_from_args(args))
+    if args.preset is None and args.model is None and not args.random_weights:
+        if _fall_back_to_tiny(preset, args.models_dir):
+            args.model = "tiny"
+            preset = _vace_from_args(args, preset_from_args(args))
     _apply_port_defaults(args, parser, preset.ports)
     record = Path(args.record) if args.record else None
 
