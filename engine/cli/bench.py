@@ -48,6 +48,11 @@ def add_parser(subparsers) -> None:
         "--fp8", action="store_true", help="fp8 (e4m3) weights for the transformer blocks' linears"
     )
     p.add_argument(
+        "--sync-check",
+        action="store_true",
+        help="run one more block with torch.cuda.set_sync_debug_mode('error') (CUDA only)",
+    )
+    p.add_argument(
         "--fp8-scaling",
         choices=["rowwise", "tensorwise"],
         default="rowwise",
@@ -270,6 +275,23 @@ def measure(
         first = first or out.timings
     measured = [block().timings for _ in range(args.blocks)]
 
+    sync_check = None
+    if args.sync_check and cuda:
+        # One more block with per-stage timing off (its only wait is the end-of-block event)
+        # and CUDA's sync debug mode set to error: any hidden host sync inside the block loop
+        # (.item(), a blocking copy, nonzero...) raises here.
+        session.timing = False
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            block()
+            sync_check = "clean"
+        except RuntimeError as e:
+            sync_check = f"host sync: {e}".splitlines()[0][:300]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            session.timing = True
+            torch.cuda.synchronize(device)
+
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -333,6 +355,8 @@ def measure(
     }
     if args.profile:
         result["profile"] = args.profile
+    if sync_check is not None:
+        result["sync_check"] = sync_check
     return result
 
 
