@@ -160,7 +160,9 @@ CONTEXT = "context"  # write own K/V into cache[:, :N], attend to own K/V
 DENOISE = "denoise"  # write own K/V into cache[:, -N:], attend to the whole cache
 
 
-class SelfAttention(nn.Module):
+class _Projections(nn.Module):
+    """Wan's attention parameters: q, k, v, o and RMS norms of q and k over the full dim."""
+
     def __init__(self, cfg: WanConfig):
         super().__init__()
         d = cfg.dim
@@ -169,6 +171,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(d, cfg.eps)
         self.norm_k = RMSNorm(d, cfg.eps)
 
+
+class SelfAttention(_Projections):
     def forward(
         self,
         x: Tensor,
@@ -203,15 +207,7 @@ class SelfAttention(nn.Module):
         return self.o(out.flatten(2))
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, cfg: WanConfig):
-        super().__init__()
-        d = cfg.dim
-        self.heads = cfg.heads
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.norm_q = RMSNorm(d, cfg.eps)
-        self.norm_k = RMSNorm(d, cfg.eps)
-
+class CrossAttention(_Projections):
     def kv(self, ctx: Tensor) -> tuple[Tensor, Tensor]:
         """K/V of the text tokens [B, L, H, D]: computed once per text embedding."""
         shape = (*ctx.shape[:2], self.heads, -1)
