@@ -519,3 +519,23 @@ def test_conditioner_drives_a_streaming_block(vae_pair, tmp_path: Path):
     assert out.shape == x.shape and not torch.equal(out, base)
     cond.prepare_block(None, None, text, "a")  # input lost: text only
     assert cond.step_inputs(0.5, 1.0) is None
+
+
+def test_fp8_vace_stays_close_to_full_precision():
+    """`quantize_vace` (the preset's `vace.fp8`): every VACE-block linear becomes fp8 and the
+    hinted forward stays within e4m3's error of the full-precision one. _scaled_mm runs on
+    the CPU too, so this runs here."""
+    from engine.models.fp8 import Fp8Linear
+    from engine.models.vace import quantize_vace
+
+    model, vace = tiny_pair(seed=3)
+    x, t, text, ctx = inputs()
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in vace.vace_blocks.modules())
+    with torch.no_grad():
+        full = forward_vace(model, vace, x, t, text, ctx)
+        base = model(x, t, text)
+        assert quantize_vace(vace) == n_linear
+        assert sum(isinstance(m, Fp8Linear) for m in vace.vace_blocks.modules()) == n_linear
+        q = forward_vace(model, vace, x, t, text, ctx)
+    assert 1e-6 < rel_err(q, full) < 0.05  # really quantised, and close
+    assert rel_err(q - base, full - base) < 0.15  # the hints themselves survive

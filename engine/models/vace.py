@@ -353,7 +353,7 @@ def compile_vace(vace: VaceModule, **kwargs) -> None:
 
 
 def quantize_vace(vace: VaceModule) -> int:
-    """fp8 weights for the VACE blocks' linears (needs a GPU with fp8 matmuls). Returns the
+    """fp8 weights for the VACE blocks' linears (fp8 matmuls: Ada/Hopper GPUs, or the CPU). Returns the
     number of linears replaced."""
     from engine.models.fp8 import quantize_linears
 
