@@ -37,6 +37,7 @@ class NdiInput(ThreadedSource):
     def _open(self) -> None:
         try:
             import cyndilib as ndi
+            from cyndilib.receiver import ReceiveFrameType  # not re-exported at the top
         except ImportError as e:
             raise InputError(f"NDI needs cyndilib ({e})") from None
         if self._finder is None:
@@ -61,7 +62,7 @@ class NdiInput(ThreadedSource):
         vf = ndi.VideoRecvFrame()
         recv.set_video_frame(vf)
         recv.set_source(src)
-        self._recv, self._vf, self._ft = recv, vf, ndi.ReceiveFrameType
+        self._recv, self._vf, self._ft = recv, vf, ReceiveFrameType
 
     def _grab(self) -> InputFrame | None:
         got = self._recv.receive(self._ft.recv_video, 50)
