@@ -48,6 +48,13 @@ def add_parser(subparsers) -> None:
         "--fp8", action="store_true", help="fp8 (e4m3) weights for the transformer blocks' linears"
     )
     p.add_argument(
+        "--memory-cap-gb",
+        type=float,
+        default=None,
+        help="cap this process's GPU memory (set_per_process_memory_fraction) to check that a "
+        "configuration fits a smaller card",
+    )
+    p.add_argument(
         "--sync-check",
         action="store_true",
         help="run one more block with torch.cuda.set_sync_debug_mode('error') (CUDA only)",
@@ -173,6 +180,15 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--attention: {e}") from None
 
     cuda = device.type == "cuda"
+    if args.memory_cap_gb is not None:
+        if not cuda:
+            raise UsageError("--memory-cap-gb needs a CUDA device")
+        total = torch.cuda.get_device_properties(device).total_memory
+        if not 0 < args.memory_cap_gb * 2**30 <= total:
+            raise UsageError(
+                f"--memory-cap-gb must be in (0, {total / 2**30:.1f}] on this card, got {args.memory_cap_gb}"
+            )
+        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gb * 2**30 / total, device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         torch.backends.cudnn.benchmark = True  # the VAE's convolutions pick their kernels once
@@ -357,6 +373,8 @@ def measure(
         result["profile"] = args.profile
     if sync_check is not None:
         result["sync_check"] = sync_check
+    if args.memory_cap_gb is not None:
+        result["memory_cap_gb"] = args.memory_cap_gb
     return result
 
 
