@@ -14,6 +14,7 @@ import json
 import platform
 import statistics
 import sys
+import time
 
 from engine.cli import UsageError
 
@@ -286,9 +287,11 @@ def measure(
         return session.next_block(inputs)
 
     first = None
+    t_warm = time.perf_counter()
     for _ in range(max(1, args.warmup)):
         out = block()
         first = first or out.timings
+    warmup_s = time.perf_counter() - t_warm  # compiles included: time to a steady stream
     measured = [block().timings for _ in range(args.blocks)]
 
     sync_check = None
@@ -333,6 +336,7 @@ def measure(
         )
         / block_ms,
         "first_block_ms": first.get("total"),
+        "warmup_s": warmup_s,
         "blocks": args.blocks,
         "warmup": max(1, args.warmup),
         "peak_memory_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30
