@@ -214,6 +214,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--record", metavar="FILE.mp4", help="record H.264 + the control log (FILE.controls.jsonl)"
     )
+    p.add_argument(
+        "--record-dir",
+        metavar="DIR",
+        default=None,
+        help="where /dd/record 1 starts new dated recordings (default: ./recordings, or the"
+        " folder of --record)",
+    )
     g = p.add_argument_group("input video: VACE and V2V (docs/osc.md: vace/*, v2v/*)")
     g.add_argument(
         "--vace", action="store_true", help="load the VACE module (input video, references)"
@@ -341,6 +348,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
         pipeline,
         frame_path=frame_path,
         recorder=recorder,
+        record_dir=args.record_dir,
         max_blocks=args.blocks,
         duration=args.duration,
     )

@@ -174,6 +174,14 @@ def standard_params(
             "pause", "bool", False, "Hold the stream: no new blocks while on", applies="immediate"
         ),
         Param(
+            "record",
+            "bool",
+            False,
+            "Record the output and the control log: on starts a new dated mp4 in the"
+            " recordings folder, off finalises it",
+            applies="immediate",
+        ),
+        Param(
             "decoder",
             "str",
             "tae",

@@ -22,6 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,6 +47,7 @@ class Engine:
         registry: Registry | None = None,
         frame_path: Any = None,
         recorder: Any = None,
+        record_dir: str | Path | None = None,
         max_blocks: int | None = None,
         duration: float | None = None,
         status_interval: float | None = 1.0,
@@ -61,6 +63,12 @@ class Engine:
         )
         self.frame_path = frame_path
         self.recorder = recorder
+        # `/dd/record 1` starts a new file here; `--record FILE` starts with FILE.
+        self.record_dir = (
+            Path(record_dir)
+            if record_dir
+            else (recorder.path.parent if recorder is not None else Path("recordings"))
+        )
         self.max_blocks = max_blocks
         self.duration = duration
         self.status_interval = status_interval
@@ -82,11 +90,52 @@ class Engine:
         self._stopped = False
         # the preset's values for controls whose registry defaults are fixed (seed, ...)
         self.registry.set_many(preset.control_defaults())
+        if recorder is not None and "record" in self.registry:
+            self.registry.set("record", True)
         self._unsubscribe = self.registry.subscribe(self._on_change)
 
     def _on_change(self, change: Change) -> None:
         if change.path == "pause":
             self._wake.set()
+        elif change.path == "record":
+            self._record(bool(change.value))
+
+    def _record(self, on: bool) -> None:
+        """Start a new recording (a dated file in `record_dir`) or finalise the current one.
+        Runs on the sender's thread; the generation thread only ever sees a swapped
+        reference, and finalising happens on a thread of its own."""
+        from engine.runtime.recorder import Recorder, RecorderError
+
+        with self._cond:
+            current = self.recorder
+        if on and current is None:
+            path = self.record_dir / time.strftime("dreamdeck-%Y%m%d-%H%M%S.mp4")
+            n = 1
+            while path.exists():
+                n += 1
+                path = self.record_dir / time.strftime(f"dreamdeck-%Y%m%d-%H%M%S-{n}.mp4")
+            try:
+                self.record_dir.mkdir(parents=True, exist_ok=True)
+                rec = Recorder(
+                    path,
+                    width=self.preset.width,
+                    height=self.preset.height,
+                    fps=None,
+                    header={"model": self.preset.model, "preset": self.preset.name, "mode": "live"},
+                )
+            except (RecorderError, OSError) as e:
+                log.error("record: cannot start %s: %s", path, e)
+                self.driver.last_error = f"record: {e}"
+                self.registry.set("record", False)
+                return
+            with self._cond:
+                self.recorder = rec
+            log.info("recording to %s", path)
+        elif not on and current is not None:
+            with self._cond:
+                self.recorder = None
+            threading.Thread(target=current.close, name="dreamdeck-record-close").start()
+            log.info("recording finalised: %s", current.path)
 
     # -- control --------------------------------------------------------------------------
     def start(self) -> None:
@@ -247,8 +296,9 @@ class Engine:
         result = self.driver.step(controls)
         if self.frame_path is not None:
             self.frame_path.submit_block(result.rgba, result.block)
-        if self.recorder is not None:
-            self.recorder.submit(result.rgba, result.record)
+        recorder = self.recorder  # swapped by /dd/record from another thread
+        if recorder is not None:
+            recorder.submit(result.rgba, result.record)
         if result.rgba.is_cuda:
             # The one host sync per block, on purpose: it keeps the CPU from queuing blocks
             # ahead of the GPU (a control applied at begin_block must not wait behind
