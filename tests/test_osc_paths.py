@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from engine.runtime.assets import AssetError, resolve_asset
+from engine.assets import AssetError, resolve_asset
 
 
 @pytest.fixture

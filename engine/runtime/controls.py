@@ -277,7 +277,7 @@ def check_source_spec(spec: Any, assets_dir: str | None) -> str:
 
 
 def _check_asset(path: str, assets_dir: str | None, what: str) -> None:
-    from engine.runtime.assets import AssetError, resolve_asset
+    from engine.assets import AssetError, resolve_asset
 
     if assets_dir is None:
         raise ValueError(

@@ -117,8 +117,8 @@ class VaceContextEncoder:
 def resolve_in_assets(path: str | os.PathLike, assets_dir: str | os.PathLike | None) -> Path:
     """The real path of `path` (relative paths are taken inside `assets_dir`) if it is a file
     inside `assets_dir` after resolving links; else AssetPathError. One implementation for
-    every network path: engine/runtime/assets.py's `resolve_asset`."""
-    from engine.runtime.assets import AssetError, resolve_asset
+    every network path: engine/assets.py's `resolve_asset`."""
+    from engine.assets import AssetError, resolve_asset
 
     if assets_dir is None:
         raise AssetPathError(

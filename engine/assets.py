@@ -4,6 +4,8 @@ A performer's controller may name a reference image (``/dd/vace/ref/1 "cat.png"`
 control video; the engine must never open a file outside the folder it was given, whatever
 the path says: no ``..``, no absolute paths elsewhere, no symlink that points out, no
 device files. OSC, the timeline player and VACE all resolve through `resolve_asset`.
+It sits at the top of `engine` (no imports of its own) so the stream and the runtime can
+both use it without the stream depending on the runtime.
 """
 
 from __future__ import annotations
