@@ -420,3 +420,29 @@ def test_ignore_timetags_applies_on_arrival():
             encode_bundle([("/dd/seed", [3])], time.time() + 60), ("127.0.0.1", 1)
         )
         assert reg.begin_block(1)["seed"] == 3
+
+
+def test_address_patterns_set_every_match_in_one_block(rig):
+    """OSC 1.0 address patterns: `*` and `?` within one level, `[..]` classes, `{a,b}`."""
+    reg = rig.reg
+    rig.send("/dd/prompt/*/weight", 0.5)
+    _handled(rig, 1)
+    c = reg.begin_block(1)
+    assert all(c[f"prompt/{n}/weight"] == 0.5 for n in range(1, 9))
+    rig.send("/dd/prompt/{1,3}/weight", 1.0)
+    rig.send("/dd/prompt/[!1-7]/weight", 0.0)
+    rig.send("/dd/prompt/[4-5]/text", "fog")
+    _handled(rig, 4)
+    c = reg.begin_block(2)
+    assert [c[f"prompt/{n}/weight"] for n in range(1, 9)] == [1, 0.5, 1, 0.5, 0.5, 0.5, 0.5, 0]
+    assert c["prompt/4/text"] == c["prompt/5/text"] == "fog" and c["prompt/6/text"] == ""
+    rig.fb.clear()
+    for bad, word in (
+        ("/dd/nothing/*", "matches no parameter"),
+        ("/dd/prompt/[1-3/weight", "unclosed"),
+        ("/dd/*", ""),  # matches params of other types: "a float" is wrong for some
+    ):
+        rig.send(bad, 0.25)
+        _, args = rig.fb.wait(lambda a, args, bad=bad: a == "/dd/error" and args[0] == bad)
+        assert word in args[1]
+    assert reg.begin_block(3).changed == {}  # a bad pattern applies nothing

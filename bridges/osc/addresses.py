@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +83,57 @@ def path_of(address: str) -> str:
     if not address.startswith(PREFIX) or len(address) == len(PREFIX):
         raise ControlError(address[:128], "not a dreamdeck address (they start with /dd/)")
     return address[len(PREFIX) :].strip("/").lower()
+
+
+PATTERN_CHARS = frozenset("*?[]{}")
+
+
+def is_pattern(address: str) -> bool:
+    """An OSC 1.0 address pattern (``/dd/prompt/*/weight``) rather than one address."""
+    return not PATTERN_CHARS.isdisjoint(address)
+
+
+def pattern_regex(pattern: str) -> re.Pattern[str]:
+    """OSC 1.0 address-pattern matching: ``?`` one character and ``*`` any run, neither
+    crossing ``/``; ``[a-z]``, ``[!0-9]`` character classes; ``{one,two}`` alternatives.
+    Raises ControlError for a malformed pattern."""
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            j = pattern.find("]", i + 1)
+            if j < 0:
+                raise ControlError(pattern[:128], "unclosed '[' in the address pattern")
+            body = pattern[i + 1 : j]
+            neg = body.startswith("!")
+            body = body[1:] if neg else body
+            if not body:
+                raise ControlError(pattern[:128], "empty '[]' in the address pattern")
+            parts = re.escape(body).replace("\\-", "-")
+            out.append(f"[{'^' if neg else ''}{parts}]")
+            i = j
+        elif c == "{":
+            j = pattern.find("}", i + 1)
+            if j < 0:
+                raise ControlError(pattern[:128], "unclosed '{' in the address pattern")
+            out.append("(?:" + "|".join(re.escape(a) for a in pattern[i + 1 : j].split(",")) + ")")
+            i = j
+        elif c in "]}":
+            raise ControlError(pattern[:128], f"unmatched {c!r} in the address pattern")
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out))
+
+
+def match(pattern: str, registry: Registry) -> list[Param]:
+    """The parameters whose addresses an OSC address pattern matches, in registry order."""
+    rx = pattern_regex(pattern.lower())
+    return [p for p in registry if rx.fullmatch(p.address)]
 
 
 def type_tag(param: Param, value: Any = None) -> str:

@@ -243,9 +243,16 @@ class OscBridge:
                 continue  # our own feedback looped back: ignore, never answer (no echo storm)
             inputs += 1
             try:
-                param = self.registry.param(addresses.path_of(m.address))
-                changes.append((param.path, addresses.args_to_value(param, m.args)))
-                sources.setdefault(param.path, m.address)
+                if addresses.is_pattern(m.address):
+                    # `/dd/prompt/*/weight 0`: every matching parameter, in the same block
+                    params = addresses.match(m.address, self.registry)
+                    if not params:
+                        raise ControlError(m.address[:128], "the pattern matches no parameter")
+                else:
+                    params = [self.registry.param(addresses.path_of(m.address))]
+                for param in params:
+                    changes.append((param.path, addresses.args_to_value(param, m.args)))
+                    sources.setdefault(param.path, m.address)
             except ControlError as e:
                 errors.append((m.address, e.reason))
         if not inputs:
