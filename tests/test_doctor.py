@@ -118,3 +118,56 @@ def test_complete_folder_is_ready_then_a_truncated_file_is_caught(tmp_path):
     osc = next(p for p in r["ports"] if p["name"] == "osc")
     assert osc["port"] == taken and osc["free"] is False
     assert any("--osc-port" in fx for fx in r["fixes"])
+
+
+def _diagnose_with_gpu(monkeypatch, tmp_path, preset: str, name: str, cap: str, total_gb: float):
+    """doctor's checks against a GPU that cannot exist here: `_gpu` (what torch reports)
+    is replaced by a described card; everything else is real."""
+    from engine.cli import build_parser, doctor
+
+    fake = {
+        "available": True,
+        "torch": torch.__version__,
+        "cuda": "13.0",
+        "devices": [
+            {
+                "index": 0,
+                "name": name,
+                "capability": cap,
+                "memory_total_gb": total_gb,
+                "memory_free_gb": total_gb,
+            }
+        ],
+    }
+    monkeypatch.setattr(doctor, "_gpu", lambda: fake)
+    monkeypatch.setattr(doctor, "_attention", lambda gpu, requested: {"selected": "sdpa"})
+    args = build_parser().parse_args(
+        [
+            "doctor",
+            "--preset",
+            preset,
+            "--models-dir",
+            str(tmp_path),
+            "--osc-port",
+            "0",
+            "--oscquery-port",
+            "0",
+        ]
+    )
+    return doctor.diagnose(args)
+
+
+def test_fp8_preset_on_a_card_without_fp8_is_a_problem(monkeypatch, tmp_path):
+    r = _diagnose_with_gpu(monkeypatch, tmp_path, "rtx4090-576x320", "RTX A6000", "8.6", 48.0)
+    assert any("fp8 tensor cores" in p and "8.6" in p for p in r["problems"])
+    r = _diagnose_with_gpu(monkeypatch, tmp_path, "rtx4090-576x320", "RTX 4090", "8.9", 24.0)
+    assert not any("fp8 tensor cores" in p for p in r["problems"]), r["problems"]
+
+
+def test_memory_estimate_follows_the_measured_peaks(monkeypatch, tmp_path):
+    # bf16 14B at 832x480 with UMT5 on the GPU: about 28 + 10.6 + 10.6 GB: a 32 GB card warns
+    r = _diagnose_with_gpu(monkeypatch, tmp_path, "h100-832x480", "RTX 5090", "12.0", 32.0)
+    assert any("needs roughly 49 GB" in w for w in r["warnings"]), r["warnings"]
+    # the 32 GB preset fits a 32 GB card (fp8, UMT5 on the CPU: about 25 GB)
+    r = _diagnose_with_gpu(monkeypatch, tmp_path, "rtx5090-832x480", "RTX 5090", "12.0", 32.0)
+    assert not any("needs roughly" in w for w in r["warnings"]), r["warnings"]

@@ -246,14 +246,28 @@ def diagnose(args) -> dict[str, Any]:
                 f" (torch {gpu['torch']}, CUDA build: {gpu['cuda']})"
             )
             fixes.append("run on a machine with an NVIDIA GPU, or try: dreamdeck run --preset tiny")
+        if gpu["available"] and preset.fp8:
+            caps = [tuple(int(x) for x in d["capability"].split(".")) for d in gpu["devices"]]
+            if max(caps) < (8, 9):
+                problems.append(
+                    f"preset {report['preset']} uses fp8 weights, which need fp8 tensor cores"
+                    f" (Ada, Hopper or Blackwell: sm 8.9+); this GPU is sm"
+                    f" {'.'.join(map(str, max(caps)))}"
+                )
+                fixes.append("set fp8: false in a copy of the preset (and a smaller resolution)")
         if gpu["available"] and preset.model == "14b":
             total = max(d["memory_total_gb"] for d in gpu["devices"])
-            need = 16 if preset.fp8 else 30
+            # Peaks measured on an H100 (docs/PERFORMANCE.md): weights (14 GB fp8, 28 GB
+            # bf16) plus about 6.8 MB per token of a latent frame (KV cache, activations,
+            # TAEHV and the anchor encoder), plus the text encoder where it lives on the GPU.
+            tokens = (preset.height // 16) * (preset.width // 16)
+            need = (14 if preset.fp8 else 28) + 0.0068 * tokens
             need += (
                 0
                 if preset.text_encoder == "cpu"
-                else (6 if preset.text_encoder == "gpu-fp8" else 11)
+                else (6.3 if preset.text_encoder == "gpu-fp8" else 10.6)
             )
+            need = round(need)
             if total < need:
                 warnings.append(
                     f"the largest GPU has {total:.0f} GB; preset {report['preset']} needs roughly {need} GB"
