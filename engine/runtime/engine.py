@@ -33,6 +33,8 @@ from engine.runtime.registry import Change, Registry
 
 log = logging.getLogger(__name__)
 
+MAX_BLOCK_FAILURES = 3  # in a row; fewer are reported and the stream restarts
+
 STATES = ("starting", "running", "paused", "stopped")
 
 
@@ -270,6 +272,7 @@ class Engine:
             log.info(
                 "engine running: %s %dx%d", self.preset.name, self.preset.width, self.preset.height
             )
+            failures = 0
             while not self._stop.is_set():
                 if self.max_blocks is not None and self.block >= self.max_blocks:
                     break
@@ -281,7 +284,22 @@ class Engine:
                     self._wake.clear()
                     continue
                 self.state = "running"
-                self._one_block()
+                try:
+                    self._one_block()
+                    failures = 0
+                except Exception as e:  # noqa: BLE001 - the show goes on (see below)
+                    # A block that fails (a CUDA out-of-memory spike, a decoder error...)
+                    # must not end the show: report it, restart the stream from a clean
+                    # state (the failed block may have half-updated the caches) and go on.
+                    # Only repeated failures in a row stop the engine.
+                    failures += 1
+                    log.exception("block %d failed (%d in a row)", self.block, failures)
+                    self.driver.last_error = f"block failed: {type(e).__name__}: {e}"[:300]
+                    if failures >= MAX_BLOCK_FAILURES:
+                        raise
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    self.registry.set("reset", 1)
         except BaseException as e:  # noqa: BLE001 - reported to the caller through .error
             self.error = e
             log.exception("generation stopped by an error")
