@@ -25,6 +25,7 @@ def _status():
         "vram_mb": None,
         "state": "running",
         "vace_input": "input shm:td_in: live",
+        "last_error": "vace/ref/1: cannot decode cat.png",
     }
 
 

@@ -74,6 +74,14 @@ BRIDGE_ADDRESSES: tuple[BridgeAddress, ...] = (
         "Input video (vace/source): none, live, holding the last frame or text only, and why",
         "vace_input",
     ),
+    BridgeAddress(
+        "/dd/status/last_error",
+        "s",
+        "out",
+        "The last thing the engine could not do (a control that failed when applied, a"
+        " block that failed and restarted the stream); not sent while there is none",
+        "last_error",
+    ),
 )
 STATUS_ADDRESSES = tuple(b for b in BRIDGE_ADDRESSES if b.status_key)
 
