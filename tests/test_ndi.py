@@ -5,15 +5,14 @@ multicast does not work on every CI network) without touching this process."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
+from ndi_helpers import run_ndi_child
 
 from engine.runtime.ndi_out import even_width
 from engine.runtime.sinks import SinkError, make_sinks
@@ -81,21 +80,8 @@ _CHILD = textwrap.dedent(
 
 
 def test_receiver_finds_source_and_gets_frames(tmp_path):
-    cfg = tmp_path / "ndi"
-    cfg.mkdir()
-    (cfg / "ndi-config.v1.json").write_text(
-        json.dumps({"ndi": {"networks": {"ips": "127.0.0.1", "discovery": ""}}})
-    )
-    env = dict(os.environ, PYTHONPATH=str(ROOT), NDI_CONFIG_DIR=str(cfg))
     name = f"ddtest-{os.getpid()}"
-    proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, name], env=env, capture_output=True, text=True, timeout=60
-    )
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
-    assert lines, f"no result (rc {proc.returncode}): {proc.stderr[-2000:]}"
-    res = json.loads(lines[-1])
-    if "skip" in res:
-        pytest.skip(res["skip"])
+    res = run_ndi_child(tmp_path, _CHILD, name)
     assert "error" not in res, res
     assert res["name"].endswith(f"({name})") and res["ndi_name"] == res["name"]
     assert res["size"] == [64, 40]  # 63 padded to even

@@ -4,14 +4,11 @@ finds the sender by the name in brackets and delivers frames of the sent size an
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
-import pytest
+from ndi_helpers import run_ndi_child
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,21 +50,8 @@ _CHILD = textwrap.dedent(
 
 
 def test_ndi_source_receives_our_sender(tmp_path):
-    cfg = tmp_path / "ndi"
-    cfg.mkdir()
-    (cfg / "ndi-config.v1.json").write_text(
-        json.dumps({"ndi": {"networks": {"ips": "127.0.0.1", "discovery": ""}}})
-    )
-    env = dict(os.environ, PYTHONPATH=str(ROOT), NDI_CONFIG_DIR=str(cfg))
     name = f"ddin-{os.getpid()}"
-    proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, name], env=env, capture_output=True, text=True, timeout=90
-    )
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
-    assert lines, f"no result (rc {proc.returncode}): {proc.stderr[-2000:]}"
-    res = json.loads(lines[-1])
-    if "skip" in res:
-        pytest.skip(res["skip"])
+    res = run_ndi_child(tmp_path, _CHILD, name)
     assert res["count"] >= 3, res
     assert res["shape"] == [48, 64, 4]
     # NDI compresses (4:2:2): a flat colour comes back within a few levels
