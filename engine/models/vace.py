@@ -164,27 +164,20 @@ def forward_vace(
 ) -> Tensor:
     """One full-sequence forward with hints (time positions 0..F-1, full attention): what
     diffusers' `WanVACETransformer3DModel` computes. ctx [B, 96, F, h, w] or None."""
-    cfg = model.cfg
-    pt, ph, pw = cfg.patch
-    f, hp, wp = x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
-    cos, sin = rope_table(cfg, range(f), hp, wp, x.device)
-    e, e0 = model.embed_time(t)
-    h = model.patchify(x)
-    tokens = model.text_embedding(text.to(model.dtype))
-    hints = _hint_map(vace, h, ctx, e0, tokens, (cos, sin), model.attn, scale, x)
-    for i, b in enumerate(model.blocks):
-        h = b(h, e0, b.cross_attn.kv(tokens), cos, sin, model.attn)
-        if i in hints:
-            h = h + hints[i] * scale
-    return model.unpatchify(model.head(h, e), f, hp, wp)
-
-
-def _hint_map(vace, h, ctx, e0, text_tokens, rope, attn, scale, x) -> dict[int, Tensor]:
     if ctx is None or _is_zero(scale):
-        return {}
+        return model(x, t, text)
     _check_ctx(vace, ctx, x)
-    hints = vace.hints(h, ctx, e0, vace.cross_kv(text_tokens), rope, attn)
-    return dict(zip(vace.vcfg.layers, hints, strict=True))
+    tokens = model.text_embedding(text.to(model.dtype))
+    pt, ph, pw = model.cfg.patch
+    rope = rope_table(
+        model.cfg, range(x.shape[2] // pt), x.shape[3] // ph, x.shape[4] // pw, x.device
+    )
+
+    def hints(h: Tensor, e0: Tensor) -> dict[int, Tensor]:
+        out = vace.hints(h, ctx, e0, vace.cross_kv(tokens), rope, model.attn)
+        return {layer: hint * scale for layer, hint in zip(vace.vcfg.layers, out, strict=True)}
+
+    return model(x, t, text, hints=hints)
 
 
 def _is_zero(scale: float | Tensor) -> bool:
@@ -249,22 +242,14 @@ def forward_stream_vace(
 ) -> Tensor:
     """`WanModel.forward_stream` with VACE hints on the chunk's tokens. With `vin` None,
     `vace` None or a Python-zero scale this runs exactly the base forward's ops."""
-    pt, ph, pw = model.cfg.patch
-    f, hp, wp = x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
-    cos, sin = rope
-    e, e0 = model.embed_time(t)
-    h = model.patchify(x)
-    hints: dict[int, Tensor] = {}
-    scale = 1.0
+    hints = None
     if vace is not None and vin is not None and not _is_zero(vin.scale):
-        scale = vin.scale
-        hints = _stream_hints(model, vace, x, h, e0, vin)
-    for i, b in enumerate(model.blocks):
-        c = cache[i] if cache is not None else None
-        h = b(h, e0, cross_kv[i], cos, sin, model.attn, c, mode, bias_keys, log_bias)
-        if i in hints:
-            h = h + hints[i] * scale
-    return model.unpatchify(model.head(h, e), f, hp, wp)
+
+        def hints(h: Tensor, e0: Tensor) -> dict[int, Tensor]:
+            found = _stream_hints(model, vace, x, h, e0, vin)
+            return {layer: hint * vin.scale for layer, hint in found.items()}
+
+    return model.forward_stream(x, t, cross_kv, rope, cache, mode, bias_keys, log_bias, hints)
 
 
 def _stream_hints(model, vace, x, h, e0, vin: VaceInputs) -> dict[int, Tensor]:

@@ -16,7 +16,7 @@ modulation tables are kept in float32 whatever the model dtype (see `FP32_PARAMS
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -286,6 +286,11 @@ class Head(nn.Module):
 
 # --------------------------------------------------------------------------- model
 
+# Additions to the residual stream after given layers, computed from the patchified input
+# tokens and the time modulation: hints(h, e0) -> {layer index: tensor}. VACE uses it
+# (engine/models/vace.py); None runs exactly the base model's ops.
+Hints = Callable[[Tensor, Tensor], Mapping[int, Tensor]]
+
 
 class WanModel(nn.Module):
     def __init__(self, cfg: WanConfig):
@@ -346,16 +351,20 @@ class WanModel(nn.Module):
 
     # -- forwards
 
-    def forward(self, x: Tensor, t: Tensor, text: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, text: Tensor, hints: Hints | None = None) -> Tensor:
         """One full-sequence forward: x [B,16,F,h,w], t [B], text [B,L,text_dim] -> velocity
-        [B,16,F,h,w] (in the model dtype). Time positions 0..F-1, full attention."""
+        [B,16,F,h,w] (in the model dtype). Time positions 0..F-1, full attention.
+        `hints` (VACE): see `Hints`."""
         pt, ph, pw = self.cfg.patch
         f, hp, wp = x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
         cos, sin = rope_table(self.cfg, range(f), hp, wp, x.device)
         e, e0 = self.embed_time(t)
         h = self.patchify(x)
-        for b, kv in zip(self.blocks, self.cross_kv(text), strict=True):
+        added = hints(h, e0) if hints is not None else {}
+        for i, (b, kv) in enumerate(zip(self.blocks, self.cross_kv(text), strict=True)):
             h = b(h, e0, kv, cos, sin, self.attn)
+            if i in added:
+                h = h + added[i]
         return self.unpatchify(self.head(h, e), f, hp, wp)
 
     def forward_stream(
@@ -368,6 +377,7 @@ class WanModel(nn.Module):
         mode: str = SELF,
         bias_keys: int = 0,
         log_bias: Tensor | None = None,
+        hints: Hints | None = None,
     ) -> Tensor:
         """One forward of a chunk of latent frames against the self-attention KV cache.
 
@@ -375,15 +385,19 @@ class WanModel(nn.Module):
         chunk's time positions; cache: per layer (K, V) of [B, S, heads, head_dim]; mode
         SELF / CONTEXT / DENOISE (module constants); in DENOISE with log_bias (a float32
         0-d tensor, log b) the first `bias_keys` cache slots get log b added to their
-        logits. No host syncs: safe to compile and to queue ahead on a GPU stream."""
+        logits. `hints` (VACE): see `Hints`. No host syncs: safe to compile and to queue
+        ahead on a GPU stream."""
         pt, ph, pw = self.cfg.patch
         f, hp, wp = x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
         cos, sin = rope
         e, e0 = self.embed_time(t)
         h = self.patchify(x)
+        added = hints(h, e0) if hints is not None else {}
         for i, b in enumerate(self.blocks):
             c = cache[i] if cache is not None else None
             h = b(h, e0, cross_kv[i], cos, sin, self.attn, c, mode, bias_keys, log_bias)
+            if i in added:
+                h = h + added[i]
         return self.unpatchify(self.head(h, e), f, hp, wp)
 
 

@@ -328,16 +328,16 @@ class StreamSession:
         for i, t in enumerate(steps):
             with timer.stage(f"step{i}"):
                 tt = torch.full((1,), float(t), device=dev)
-                vin = self.vace.step_inputs(sigma(t), scale) if vace_on else None
-                if vin is None:
-                    v = model.forward_stream(
-                        x, tt, self._cross, rope, self.cache, mode, self.bias_keys, log_bias
-                    )
-                else:
-                    v = forward_stream_vace(
-                        model, self.vace.vace, x, tt, self._cross, rope, self.cache, mode,
-                        self.bias_keys, log_bias, vin,
-                    )  # fmt: skip
+                vace, vin = (
+                    (self.vace.vace, self.vace.step_inputs(sigma(t), scale))
+                    if vace_on
+                    else (None, None)
+                )
+                # with no VACE input this runs exactly the base forward's ops
+                v = forward_stream_vace(
+                    model, vace, x, tt, self._cross, rope, self.cache, mode, self.bias_keys,
+                    log_bias, vin,
+                )  # fmt: skip
                 x0 = x0_from_velocity(x, v.float(), sigma(t))
             if i + 1 < len(steps):
                 noise = torch.randn(shape, generator=g, device=dev, dtype=torch.float32)
