@@ -1,13 +1,10 @@
 """fp8 linears against a float64 reference: quantisation error within what e4m3 allows."""
 
 import torch
+from helpers import rel_err
 from torch import nn
 
 from engine.models.fp8 import FP8, Fp8Linear, quantize_linears, quantize_rowwise
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def test_rowwise_quantisation_roundtrip_and_scales():
@@ -17,7 +14,7 @@ def test_rowwise_quantisation_roundtrip_and_scales():
     back = q.float() * s
     # e4m3 has 3 mantissa bits: relative error per element <= 2^-4; per row well under 5%.
     for r in range(64):
-        assert rel(back[r], x[r]) < 0.05
+        assert rel_err(back[r], x[r]) < 0.05
     assert q.float().abs().amax(dim=1).max() <= 448
 
 
@@ -30,10 +27,10 @@ def test_fp8_linear_matches_float64_within_fp8_error():
     f8 = Fp8Linear.from_linear(lin, out_dtype=torch.float32)
     y = f8(x)
     assert y.shape == (3, 40, 96) and y.dtype == torch.float32
-    err = rel(y, ref)
+    err = rel_err(y, ref)
     assert 1e-4 < err < 0.06  # really quantised (not a float path), and close
     # the dequantised weight is the weight up to e4m3 rounding
-    assert rel(f8.dequantized_weight(), lin.weight) < 0.05
+    assert rel_err(f8.dequantized_weight(), lin.weight) < 0.05
 
 
 def test_quantize_linears_replaces_only_selected_and_aligned():
@@ -43,7 +40,7 @@ def test_quantize_linears_replaces_only_selected_and_aligned():
     n = quantize_linears(model, out_dtype=torch.float32)
     assert n == 1  # 64->10 and 10->32 are not multiples of 16: kept in full precision
     assert isinstance(model[0], Fp8Linear) and isinstance(model[2], nn.Linear)
-    assert rel(model(x), ref) < 0.06
+    assert rel_err(model(x), ref) < 0.06
     model2 = nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 32))
     assert (
         quantize_linears(model2, include=lambda name, m: name == "1", out_dtype=torch.float32) == 1
@@ -58,11 +55,11 @@ def test_tensorwise_scaling_matches_float64_within_fp8_error():
     ref = lin.double()(x.double())
     lin = lin.float()
     f8 = Fp8Linear.from_linear(lin, out_dtype=torch.float32, scaling="tensorwise")
-    err = rel(f8(x), ref)
+    err = rel_err(f8(x), ref)
     assert 1e-4 < err < 0.06
     # tensorwise and rowwise agree with each other about as well as each with the truth
     rw = Fp8Linear.from_linear(lin, out_dtype=torch.float32)
-    assert rel(f8(x), rw(x)) < 0.08
+    assert rel_err(f8(x), rw(x)) < 0.08
 
 
 def test_unknown_scaling_is_refused():

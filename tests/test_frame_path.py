@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import wait_for
 
 from engine.runtime.frame_path import FramePath
 from engine.runtime.pacer import Pacer
@@ -40,14 +41,6 @@ class Recorder:
         self.closed = True
 
 
-def wait_for(cond, timeout=5.0):
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError("timed out")
-        time.sleep(0.005)
-
-
 def test_frames_arrive_in_order_with_right_pixels_and_resize():
     rec = Recorder()
     fp = FramePath([rec], Pacer(math.inf))
@@ -56,7 +49,10 @@ def test_frames_arrive_in_order_with_right_pixels_and_resize():
         t = 9 if k == 0 else 12
         src = block(k, t, h, w)
         fp.submit_block(src.numpy() if k == 2 else src, k)  # numpy input accepted too
-        wait_for(lambda n=sum(9 if i == 0 else 12 for i in range(k + 1)): len(rec.frames) == n)
+        assert wait_for(
+            lambda n=sum(9 if i == 0 else 12 for i in range(k + 1)): len(rec.frames) == n,
+            timeout=5.0,
+        )
     fp.close()
     assert rec.closed and rec.opened == [(10, 6), (14, 8)]
     i = 0
@@ -90,7 +86,7 @@ def test_stalled_sink_does_not_slow_submit():
     fp = FramePath([Stuck(), rec], Pacer(math.inf))
     src = block(0, 12, 64, 64)
     fp.submit_block(src, 0)  # warm-up: allocates the pool
-    wait_for(lambda: fp.stats.published == 0 and fp.pacer.presented == 1)
+    assert wait_for(lambda: fp.stats.published == 0 and fp.pacer.presented == 1, timeout=5.0)
     times = []
     for k in range(1, 60):
         t0 = time.perf_counter()
@@ -127,7 +123,7 @@ def test_failing_sinks_do_not_stop_the_others():
     rec, flaky = Recorder(), Flaky("flaky")
     fp = FramePath([Broken(), flaky, rec], Pacer(math.inf))
     fp.submit_block(block(0, 4), 0)
-    wait_for(lambda: len(rec.frames) == 4)
+    assert wait_for(lambda: len(rec.frames) == 4, timeout=5.0)
     fp.close()
     assert [m.index for m, _ in flaky.frames] == [0, 2]
     assert fp.stats.sink_errors == {"flaky": 2}
@@ -157,7 +153,7 @@ def test_cuda_blocks_copy_on_side_stream():
     fp = FramePath([rec], Pacer(math.inf))
     src = block(3, 12, 48, 64).cuda()
     fp.submit_block(src, 2)  # warm-up: pinned pool allocation, side stream creation
-    wait_for(lambda: len(rec.frames) == 12, timeout=30)
+    assert wait_for(lambda: len(rec.frames) == 12, timeout=30)
     # Produce the block on the current stream behind pending kernels: the copy must wait
     # for them on the GPU, submit_block must not.
     big = torch.randn(4096, 4096, device="cuda")
@@ -166,7 +162,7 @@ def test_cuda_blocks_copy_on_side_stream():
     t0 = time.perf_counter()
     fp.submit_block(src * 1, 3)  # a fresh tensor the caller drops at once
     submit_s = time.perf_counter() - t0
-    wait_for(lambda: len(rec.frames) == 24, timeout=30)
+    assert wait_for(lambda: len(rec.frames) == 24, timeout=30)
     fp.close()
     assert fp._pool_key == (48, 64, True)  # pinned host buffers
     for f, (meta, px) in enumerate(rec.frames[12:]):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import SHM_WRITER, start_shm_writer, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,10 +31,6 @@ from engine.runtime.inputs import (
     open_source,
 )
 from engine.runtime.inputs.base import block_times, resample, to_video
-
-ROOT = Path(__file__).resolve().parents[1]
-WRITER = ROOT / "examples" / "touchdesigner" / "dreamdeck_shm_writer.py"
-
 
 # --------------------------------------------------------------------------- pure parts
 
@@ -164,31 +161,7 @@ def test_ndi_missing_source_says_why():
 
 
 def start_writer(name: str, fps: float = 40.0) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            str(WRITER),
-            "--name",
-            name,
-            "--width",
-            "32",
-            "--height",
-            "16",
-            "--fps",
-            str(fps),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
-def wait_for(cond, timeout: float) -> bool:
-    end = time.time() + timeout
-    while time.time() < end:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
+    return start_shm_writer(name, 32, 16, fps)
 
 
 def test_ring_writer_process_drives_input_falls_back_and_recovers():
@@ -247,7 +220,7 @@ def test_writer_layout_is_read_by_engine_reader():
 
     from engine.runtime.shm_ring import ShmRingReader
 
-    spec = importlib.util.spec_from_file_location("td_writer", WRITER)
+    spec = importlib.util.spec_from_file_location("td_writer", SHM_WRITER)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     name = "ddl" + uuid.uuid4().hex[:8]

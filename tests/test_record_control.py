@@ -4,9 +4,8 @@ matches its control log; a folder that cannot be written is reported and turns i
 
 from __future__ import annotations
 
-import time
-
 import av
+from helpers import wait_for
 
 from engine.runtime.control_log import log_path_for, read_control_log
 from engine.runtime.engine import tiny_engine
@@ -15,13 +14,6 @@ from engine.runtime.engine import tiny_engine
 def frames_in(path) -> int:
     with av.open(str(path)) as c:
         return sum(1 for _ in c.decode(video=0))
-
-
-def wait_for(cond, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_record_on_off_makes_playable_files(tmp_path):
@@ -34,11 +26,14 @@ def test_record_on_off_makes_playable_files(tmp_path):
         assert eng.recorder is not None
         first = eng.recorder.path
         n0 = eng.frames_out
-        wait_for(lambda: eng.frames_out >= n0 + 36)
+        assert wait_for(lambda: eng.frames_out >= n0 + 36, timeout=60.0)
         eng.registry.set("record", 0)
         assert eng.recorder is None
         # finalising runs on its own thread: wait until the file holds what the log says
-        wait_for(lambda: frames_in(first) == read_control_log(log_path_for(first)).frames >= 12)
+        assert wait_for(
+            lambda: frames_in(first) == read_control_log(log_path_for(first)).frames >= 12,
+            timeout=60.0,
+        )
         log = read_control_log(log_path_for(first))
         assert log.header["mode"] == "live" and log.blocks
         eng.registry.set("record", True)  # a second take is a second file

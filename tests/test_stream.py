@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_err
 
 from engine.models.wan import CONFIGS, WanModel, apply_rope, init_random_, rope_table
 from engine.stream import schedule
@@ -107,10 +108,6 @@ def ref_stream(model, text, steps, seed, bias, blocks):
     return out
 
 
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
 @pytest.mark.parametrize("bias,steps", [(0.3, [1000, 750, 500]), (1.0, [1000, 600])])
 def test_stream_equals_masked_full_sequence(model, text, bias, steps):
     blocks = 5  # positions would reach 14 if they grew; the reference keeps them in 0..5
@@ -120,7 +117,7 @@ def test_stream_equals_masked_full_sequence(model, text, bias, steps):
         want = ref_stream(model, text, steps, 42, bias, blocks)
     for b, (x, y) in enumerate(zip(got, want, strict=True)):
         assert x.shape == (1, 16, 3, H // 8, W // 8)
-        assert rel(x, y) < 1e-4, f"block {b}: {rel(x, y)}"
+        assert rel_err(x, y) < 1e-4, f"block {b}: {rel_err(x, y)}"
     assert sess.anchor_source == "first_latent"
 
 
@@ -131,7 +128,7 @@ def test_bias_changes_the_result(model, text):
         for _ in range(2):
             o = sess.next_block(BlockInputs(text, "a", [1000, 500], 3, bias))
         outs.append(o.latents)
-    assert rel(outs[0], outs[1]) > 1e-3
+    assert rel_err(outs[0], outs[1]) > 1e-3
 
 
 def test_seeds_and_reset(model, text):
@@ -144,7 +141,7 @@ def test_seeds_and_reset(model, text):
     a, b, c = run(7), run(7), run(8)
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
-    assert all(rel(x, y) > 1e-2 for x, y in zip(a, c, strict=True))
+    assert all(rel_err(x, y) > 1e-2 for x, y in zip(a, c, strict=True))
     sess = StreamSession(model, height=H, width=W)
     run(7, 2, sess)
     sess.reset()
@@ -167,7 +164,7 @@ def test_block_noise_comes_from_seed_plus_latent_index(model, text):
     m[3:, 1:3] = math.log(0.3)
     with torch.no_grad():
         v = ref_forward(model, seq, [0, 0, 0, 1000, 1000, 1000], list(range(6)), m, text)[:, :, 3:]
-    assert rel(outs[1].latents, noise - v) < 1e-4
+    assert rel_err(outs[1].latents, noise - v) < 1e-4
 
 
 def test_text_kv_cached_by_key(model, text):
@@ -237,7 +234,7 @@ def test_anchor_from_oldest_of_last_nine_frames(model, text):
     plain = StreamSession(model, height=H, width=W)
     p = [plain.next_block(BlockInputs(text, "a", [1000, 500], 9)) for _ in range(3)]
     assert torch.equal(p[1].latents, outs[1].latents)
-    assert rel(p[2].latents, outs[2].latents) > 1e-3
+    assert rel_err(p[2].latents, outs[2].latents) > 1e-3
     sess.reset()
     assert dec.resets == 2  # once at construction, once now
     assert sess.next_block(BlockInputs(text, "a", [1000, 500], 9)).frames.shape[2] == 9
@@ -342,7 +339,7 @@ def test_gpu_bf16_stream_close_to_fp32(text, backend):
         )
     for x, y in zip(*outs, strict=True):
         assert x.dtype == y.dtype == torch.float32 and x.is_cuda
-        assert rel(y, x) < 5e-2
+        assert rel_err(y, x) < 5e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -356,4 +353,4 @@ def test_gpu_compiled_blocks_match_eager(text):
     sess = StreamSession(m, height=64, width=96)
     got = [sess.next_block(BlockInputs(text.cuda(), "a", [1000, 500], 5)).latents for _ in range(3)]
     for x, y in zip(got, want, strict=True):
-        assert rel(x, y) < 1e-3
+        assert rel_err(x, y) < 1e-3

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import diffusers_wan_kwargs, rel_err
 
 from engine.models.vace import (
     VACE_CONFIGS,
@@ -38,28 +39,13 @@ def tiny_pair(seed: int = 0):
     return model, vace
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def diffusers_vace_twin(model, vace):
     from diffusers import WanVACETransformer3DModel
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
     c = model.cfg
     ref = WanVACETransformer3DModel(
-        patch_size=c.patch,
-        num_attention_heads=c.heads,
-        attention_head_dim=c.head_dim,
-        in_channels=c.in_dim,
-        out_channels=c.out_dim,
-        text_dim=c.text_dim,
-        freq_dim=c.freq_dim,
-        ffn_dim=c.ffn_dim,
-        num_layers=c.layers,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        eps=c.eps,
+        **diffusers_wan_kwargs(c),
         vace_layers=list(vace.vcfg.layers),
         vace_in_channels=vace.vcfg.in_dim,
     )

@@ -8,14 +8,13 @@ registry's contract (a bad value raises and leaves everything as it was).
 """
 
 import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import start_shm_writer, wait_for
 from PIL import Image
 
 from engine.cli import main
@@ -26,8 +25,6 @@ from engine.runtime.pipeline import build_pipeline
 from engine.runtime.presets import Vace, load_preset
 from engine.runtime.registry import ControlError
 
-ROOT = Path(__file__).resolve().parents[1]
-WRITER = ROOT / "examples" / "touchdesigner" / "dreamdeck_shm_writer.py"
 HOLD_S = 0.3
 PRESET = load_preset("tiny").replace(
     height=64, width=64, steps=[1000, 750], vace=Vace(enabled=True, hold_s=HOLD_S)
@@ -36,21 +33,7 @@ STALE_S = 0.25  # the fallback's freshness floor (engine/runtime/inputs/fallback
 
 
 def start_writer(name: str, fps: float = 40.0) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(WRITER), "--name", name, "--width", "48", "--height", "32"]
-        + ["--fps", str(fps)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
-def wait_for(cond, timeout: float) -> bool:
-    end = time.time() + timeout
-    while time.time() < end:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
+    return start_shm_writer(name, 48, 32, fps)
 
 
 def text_only_frames(preset, blocks: int) -> list[torch.Tensor]:

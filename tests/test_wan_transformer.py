@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import diffusers_wan_kwargs, rel_err
 
 from engine.models import attention as A
 from engine.models.wan import CONFIGS, WanConfig, WanModel, init_random_, rope_table
@@ -20,27 +21,10 @@ def diffusers_twin(model: WanModel):
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
     c = model.cfg
-    ref = WanTransformer3DModel(
-        patch_size=c.patch,
-        num_attention_heads=c.heads,
-        attention_head_dim=c.head_dim,
-        in_channels=c.in_dim,
-        out_channels=c.out_dim,
-        text_dim=c.text_dim,
-        freq_dim=c.freq_dim,
-        ffn_dim=c.ffn_dim,
-        num_layers=c.layers,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        eps=c.eps,
-    )
+    ref = WanTransformer3DModel(**diffusers_wan_kwargs(c))
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     ref.load_state_dict(convert_wan_transformer_to_diffusers(sd), strict=True)
     return ref.eval()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.mark.parametrize(

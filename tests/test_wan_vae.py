@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+from helpers import rel_err
 
 from engine.models import wan_vae
 from engine.models.wan_vae import (
@@ -17,10 +18,6 @@ from engine.models.wan_vae import (
     random_wan_vae,
 )
 from engine.weights.checkpoint import WeightsError
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +73,7 @@ def test_decode_matches_diffusers(ours, oracle):
     assert (
         ref.abs() < 0.999
     ).float().mean() > 0.5  # not all clamped: the comparison means something
-    assert rel(out, ref) <= 1e-4
+    assert rel_err(out, ref) <= 1e-4
 
 
 @torch.no_grad()
@@ -85,13 +82,13 @@ def test_encode_matches_diffusers(ours, oracle):
     ref = oracle.encode(x).latent_dist.mean
     out = ours.encode(x)
     assert out.shape == ref.shape == (2, 16, 3, 4, 4)
-    assert rel(out, ref) <= 1e-4
+    assert rel_err(out, ref) <= 1e-4
     # the anchor path: one image, normalised per channel like diffusers' pipelines do
     img = x[:, :, :1]
     mean = torch.tensor(oracle.config.latents_mean).view(1, 16, 1, 1, 1)
     std = torch.tensor(oracle.config.latents_std).view(1, 16, 1, 1, 1)
     want = (oracle.encode(img).latent_dist.mean - mean) / std
-    assert rel(WanImageEncoder(ours).encode_image(img), want) <= 1e-4
+    assert rel_err(WanImageEncoder(ours).encode_image(img), want) <= 1e-4
 
 
 @torch.no_grad()
@@ -230,4 +227,4 @@ def test_bf16_model_takes_float32_latents_and_stays_close():
     ref = WanStreamDecoder(random_wan_vae(CONFIGS["tiny"], seed=5)).decode(z)
     out = WanStreamDecoder(random_wan_vae(CONFIGS["tiny"], seed=5, dtype=torch.bfloat16)).decode(z)
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape
-    assert rel(out.float(), ref) < 0.05
+    assert rel_err(out.float(), ref) < 0.05
