@@ -52,8 +52,37 @@ def test_bench_bad_flags_are_one_clear_line(capsys):
         (["--height", "50"], "--height must be a positive multiple of 16"),
         (["--attention", "fa3", "--device", "cpu"], "needs a CUDA device"),
         (["--kv-bias", "0"], "--kv-bias must be in (0, 1]"),
+        (["--drift", "-1"], "--drift takes a number of blocks"),
+        (["--accuracy", "--suite"], "--accuracy / --drift run on their own"),
     ]
     for args, msg in cases:
         assert main(["bench", "--model", "tiny", *args]) == 2
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1, err
+
+
+def test_bench_accuracy_and_drift_report():
+    """fp8 weights' error per layer and per block, and the fp8 KV cache's drift per block,
+    measured on the tiny model in a subprocess (the 14B numbers are in PERFORMANCE.md)."""
+    r = bench("--accuracy", "--drift", "3", "--steps", "1000,500", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    f = out["fp8_weights"]
+    assert len(f["layers"]) == 2 and f["scaling"] == "rowwise"
+    # e4m3 weights and activations: a real, small error on every layer and block
+    assert all(1e-4 < row["alone"] < 0.1 for row in f["layers"])
+    assert f["layers"][0]["alone"] == f["layers"][0]["accumulated"]  # same input at layer 0
+    assert len(f["block_latents"]) == 2 and all(1e-4 < e < 0.2 for e in f["block_latents"])
+    d = out["fp8_kv_cache_drift"]
+    assert len(d) == 3 and d[0] == 0.0 and all(0 < e < 0.05 for e in d[1:])
+
+
+def test_bench_reports_kv_cache_and_fusion():
+    sizes = {}
+    for kind in ("bf16", "fp8"):
+        r = bench("--json", "--blocks", "1", "--warmup", "1", "--kv-cache", kind, "--no-fuse-qkv")
+        assert r.returncode == 0, r.stderr
+        c = json.loads(r.stdout)["config"]
+        assert c["kv_cache"] == kind and c["fused_qkv"] is False
+        sizes[kind] = c["kv_cache_gb"]
+    assert sizes["fp8"] < sizes["bf16"]

@@ -1,5 +1,7 @@
 """fp8 linears against a float64 reference: quantisation error within what e4m3 allows."""
 
+import copy
+
 import torch
 from helpers import rel_err
 from torch import nn
@@ -67,3 +69,27 @@ def test_unknown_scaling_is_refused():
 
     with pytest.raises(ValueError, match="scaling"):
         Fp8Linear(16, 16, scaling="blockwise")
+
+
+def test_fused_qkv_quantises_like_the_separate_linears():
+    """q/k/v fused into one linear, then fp8: per-output-channel weight scales and per-row
+    activation scales are the same as for the three linears, so the outputs are too."""
+    from engine.models.wan import CONFIGS, SelfAttention, fuse_qkv
+
+    cfg = CONFIGS["tiny"]
+    torch.manual_seed(2)
+    sep = nn.ModuleDict({"a": SelfAttention(cfg)})
+    for p in sep.parameters():
+        p.data.normal_(0, 0.2)
+    fused = copy.deepcopy(sep)
+    assert fuse_qkv(fused) == 1
+    x = torch.randn(2, 12, cfg.dim)
+    a, f = sep["a"], fused["a"]
+    want = torch.cat([a.q(x), a.k(x), a.v(x)], dim=-1)
+    torch.testing.assert_close(f.qkv(x), want, rtol=1e-5, atol=1e-5)
+    quantize_linears(sep, out_dtype=torch.float32)
+    quantize_linears(fused, out_dtype=torch.float32)
+    assert isinstance(fused["a"].qkv, Fp8Linear)
+    want8 = torch.cat([sep["a"].q(x), sep["a"].k(x), sep["a"].v(x)], dim=-1)
+    torch.testing.assert_close(fused["a"].qkv(x), want8, rtol=1e-5, atol=1e-5)
+    assert rel_err(want8, want) > 1e-4  # really fp8

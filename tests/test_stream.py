@@ -3,6 +3,7 @@ of the stream (recompute pass, denoise steps) is one forward over [anchor, ctx1,
 current] with per-frame timesteps, an explicit block mask and the KV bias added to the
 logits. Plus seeds, reset, the anchor ring, step lists and bad inputs."""
 
+import copy
 import math
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from helpers import rel_err
 
-from engine.models.wan import CONFIGS, WanModel, apply_rope, init_random_, rope_table
+from engine.models.kv_cache import KVCache, quantize_heads
+from engine.models.wan import CONFIGS, WanModel, apply_rope, fuse_qkv, init_random_, rope_table
 from engine.stream import schedule
 from engine.stream.session import BlockInputs, StreamSession
 
@@ -108,10 +110,18 @@ def ref_stream(model, text, steps, seed, bias, blocks):
     return out
 
 
-@pytest.mark.parametrize("bias,steps", [(0.3, [1000, 750, 500]), (1.0, [1000, 600])])
-def test_stream_equals_masked_full_sequence(model, text, bias, steps):
+@pytest.mark.parametrize(
+    "bias,steps,fused",
+    [(0.3, [1000, 750, 500], False), (1.0, [1000, 600], False), (0.3, [1000, 750], True)],
+)
+def test_stream_equals_masked_full_sequence(model, text, bias, steps, fused):
     blocks = 5  # positions would reach 14 if they grew; the reference keeps them in 0..5
-    sess = StreamSession(model, height=H, width=W)
+    m = model
+    if fused:  # q/k/v as one linear: the same stream
+        m = copy.deepcopy(model)
+        assert fuse_qkv(m) == CONFIGS["tiny"].layers and fuse_qkv(m) == 0
+        assert not hasattr(m.blocks[0].self_attn, "q")
+    sess = StreamSession(m, height=H, width=W)
     got = [sess.next_block(BlockInputs(text, "a", steps, 42, bias)).latents for _ in range(blocks)]
     with torch.no_grad():
         want = ref_stream(model, text, steps, 42, bias, blocks)
@@ -119,6 +129,49 @@ def test_stream_equals_masked_full_sequence(model, text, bias, steps):
         assert x.shape == (1, 16, 3, H // 8, W // 8)
         assert rel_err(x, y) < 1e-4, f"block {b}: {rel_err(x, y)}"
     assert sess.anchor_source == "first_latent"
+
+
+def test_cache_keeps_only_the_context():
+    """The current block's K/V are not cached (they live for one forward): per layer the
+    cache holds 3 latent frames, not the 6 of the attention window; fp8 halves it again."""
+    cfg = CONFIGS["tiny"]
+    fsl = (H // 16) * (W // 16)
+    c = KVCache(cfg.layers, fsl, cfg.heads, cfg.head_dim, device="cpu", dtype=torch.bfloat16)
+    assert c[0].k.shape == (1, 3 * fsl, cfg.heads, cfg.head_dim) and c[0].biased == 2 * fsl
+    per_layer = 2 * 3 * fsl * cfg.dim * 2  # K and V, 3 frames, bf16
+    scratch = 2 * 6 * fsl * cfg.dim * 2
+    assert c.nbytes == cfg.layers * per_layer + scratch
+    f = KVCache(
+        cfg.layers, fsl, cfg.heads, cfg.head_dim, device="cpu", dtype=torch.bfloat16, fp8=True
+    )
+    scales = cfg.layers * 2 * 3 * fsl * cfg.heads * 4
+    assert f[0].k.dtype == torch.float8_e4m3fn
+    assert f.nbytes == cfg.layers * per_layer // 2 + scales + scratch
+
+
+def test_fp8_kv_cache_stays_close_to_the_exact_cache(model, text):
+    """fp8 context K/V: the stream drifts a little from the exact one, not away from it.
+    The bound is loose on purpose (tiny random model, e4m3 has 3 mantissa bits); the drift of
+    the real model is measured with `bench --kv-cache fp8 --drift`."""
+    runs = {}
+    for kind in ("bf16", "fp8"):
+        sess = StreamSession(model, height=H, width=W, kv_cache=kind)
+        runs[kind] = [
+            sess.next_block(BlockInputs(text, "a", [1000, 500], 7, 0.3)).latents for _ in range(4)
+        ]
+    errs = [rel_err(y, x) for x, y in zip(runs["bf16"], runs["fp8"], strict=True)]
+    assert errs[0] == 0.0  # block 0 has no context: nothing cached yet
+    assert all(1e-5 < e < 5e-2 for e in errs[1:]), errs  # really quantised, and close
+    with pytest.raises(ValueError, match="kv_cache"):
+        StreamSession(model, height=H, width=W, kv_cache="int4")
+
+
+def test_quantize_heads_roundtrip():
+    x = torch.randn(1, 10, 3, 16) * torch.logspace(-2, 2, 3)[None, None, :, None]
+    q, s = quantize_heads(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (1, 10, 3, 1)
+    for h in range(3):  # every head keeps its own precision, whatever its size
+        assert rel_err(q[:, :, h].float() * s[:, :, h], x[:, :, h]) < 0.05
 
 
 def test_bias_changes_the_result(model, text):
@@ -307,11 +360,15 @@ def test_forward_traces_as_one_graph(text):
     m = init_random_(WanModel(CONFIGS["tiny"]), seed=2).eval()
     want = StreamSession(m, height=H, width=W)
     want = [want.next_block(BlockInputs(text, "a", [1000, 500], 1)).latents for _ in range(3)]
+    want8 = StreamSession(m, height=H, width=W, kv_cache="fp8")
+    want8 = [want8.next_block(BlockInputs(text, "a", [1000, 500], 1)).latents for _ in range(3)]
+    fuse_qkv(m)
     m.forward_stream = torch.compile(m.forward_stream, fullgraph=True, backend="eager")
-    sess = StreamSession(m, height=H, width=W)
-    got = [sess.next_block(BlockInputs(text, "a", [1000, 500], 1)).latents for _ in range(3)]
-    for x, y in zip(got, want, strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    for kind, ref in (("bf16", want), ("fp8", want8)):
+        sess = StreamSession(m, height=H, width=W, kv_cache=kind)
+        got = [sess.next_block(BlockInputs(text, "a", [1000, 500], 1)).latents for _ in range(3)]
+        for x, y in zip(got, ref, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- GPU (lead's runs)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from helpers import diffusers_wan_kwargs, rel_err
 
+from engine.models.kv_cache import KVCache
 from engine.models.vace import (
     VACE_CONFIGS,
     VaceConfig,
@@ -109,17 +110,15 @@ def test_scale_zero_is_base_bit_for_bit():
             caches = []
             for _ in range(2):
                 torch.manual_seed(3)
-                caches.append(
-                    [
-                        (torch.randn(1, 6 * fsl, CFG.heads, CFG.head_dim),) * 2
-                        for _ in range(CFG.layers)
-                    ]
+                cache = KVCache(
+                    CFG.layers, fsl, CFG.heads, CFG.head_dim, device="cpu", dtype=torch.float32
                 )
-            a = model.forward_stream(x, t, kv, rope, caches[0], mode, 2 * fsl, None)
-            b = forward_stream_vace(
-                model, vace, x, t, kv, rope, caches[1], mode, 2 * fsl, None, vin
-            )
-            c = forward_stream_vace(model, None, x, t, kv, rope, caches[1], mode, 2 * fsl, None)
+                for layer in cache:
+                    layer.k.normal_(), layer.v.normal_()
+                caches.append(cache)
+            a = model.forward_stream(x, t, kv, rope, caches[0], mode, None)
+            b = forward_stream_vace(model, vace, x, t, kv, rope, caches[1], mode, None, vin)
+            c = forward_stream_vace(model, None, x, t, kv, rope, caches[1], mode, None)
             assert torch.equal(a, b) and torch.equal(a, c)
 
 

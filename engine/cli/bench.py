@@ -109,6 +109,30 @@ def add_parser(subparsers) -> None:
         metavar="STRENGTH",
         help="plain V2V at this strength (0..1) on the synthetic input; v2v_encode stage",
     )
+    p.add_argument(
+        "--kv-cache",
+        choices=["bf16", "fp8"],
+        default="bf16",
+        help="context K/V in the model dtype or in float8 (half the memory, lossy)",
+    )
+    p.add_argument(
+        "--no-fuse-qkv",
+        action="store_true",
+        help="keep q, k, v as three linears (the default fuses them into one GEMM)",
+    )
+    p.add_argument(
+        "--accuracy",
+        action="store_true",
+        help="instead of timing: fp8 weights' error against the model dtype, per layer and "
+        "over two stream blocks (same random weights)",
+    )
+    p.add_argument(
+        "--drift",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of timing: the fp8 KV cache's error against the exact cache over N blocks",
+    )
     p.add_argument("--blocks", type=int, default=5, help="measured steady blocks")
     p.add_argument(
         "--warmup", type=int, default=2, help="blocks before measuring (block 0 is always one)"
@@ -148,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         return run_text_bench(args.text, args.json)
 
     from engine.models.attention import AttentionError, select_backend
-    from engine.models.wan import CONFIGS
+    from engine.models.wan import CONFIGS, fuse_qkv
     from engine.weights.transformer import random_transformer
 
     tiny = args.model == "tiny"
@@ -168,6 +192,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--vace-scale must be in 0..2, got {args.vace_scale}")
     if args.v2v is not None and not 0.0 <= args.v2v <= 1.0:
         raise UsageError(f"--v2v must be in 0..1, got {args.v2v}")
+    if args.drift < 0:
+        raise UsageError(f"--drift takes a number of blocks >= 1, got {args.drift}")
+    if (args.accuracy or args.drift) and (args.suite or args.vace or args.v2v is not None):
+        raise UsageError("--accuracy / --drift run on their own (not with --suite, --vace, --v2v)")
     if args.suite and (args.vace or args.v2v is not None):
         raise UsageError("--suite measures the targets table; run --vace / --v2v on their own")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -194,7 +222,19 @@ def run(args: argparse.Namespace) -> int:
         torch.cuda.reset_peak_memory_stats(device)
         torch.backends.cudnn.benchmark = True  # the VAE's convolutions pick their kernels once
     cfg = CONFIGS[args.model]
+    if args.accuracy or args.drift:
+        from engine.cli._bench_accuracy import print_report, run_accuracy
+
+        report = run_accuracy(args, cfg, device, dtype, backend, height, width, steps)
+        if args.json:
+            json.dump(report, sys.stdout)
+            sys.stdout.write("\n")
+        else:
+            print_report(report)
+        return 0
     model = random_transformer(cfg, device, dtype, seed=args.seed, attention=backend)
+    if not args.no_fuse_qkv:
+        fuse_qkv(model)
     if args.fp8:
         _quantize(model, args.fp8_scaling)
     if args.compile:
@@ -266,6 +306,7 @@ def measure(
         encoder=encoder,
         device=device,
         dtype=dtype,
+        kv_cache=args.kv_cache,
     )
     if vace_on or v2v is not None:
         _attach_inputs(session, model, cfg, args, device, dtype, height, width, encoder)
@@ -358,6 +399,9 @@ def measure(
             "dtype": {v: k for k, v in DTYPES.items()}[str(dtype).removeprefix("torch.")],
             "compile": args.compile,
             "fp8": args.fp8_scaling if args.fp8 else False,
+            "fused_qkv": not args.no_fuse_qkv,
+            "kv_cache": args.kv_cache,
+            "kv_cache_gb": session.cache.nbytes / 2**30,
             "decoder": decoder_kind,
             "anchor": session.anchor_source,
             "tokens_per_frame": session.fsl,
@@ -430,6 +474,10 @@ def _attach_inputs(session, model, cfg, args, device, dtype, height, width, enco
     from engine.stream.vace_context import VaceConditioner
 
     vace = random_vace(cfg, VACE_CONFIGS[args.model], device, dtype, seed=args.seed + 1)
+    if not args.no_fuse_qkv:
+        from engine.models.wan import fuse_qkv
+
+        fuse_qkv(vace)
     if args.fp8:
         quantize_linears(vace.vace_blocks, scaling=args.fp8_scaling)
     if args.compile:

@@ -60,6 +60,9 @@ def add_preset_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", choices=("auto", "cuda", "cpu"), help="where the model runs")
     g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="model dtype")
     g.add_argument(
+        "--kv-cache", choices=("bf16", "fp8"), help="context K/V cache: model dtype or float8"
+    )
+    g.add_argument(
         "--random-weights",
         action="store_true",
         help="random weights at full size, nothing downloaded (frames are noise; for timing)",
@@ -95,6 +98,7 @@ def preset_from_args(args: argparse.Namespace, **defaults: Any) -> Any:
         "decoder": args.decoder,
         "device": args.device,
         "dtype": args.dtype,
+        "kv_cache": getattr(args, "kv_cache", None),
     }
     for k, v in defaults.items():
         if overrides.get(k) is None:
@@ -239,6 +243,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("run length (tests, soak runs)")
     g.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this many seconds")
     g.add_argument("--blocks", type=int, metavar="N", help="stop after N blocks")
+    g.add_argument(
+        "--memory-cap-gb",
+        type=float,
+        metavar="GB",
+        help="cap this process's GPU memory (PyTorch's allocator) to check that a preset for a "
+        "smaller card fits, on a bigger one; the peak is logged at the end",
+    )
     hooks = discover_hooks()
     for hook in hooks:
         try:
@@ -296,6 +307,36 @@ def _vace_from_args(args: argparse.Namespace, preset: Any) -> Any:
         raise UsageError(str(e).replace("overrides: vace.source", "--vace-source")) from None
 
 
+def _cap_gpu_memory(gb: float) -> None:
+    """Limit PyTorch's CUDA allocator to `gb` GiB of the card: a preset meant for a 24 or
+    32 GB card runs into the same wall on an 80 GB one. (The CUDA context, about 0.5 GB, is
+    outside the allocator: leave that much below the card's size.)"""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError("--memory-cap-gb needs a CUDA GPU")
+    total = torch.cuda.get_device_properties(0).total_memory
+    if not 0 < gb * 2**30 <= total:
+        raise UsageError(f"--memory-cap-gb must be in (0, {total / 2**30:.1f}] here, got {gb}")
+    torch.cuda.set_per_process_memory_fraction(gb * 2**30 / total, 0)
+    log.info("GPU memory capped at %.1f GB of %.1f GB", gb, total / 2**30)
+
+
+def _log_peak_memory(device: Any, engine: Any) -> None:
+    import torch
+
+    if getattr(device, "type", None) != "cuda":
+        return
+    s = engine.status()
+    log.info(
+        "done: %d blocks, last fps %s, peak GPU memory %.1f GB allocated / %.1f GB reserved",
+        s["block"],
+        "-" if s["fps"] is None else f"{s['fps']:.2f}",
+        torch.cuda.max_memory_allocated(device) / 2**30,
+        torch.cuda.max_memory_reserved(device) / 2**30,
+    )
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[ModuleType]) -> int:
     if args.blocks is not None and args.blocks < 1:
         raise UsageError("--blocks must be at least 1")
@@ -304,6 +345,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
     if args.fps is not None and args.fps <= 0:
         raise UsageError("--fps must be positive")
     preset = _vace_from_args(args, preset_from_args(args))
+    if args.memory_cap_gb is not None:
+        _cap_gpu_memory(args.memory_cap_gb)
     if args.preset is None and args.model is None and not args.random_weights:
         if _fall_back_to_tiny(preset, args.models_dir):
             args.model = "tiny"
@@ -400,6 +443,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
         engine.stop()
         for s, h in previous.items():
             signal.signal(s, h)
+    _log_peak_memory(pipeline.device, engine)
     if recorder is not None:
         log.info(
             "recorded %d frames to %s (+ %s)", recorder.frames_written, record, recorder.log_path

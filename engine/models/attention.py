@@ -207,13 +207,20 @@ class Attention:
         return self.with_lse(q, k, v, want_lse=False)[0]
 
     def biased(
-        self, q: Tensor, k_bias: Tensor, v_bias: Tensor, k: Tensor, v: Tensor, log_bias: Tensor
+        self,
+        q: Tensor,
+        k_bias: Tensor,
+        v_bias: Tensor,
+        k: Tensor,
+        v: Tensor,
+        log_bias: Tensor | None,
     ) -> Tensor:
-        """softmax over [k_bias; k] with log_bias added to the logits of k_bias, exactly,
-        without a dense mask: two attentions and a merge by their log-sum-exps."""
+        """softmax over [k_bias; k] with log_bias added to the logits of k_bias (None: no
+        bias), exactly, without a dense mask: two attentions and a merge by their
+        log-sum-exps."""
         o1, l1 = self.with_lse(q, k_bias, v_bias)
         o2, l2 = self.with_lse(q, k, v)
-        return merge_lse(o1, l1, o2, l2, log_bias)
+        return merge_lse(o1, l1, o2, l2, 0.0 if log_bias is None else log_bias)
 
 
 def merge_lse(

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.models.attention import Attention
+from engine.models.kv_cache import KVCache, LayerKV
 from engine.models.wan import (
     SELF,
     WanBlock,
@@ -234,9 +235,8 @@ def forward_stream_vace(
     t: Tensor,
     cross_kv: list[tuple[Tensor, Tensor]],
     rope: tuple[Tensor, Tensor],
-    cache: list[tuple[Tensor, Tensor]] | None = None,
+    cache: KVCache | Sequence[LayerKV] | None = None,
     mode: str = SELF,
-    bias_keys: int = 0,
     log_bias: Tensor | None = None,
     vin: VaceInputs | None = None,
 ) -> Tensor:
@@ -249,7 +249,7 @@ def forward_stream_vace(
             found = _stream_hints(model, vace, x, h, e0, vin)
             return {layer: hint * vin.scale for layer, hint in found.items()}
 
-    return model.forward_stream(x, t, cross_kv, rope, cache, mode, bias_keys, log_bias, hints)
+    return model.forward_stream(x, t, cross_kv, rope, cache, mode, log_bias, hints)
 
 
 def _stream_hints(model, vace, x, h, e0, vin: VaceInputs) -> dict[int, Tensor]:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.models.attention import Attention
+from engine.models.kv_cache import KVCache, LayerKV, denoise_keys, write_context
 
 
 @dataclass(frozen=True)
@@ -173,38 +174,58 @@ class _Projections(nn.Module):
 
 
 class SelfAttention(_Projections):
+    def __init__(self, cfg: WanConfig):
+        super().__init__(cfg)
+        self.fused = False  # q, k, v as one `qkv` linear: see `fuse_qkv`
+
+    def fuse(self) -> None:
+        """Replace q, k, v by one linear of 3·dim outputs (same math): one GEMM instead of
+        three, and with fp8 one activation quantisation instead of three."""
+        if self.fused:
+            return
+        q, k, v = self.q, self.k, self.v
+        qkv = nn.Linear(q.in_features, 3 * q.out_features, device=q.weight.device)
+        qkv.weight = nn.Parameter(torch.cat([q.weight, k.weight, v.weight]), requires_grad=False)
+        qkv.bias = nn.Parameter(torch.cat([q.bias, k.bias, v.bias]), requires_grad=False)
+        del self.q, self.k, self.v
+        self.qkv, self.fused = qkv, True
+
     def forward(
         self,
         x: Tensor,
         cos: Tensor,
         sin: Tensor,
         attn: Attention,
-        cache: tuple[Tensor, Tensor] | None = None,
+        cache: LayerKV | None = None,
         mode: str = SELF,
-        bias_keys: int = 0,
         log_bias: Tensor | None = None,
     ) -> Tensor:
         shape = (*x.shape[:2], self.heads, -1)
-        q = apply_rope(self.norm_q(self.q(x)).view(shape), cos, sin)
-        k = apply_rope(self.norm_k(self.k(x)).view(shape), cos, sin)
-        v = self.v(x).view(shape)
+        if self.fused:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q = apply_rope(self.norm_q(q).view(shape), cos, sin)
+        k = apply_rope(self.norm_k(k).view(shape), cos, sin)
+        v = v.reshape(shape)
         if mode == SELF:
             out = attn(q, k, v)
         elif mode == CONTEXT:
-            ck, cv = cache
-            ck[:, : k.shape[1]].copy_(k)
-            cv[:, : v.shape[1]].copy_(v)
+            write_context(cache, k, v)
             out = attn(q, k, v)
-        else:  # DENOISE: RoPE is already in the cached keys, so slot order is free.
-            ck, cv = cache
-            ck[:, -k.shape[1] :].copy_(k)
-            cv[:, -v.shape[1] :].copy_(v)
-            if log_bias is None or bias_keys == 0:
-                out = attn(q, ck, cv)
-            else:
-                b = bias_keys
-                out = attn.biased(q, ck[:, :b], cv[:, :b], ck[:, b:], cv[:, b:], log_bias)
+        else:  # DENOISE: RoPE is already in the cached keys, so key order is free.
+            kb, vb, kr, vr = denoise_keys(cache, k, v)
+            out = attn.biased(q, kb, vb, kr, vr, log_bias)
         return self.o(out.flatten(2))
+
+
+def fuse_qkv(module: nn.Module) -> int:
+    """Fuse q/k/v of every self-attention in `module` (after its weights are loaded, before
+    fp8 quantisation). Returns how many were fused."""
+    found = [m for m in module.modules() if isinstance(m, SelfAttention) and not m.fused]
+    for m in found:
+        m.fuse()
+    return len(found)
 
 
 class CrossAttention(_Projections):
@@ -240,9 +261,8 @@ class WanBlock(nn.Module):
         cos: Tensor,
         sin: Tensor,
         attn: Attention,
-        cache: tuple[Tensor, Tensor] | None = None,
+        cache: LayerKV | None = None,
         mode: str = SELF,
-        bias_keys: int = 0,
         log_bias: Tensor | None = None,
     ) -> Tensor:
         # e0: [B, 6, dim] float32, or [B, N, 6, dim] for per-token timesteps.
@@ -254,7 +274,7 @@ class WanBlock(nn.Module):
             )
         dt = x.dtype
         y = (_ln(x, self.eps) * (1 + scale_a) + shift_a).to(dt)
-        y = self.self_attn(y, cos, sin, attn, cache, mode, bias_keys, log_bias)
+        y = self.self_attn(y, cos, sin, attn, cache, mode, log_bias)
         x = (x.float() + y.float() * gate_a).to(dt)
         n3 = self.norm3
         y = F.layer_norm(x.float(), n3.normalized_shape, n3.weight.float(), n3.bias.float(), n3.eps)
@@ -373,19 +393,18 @@ class WanModel(nn.Module):
         t: Tensor,
         cross_kv: list[tuple[Tensor, Tensor]],
         rope: tuple[Tensor, Tensor],
-        cache: list[tuple[Tensor, Tensor]] | None = None,
+        cache: KVCache | Sequence[LayerKV] | None = None,
         mode: str = SELF,
-        bias_keys: int = 0,
         log_bias: Tensor | None = None,
         hints: Hints | None = None,
     ) -> Tensor:
         """One forward of a chunk of latent frames against the self-attention KV cache.
 
         x [B,16,n,h,w]; t [B]; cross_kv from `cross_kv`; rope from `rope_table` for the
-        chunk's time positions; cache: per layer (K, V) of [B, S, heads, head_dim]; mode
-        SELF / CONTEXT / DENOISE (module constants); in DENOISE with log_bias (a float32
-        0-d tensor, log b) the first `bias_keys` cache slots get log b added to their
-        logits. `hints` (VACE): see `Hints`. No host syncs: safe to compile and to queue
+        chunk's time positions; cache: the context K/V (engine/models/kv_cache.py), needed
+        by CONTEXT (writes it) and DENOISE (attends to it and to the chunk); mode SELF /
+        CONTEXT / DENOISE (module constants); in DENOISE with log_bias (a float32 0-d
+        tensor, log b) the keys of ctx1 and ctx2 get log b added to their logits. `hints` (VACE): see `Hints`. No host syncs: safe to compile and to queue
         ahead on a GPU stream."""
         pt, ph, pw = self.cfg.patch
         f, hp, wp = x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
@@ -395,7 +414,7 @@ class WanModel(nn.Module):
         added = hints(h, e0) if hints is not None else {}
         for i, b in enumerate(self.blocks):
             c = cache[i] if cache is not None else None
-            h = b(h, e0, cross_kv[i], cos, sin, self.attn, c, mode, bias_keys, log_bias)
+            h = b(h, e0, cross_kv[i], cos, sin, self.attn, c, mode, log_bias)
             if i in added:
                 h = h + added[i]
         return self.unpatchify(self.head(h, e), f, hp, wp)

@@ -146,7 +146,7 @@ def build_pipeline(
     `random_weights` gives any model random ones (the whole live path at full size with
     nothing downloaded: timing runs). `seed` seeds them."""
     from engine.models.attention import AttentionError
-    from engine.models.wan import CONFIGS
+    from engine.models.wan import CONFIGS, fuse_qkv
     from engine.stream.blending import PromptMixer
     from engine.stream.embedding_cache import EmbeddingCache
     from engine.stream.session import StreamSession
@@ -177,6 +177,7 @@ def build_pipeline(
             )
     except AttentionError as e:
         raise PipelineError(f"preset {preset.name!r}: {e}") from None
+    fuse_qkv(model)  # one GEMM for q, k, v (same math; before fp8 so it quantises once)
     if preset.fp8:
         if device.type != "cuda":
             raise PipelineError("fp8 weights need a CUDA GPU (set fp8: false for the CPU)")
@@ -199,6 +200,7 @@ def build_pipeline(
         encoder=encoder,
         device=device,
         dtype=dtype,
+        kv_cache=preset.kv_cache,
     )
     text_encoder = _build_text_encoder(preset, weights, device, dtype, cfg)
     cache = EmbeddingCache(text_encoder, capacity=cache_capacity)
@@ -273,6 +275,7 @@ def _build_inputs(pipeline: Pipeline, seed: int) -> None:
         quantize_vace,
         random_vace,
     )
+    from engine.models.wan import fuse_qkv
     from engine.stream.vace_context import VaceConditioner
 
     model, device, dtype = pipeline.model, pipeline.device, pipeline.dtype
@@ -283,6 +286,7 @@ def _build_inputs(pipeline: Pipeline, seed: int) -> None:
             raise PipelineError("vace.enabled: no VACE module file among the model files")
         log.info("loading VACE %s", pipeline.weights["vace"])
         vace = load_vace(pipeline.weights["vace"], model.cfg, device, dtype)
+    fuse_qkv(vace)
     if v.fp8:
         if device.type != "cuda":
             raise PipelineError("vace.fp8 needs a CUDA GPU (set vace.fp8: false for the CPU)")

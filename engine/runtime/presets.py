@@ -27,6 +27,7 @@ Decoder = Literal["wan", "tae"]
 DType = Literal["bf16", "fp16", "fp32"]
 Device = Literal["auto", "cuda", "cpu"]
 TextPlacement = Literal["gpu", "gpu-fp8", "cpu"]
+KVCacheKind = Literal["bf16", "fp8"]
 Attention = Literal["auto", "fa3", "fa2", "sage", "sdpa"]
 TransitionMethod = Literal["linear", "slerp"]
 FitMode = Literal["fit", "fill", "stretch"]
@@ -100,6 +101,7 @@ class EnginePreset:
     decoder: Decoder = "tae"
     dtype: DType = "bf16"
     fp8: bool = False  # transformer linears stored in float8 (about half the memory)
+    kv_cache: KVCacheKind = "bf16"  # context K/V in the model dtype, or float8 (half, lossy)
     device: Device = "auto"
     text_encoder: TextPlacement = "gpu"
     attention: Attention = "auto"

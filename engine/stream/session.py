@@ -4,18 +4,20 @@ next 3 latent frames (and their RGB frames when a decoder is attached).
 Plain and synchronous: no threads or clocks beyond per-stage timing. Everything stays on
 the device; with timing on, the only host sync is one event wait at the end of a block.
 
-KV cache layout, per layer, 6 latent frames of `fsl` tokens each:
+The attention window is 6 latent frames: 3 of context and the 3 being denoised. The KV
+cache (engine/models/kv_cache.py) keeps only the context, per layer, in slot order:
 
-    slot:      0      1      2       3     4     5
-    frame:   ctx1   ctx2  anchor   cur0  cur1  cur2
-    time pos:  1      2      0       3     4     5
+    slot:      0      1      2        (current block, not cached: 3, 4, 5)
+    frame:   ctx1   ctx2  anchor
+    time pos:  1      2      0
 
 RoPE is applied with each frame's true time position before its keys are cached, and
 attention does not care about key order, so the slots can be arranged freely: the two
 context frames that the KV bias scales come first, contiguous, and the biased attention is
-two plain attentions (slots 0-1, slots 2-5) merged by their log-sum-exps — exact, and no
-dense mask. The recompute pass feeds the context in slot order (ctx1, ctx2, anchor with
-positions 1, 2, 0) so its keys land in slots 0-2 with one contiguous copy.
+two plain attentions ([ctx1, ctx2] and [anchor, current]) merged by their log-sum-exps —
+exact, and no dense mask. The recompute pass feeds the context in slot order (ctx1, ctx2,
+anchor with positions 1, 2, 0) so its keys land in the cache with one contiguous copy.
+`kv_cache="fp8"` stores the context in float8 (half the memory, a measured drift).
 
 The anchor: block 1 uses the first latent of block 0. From block 2 on, with a decoder and
 an encoder attached, it is the VAE encoding (single image) of the oldest of the last 9
@@ -50,6 +52,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from engine.models.kv_cache import KVCache
 from engine.models.vace import forward_stream_vace
 from engine.models.wan import CONTEXT, DENOISE, SELF, WanModel, rope_table
 from engine.stream.schedule import renoise, sigma, validate_steps, x0_from_velocity
@@ -58,7 +61,8 @@ from engine.stream.v2v import adapt_strength, motion, v2v_start, v2v_steps
 log = logging.getLogger(__name__)
 
 LATENTS_PER_BLOCK = 3
-WINDOW_LATENTS = 6
+WINDOW_LATENTS = 6  # 3 context + 3 current latent frames attend together
+KV_CACHE_KINDS = ("bf16", "fp8")  # "bf16": the model dtype
 RING_FRAMES = 9  # 1 + 2×4 RGB frames span the anchor and the two context latents
 
 
@@ -165,6 +169,7 @@ class StreamSession:
         timing: bool = True,
         vace=None,
         video_encoder=None,
+        kv_cache: str = "bf16",
     ):
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or v <= 0 or v % 16:
@@ -188,15 +193,23 @@ class StreamSession:
         if encoder is None:
             log.info("anchor: first latent of block 0 kept (no VAE encoder attached; a stand-in)")
 
-        n = WINDOW_LATENTS * self.fsl
-        self._kv = torch.empty(
-            cfg.layers, 2, 1, n, cfg.heads, cfg.head_dim, device=self.device, dtype=self.dtype
+        if kv_cache not in KV_CACHE_KINDS:
+            raise ValueError(
+                f"kv_cache must be one of {', '.join(KV_CACHE_KINDS)}, got {kv_cache!r}"
+            )
+        self.kv_cache = kv_cache
+        self.cache = KVCache(
+            cfg.layers,
+            self.fsl,
+            cfg.heads,
+            cfg.head_dim,
+            device=self.device,
+            dtype=self.dtype,
+            fp8=kv_cache == "fp8",
         )
-        self.cache = [(self._kv[i, 0], self._kv[i, 1]) for i in range(cfg.layers)]
         self.rope_first = rope_table(cfg, (0, 1, 2), hp, wp, self.device)
         self.rope_context = rope_table(cfg, (1, 2, 0), hp, wp, self.device)  # slot order
         self.rope_current = rope_table(cfg, (3, 4, 5), hp, wp, self.device)
-        self.bias_keys = 2 * self.fsl  # slots 0-1: ctx1, ctx2
         self._log_bias = torch.zeros((), device=self.device, dtype=torch.float32)
         self._t_zero = torch.zeros(1, device=self.device)
         self._blank: dict[int, Tensor] = {}  # grey control clips (reference images alone)
@@ -335,8 +348,7 @@ class StreamSession:
                 )
                 # with no VACE input this runs exactly the base forward's ops
                 v = forward_stream_vace(
-                    model, vace, x, tt, self._cross, rope, self.cache, mode, self.bias_keys,
-                    log_bias, vin,
+                    model, vace, x, tt, self._cross, rope, self.cache, mode, log_bias, vin,
                 )  # fmt: skip
                 x0 = x0_from_velocity(x, v.float(), sigma(t))
             if i + 1 < len(steps):
