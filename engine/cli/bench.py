@@ -42,6 +42,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default=None, help="default cuda when available, else cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     p.add_argument(
+        "--compile-mode",
+        default=None,
+        choices=["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"],
+        help="with --compile: torch.compile's mode (max-autotune tries Triton GEMM templates"
+        " with fused epilogues; minutes of compiling)",
+    )
+    p.add_argument(
         "--attention", default=None, help="force a backend: fa3 fa2 sage sdpa cudnn math"
     )
     p.add_argument("--decoder", choices=["none", "wan", "tae"], default="none")
@@ -238,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
     if args.fp8:
         _quantize(model, args.fp8_scaling)
     if args.compile:
-        model.compile_blocks()
+        model.compile_blocks(**({"mode": args.compile_mode} if args.compile_mode else {}))
     if args.suite:
         from engine.cli._bench_suite import run_suite
 
@@ -398,6 +405,7 @@ def measure(
             "kv_bias": args.kv_bias,
             "dtype": {v: k for k, v in DTYPES.items()}[str(dtype).removeprefix("torch.")],
             "compile": args.compile,
+            "compile_mode": args.compile_mode,
             "fp8": args.fp8_scaling if args.fp8 else False,
             "fused_qkv": not args.no_fuse_qkv,
             "kv_cache": args.kv_cache,
