@@ -12,8 +12,13 @@ changes kernels halfway. Order of preference (measured on an H100, streaming-mod
 - Anywhere else: SDPA.
 
 `DREAMDECK_ATTENTION` (or the `requested` argument, which wins) forces one of
-`fa3 fa2 sage sdpa cudnn math`; a forced backend that cannot run here is an error, not a
-silent fallback.
+`fa3 fa2 sage sdpa cudnn math triton triton-fp8`; a forced backend that cannot run here is
+an error, not a silent fallback.
+
+`triton` / `triton-fp8` (engine/models/triton_attention.py, forced only until measured):
+one kernel for the kv bias (no merge), plain attention as the same kernel with an empty
+biased set. triton-fp8 runs QK^T in int8 and PV in fp8 (per-token scales). Neither returns
+a log-sum-exp, so `with_lse` on these backends uses cuDNN (bf16) instead.
 
 All tensors here are in the layout the model produces and caches: [B, N, heads, head_dim].
 """
@@ -31,7 +36,8 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("fa3", "fa2", "sage", "sdpa", "cudnn", "math")
+BACKENDS = ("fa3", "fa2", "sage", "sdpa", "cudnn", "math", "triton", "triton-fp8")
+TRITON_BACKENDS = ("triton", "triton-fp8")
 
 
 class AttentionError(RuntimeError):
@@ -44,6 +50,10 @@ def _importable(name: str) -> bool:
     except Exception:  # a broken CUDA extension raises more than ImportError
         return False
     return True
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def _is_hopper(device: torch.device) -> bool:
@@ -83,12 +93,17 @@ def select_backend(
         log.info("attention backend: %s (auto, device %s)", choice, device)
         return choice
     need = {"fa3": "flash_attn_interface", "fa2": "flash_attn", "sage": "sageattention"}
+    need.update({b: "triton" for b in TRITON_BACKENDS})
     if choice in need or choice == "cudnn":
         if not cuda:
             raise AttentionError(f"attention backend {choice!r} needs a CUDA device, not {device}")
         if choice in need and not importable(need[choice]):
             raise AttentionError(
                 f"attention backend {choice!r} needs the package {need[choice]!r}, which does not import"
+            )
+        if choice == "triton-fp8" and _capability(device) < (8, 9):
+            raise AttentionError(
+                "attention backend 'triton-fp8' needs fp8 tensor cores (sm89+: Ada, Hopper)"
             )
     log.info("attention backend: %s (forced, device %s)", choice, device)
     return choice
@@ -201,10 +216,25 @@ class Attention:
             return _fa2(q, k, v, want_lse)
         if b == "sage":
             return _sage(q, k, v, want_lse)
+        if b in TRITON_BACKENDS:
+            if not want_lse:
+                return self._triton(q, k[:, :0], v[:, :0], k, v, None), None
+            b = "cudnn"  # the Triton kernel has no log-sum-exp output
         return _sdpa(q, k, v, want_lse, b)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return self.with_lse(q, k, v, want_lse=False)[0]
+
+    def _triton(self, q, k1, v1, k2, v2, log_bias) -> Tensor:
+        from engine.models.triton_attention import biased_attention
+
+        fp8 = self.backend == "triton-fp8"
+        # the kernel reads a float32 from device memory
+        if isinstance(log_bias, Tensor):
+            log_bias = log_bias.to(device=q.device, dtype=torch.float32)  # no-op if it is one
+        elif log_bias is not None:  # a number: a device fill, no host sync
+            log_bias = torch.full((), float(log_bias), device=q.device)
+        return biased_attention(q, k1, v1, k2, v2, log_bias, fp8=fp8, qk_int8=fp8)
 
     def biased(
         self,
@@ -217,7 +247,9 @@ class Attention:
     ) -> Tensor:
         """softmax over [k_bias; k] with log_bias added to the logits of k_bias (None: no
         bias), exactly, without a dense mask: two attentions and a merge by their
-        log-sum-exps."""
+        log-sum-exps. The Triton backends do it in one kernel instead."""
+        if self.backend in TRITON_BACKENDS:
+            return self._triton(q, k_bias, v_bias, k, v, log_bias)
         o1, l1 = self.with_lse(q, k_bias, v_bias)
         o2, l2 = self.with_lse(q, k, v)
         return merge_lse(o1, l1, o2, l2, 0.0 if log_bias is None else log_bias)

@@ -511,6 +511,66 @@ def _time_ms(fn, iters: int = 20, warmup: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _bench_shape(
+    nq: int, n1: int, n2: int, heads: int, head_dim: int, bias: float, compiled: bool
+) -> dict:
+    """One shape: every path's median ms, TFLOP/s and error against float32. A failing
+    path is recorded with its error and the others still run."""
+    from engine.models.attention import Attention
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k1, v1, k2, v2 = (
+        torch.randn(1, n, heads, head_dim, device=dev, generator=g).bfloat16()
+        for n in (nq, n1, n1, n2, n2)
+    )
+    lb = torch.tensor(math.log(bias), device=dev)
+    ref = reference(q, k1, v1, k2, v2, math.log(bias))
+    flops = 4 * nq * (n1 + n2) * heads * head_dim
+    cudnn = Attention("cudnn")
+    args = (q, k1, v1, k2, v2, lb)
+    paths = {
+        "cudnn_lse_merge": lambda: cudnn.biased(*args),
+        "triton_bf16": lambda: biased_attention(*args),
+        "triton_fp8": lambda: biased_attention(*args, fp8=True),
+        "triton_fp8_qk_int8": lambda: biased_attention(*args, fp8=True, qk_int8=True),
+    }
+    if compiled:  # inside a compiled graph, as the model's blocks run it (fullgraph: no break)
+        f = torch.compile(
+            lambda *a: biased_attention(*a, fp8=True, qk_int8=True), fullgraph=True, dynamic=False
+        )
+        paths["triton_fp8_qk_int8_compiled"] = lambda: f(*args)
+
+    def quant():  # what the fp8 path pays before its first dot
+        _quantize(q, None, 1.0, True)
+        _quantize(k1, v1, 1.0, True)
+        _quantize(k2, v2, 1.0, True)
+
+    row: dict = {"Nq": nq, "N1": n1, "N2": n2, "H": heads, "D": head_dim}
+    for name, fn in paths.items():
+        try:
+            err = _rel(fn(), ref)
+            ms = _time_ms(fn)
+            row[name] = {
+                "ms": round(ms, 4),
+                "tflops": round(flops / ms / 1e9, 1),
+                "rel_l2": float(f"{err:.3g}"),
+            }
+        except Exception as e:  # report and go on: the other paths still get measured
+            row[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        print(f"  {name}: {row[name]}", flush=True)
+    try:
+        row["fp8_quantize_only"] = {"ms": round(_time_ms(quant), 4)}
+    except Exception as e:
+        row["fp8_quantize_only"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    print(f"  fp8_quantize_only: {row['fp8_quantize_only']}", flush=True)
+    try:
+        row["autotune_best"] = {str(k): str(v) for k, v in _attn_kernel.cache.items()}
+    except Exception:
+        pass
+    return row
+
+
 def benchmark(
     shapes: dict[str, tuple[int, int, int]] | None = None,
     heads: int = 40,
@@ -518,61 +578,24 @@ def benchmark(
     bias: float = 0.3,
     compiled: bool = True,
 ) -> dict:
-    """Time the cuDNN two-call path against the Triton kernel (bf16, fp8, and the fp8
-    kernel without its quantisation) at the real shapes; print one line per result and
-    return them. Any failure is printed and recorded; the other results still come."""
-    from engine.models.attention import Attention
-
+    """Time the cuDNN two-call path against the Triton kernel (bf16; fp8 with e4m3 or int8
+    QK^T; the latter compiled) at the real shapes (B=1): median of 20 CUDA-event timings
+    after warm-up, TFLOP/s counting 4·Nq·(N1+N2)·H·D, relative L2 error against float32."""
     shapes = shapes or {"832x480": (4680, 3120, 6240), "576x320": (2160, 1440, 2880)}
     dev = torch.device("cuda")
-    results: dict = {"device": torch.cuda.get_device_name(dev), "triton": triton.__version__,
-                     "torch": torch.__version__, "shapes": {}}  # fmt: skip
+    results: dict = {
+        "device": torch.cuda.get_device_name(dev),
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "shapes": {},
+    }
     for name, (nq, n1, n2) in shapes.items():
-        g = torch.Generator(device=dev).manual_seed(0)
-        mk = lambda n: torch.randn(1, n, heads, head_dim, device=dev, generator=g).bfloat16()  # noqa: E731
-        q, k1, v1, k2, v2 = mk(nq), mk(n1), mk(n1), mk(n2), mk(n2)
-        lb = torch.tensor(math.log(bias), device=dev)
-        ref = reference(q, k1, v1, k2, v2, math.log(bias))
-        flops = 4 * nq * (n1 + n2) * heads * head_dim
-        cudnn = Attention("cudnn")
-        paths = {
-            "cudnn_lse_merge": lambda: cudnn.biased(q, k1, v1, k2, v2, lb),
-            "triton_bf16": lambda: biased_attention(q, k1, v1, k2, v2, lb),
-            "triton_fp8": lambda: biased_attention(q, k1, v1, k2, v2, lb, fp8=True),
-        }
-        if compiled:
-            f = torch.compile(
-                lambda *a: biased_attention(*a, fp8=True), fullgraph=True, dynamic=False
-            )
-            paths["triton_fp8_compiled"] = lambda: f(q, k1, v1, k2, v2, lb)
-        row: dict = {"Nq": nq, "N1": n1, "N2": n2, "H": heads, "D": head_dim}
-        for pname, fn in paths.items():
-            try:
-                err = _rel(fn(), ref)
-                ms = _time_ms(fn)
-                row[pname] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1),
-                              "rel_l2": float(f"{err:.3g}")}  # fmt: skip
-            except Exception as e:  # report and go on: the other paths still get measured
-                row[pname] = {"error": f"{type(e).__name__}: {e}"[:500]}
-            print(f"[{name}] {pname}: {row[pname]}", flush=True)
-        try:  # quantisation cost alone: what fp8 pays before its first dot
-
-            def quant():
-                _quantize(q, None, 1.0)
-                _quantize(k1, v1, 1.0)
-                _quantize(k2, v2, 1.0)
-
-            row["fp8_quantize_only"] = {"ms": round(_time_ms(quant), 4)}
-        except Exception as e:
-            row["fp8_quantize_only"] = {"error": f"{type(e).__name__}: {e}"[:500]}
-        print(f"[{name}] fp8_quantize_only: {row['fp8_quantize_only']}", flush=True)
+        print(f"[{name}] Nq={nq} N1={n1} N2={n2} H={heads} D={head_dim}", flush=True)
         try:
-            cfg = _attn_kernel.best_config
-            row["best_config_last"] = str(cfg)
-        except Exception:
-            pass
-        results["shapes"][name] = row
-        del q, k1, v1, k2, v2, ref
+            results["shapes"][name] = _bench_shape(nq, n1, n2, heads, head_dim, bias, compiled)
+        except Exception as e:  # e.g. out of memory for the reference: the next shape still runs
+            results["shapes"][name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            print(f"  failed: {results['shapes'][name]}", flush=True)
         torch.cuda.empty_cache()
     return results
 
