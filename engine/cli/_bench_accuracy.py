@@ -71,13 +71,12 @@ def layer_errors(ref, test, height, width, seed, text) -> list[dict]:
 
 def run_accuracy(args, cfg, device, dtype, backend, height, width, steps) -> dict:
     """Build what the flags ask for and return the report (printed by bench)."""
-    from engine.cli.bench import _quantize
-    from engine.models.wan import fuse_qkv
-    from engine.weights.transformer import random_transformer
+    from engine.weights.transformer import block_preparer, random_transformer
 
     text = _text(cfg, device, dtype, args.seed)
-    ref = random_transformer(cfg, device, dtype, seed=args.seed, attention=backend)
-    fuse_qkv(ref)
+    ref = random_transformer(
+        cfg, device, dtype, seed=args.seed, attention=backend, prepare_block=block_preparer()
+    )
     report: dict = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -91,9 +90,10 @@ def run_accuracy(args, cfg, device, dtype, backend, height, width, steps) -> dic
     blocks = max(2, args.drift or 2)
     base = _stream(ref, height, width, steps, args.seed, text, blocks)
     if args.accuracy:
-        test = random_transformer(cfg, device, dtype, seed=args.seed, attention=backend)
-        fuse_qkv(test)
-        _quantize(test, args.fp8_scaling)
+        fp8 = block_preparer(fp8=True, scaling=args.fp8_scaling)  # the same random weights
+        test = random_transformer(
+            cfg, device, dtype, seed=args.seed, attention=backend, prepare_block=fp8
+        )
         layers = layer_errors(ref, test, height, width, args.seed, text)
         got = _stream(test, height, width, steps, args.seed, text, 2)
         report["fp8_weights"] = {

@@ -179,8 +179,8 @@ def run(args: argparse.Namespace) -> int:
         return run_text_bench(args.text, args.json)
 
     from engine.models.attention import AttentionError, select_backend
-    from engine.models.wan import CONFIGS, fuse_qkv
-    from engine.weights.transformer import random_transformer
+    from engine.models.wan import CONFIGS
+    from engine.weights.transformer import block_preparer, random_transformer
 
     tiny = args.model == "tiny"
     height = args.height or (64 if tiny else 480)
@@ -239,11 +239,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             print_report(report)
         return 0
-    model = random_transformer(cfg, device, dtype, seed=args.seed, attention=backend)
-    if not args.no_fuse_qkv:
-        fuse_qkv(model)
-    if args.fp8:
-        _quantize(model, args.fp8_scaling)
+    # block by block: fused and quantised as each block is made (a small peak)
+    prepare = block_preparer(fuse=not args.no_fuse_qkv, fp8=args.fp8, scaling=args.fp8_scaling)
+    model = random_transformer(
+        cfg, device, dtype, seed=args.seed, attention=backend, prepare_block=prepare
+    )
     if args.compile:
         model.compile_blocks(**({"mode": args.compile_mode} if args.compile_mode else {}))
     if args.suite:

@@ -421,11 +421,13 @@ class WanModel(nn.Module):
 
 
 @torch.no_grad()
-def init_random_(model: WanModel, seed: int = 0) -> WanModel:
+def init_random_(model: nn.Module, seed: int = 0, generators: dict | None = None) -> nn.Module:
     """Fill every parameter in place with random values of sane scale, drawn on the
     parameters' own device (no host init of a 28 GB model). Norm weights and modulation
-    are random too, so a test notices if two of them are swapped."""
-    gen: dict[torch.device, torch.Generator] = {}
+    are random too, so a test notices if two of them are swapped. Passing the same
+    `generators` dict to calls on a model's parts in parameter order draws what one call on
+    the whole model draws (so a model can be built part by part)."""
+    gen: dict[torch.device, torch.Generator] = {} if generators is None else generators
     for name, p in model.named_parameters():
         g = gen.get(p.device)
         if g is None:

@@ -146,11 +146,11 @@ def build_pipeline(
     `random_weights` gives any model random ones (the whole live path at full size with
     nothing downloaded: timing runs). `seed` seeds them."""
     from engine.models.attention import AttentionError
-    from engine.models.wan import CONFIGS, fuse_qkv
+    from engine.models.wan import CONFIGS
     from engine.stream.blending import PromptMixer
     from engine.stream.embedding_cache import EmbeddingCache
     from engine.stream.session import StreamSession
-    from engine.weights.transformer import load_transformer, random_transformer
+    from engine.weights.transformer import block_preparer, load_transformer, random_transformer
 
     preset.check(preset.name or "preset")
     random_init = random_weights or preset.model == "tiny"
@@ -163,29 +163,38 @@ def build_pipeline(
         dtype = torch.float32
     cfg = CONFIGS[preset.model]
     attention = None if preset.attention == "auto" else preset.attention
+    if preset.fp8 and device.type != "cuda":
+        raise PipelineError("fp8 weights need a CUDA GPU (set fp8: false for the CPU)")
+    # Each block is fused (q/k/v as one GEMM) and, with fp8, quantised as soon as it is on
+    # the device: the 14B never exists in bf16 on the GPU, so fp8 presets build on 24 GB.
+    # The blocks hold all but a sliver of the FLOPs; embeddings and head stay in dtype.
+    prepare = block_preparer(fp8=preset.fp8)
     try:
         if random_init:
             model = random_transformer(
-                cfg, device=device, dtype=dtype, seed=seed, attention=attention
+                cfg,
+                device=device,
+                dtype=dtype,
+                seed=seed,
+                attention=attention,
+                prepare_block=prepare,
             )
         else:
             if "transformer" not in weights:
                 raise PipelineError(f"no transformer weights for model {preset.model!r}")
             log.info("loading transformer %s", weights["transformer"])
             model = load_transformer(
-                weights["transformer"], cfg, device=device, dtype=dtype, attention=attention
+                weights["transformer"],
+                cfg,
+                device=device,
+                dtype=dtype,
+                attention=attention,
+                prepare_block=prepare,
             )
     except AttentionError as e:
         raise PipelineError(f"preset {preset.name!r}: {e}") from None
-    fuse_qkv(model)  # one GEMM for q, k, v (same math; before fp8 so it quantises once)
     if preset.fp8:
-        if device.type != "cuda":
-            raise PipelineError("fp8 weights need a CUDA GPU (set fp8: false for the CPU)")
-        from engine.models.fp8 import quantize_linears
-
-        # the blocks hold all but a sliver of the FLOPs; embeddings and head stay in dtype
-        n = quantize_linears(model, include=lambda name, m: name.startswith("blocks."))
-        log.info("fp8: %d linears quantised", n)
+        log.info("fp8: transformer blocks' linears quantised (e4m3, per-channel scales)")
     if preset.compile and device.type == "cuda":
         model.compile_blocks()
     elif preset.compile:

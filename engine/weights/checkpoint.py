@@ -81,21 +81,11 @@ def strip_prefix(sd: dict[str, torch.Tensor], prefix: str = "model.") -> dict[st
     return sd
 
 
-def assign_state_dict(
-    module: nn.Module,
-    sd: Mapping[str, torch.Tensor],
-    *,
-    file: str | Path,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device | None = None,
-    strict: bool = True,
+def check_state_dict(
+    module: nn.Module, sd: Mapping[str, torch.Tensor], *, file: str | Path, strict: bool = True
 ) -> None:
-    """Put `sd` into `module` by assignment (no second copy when dtype and device match),
-    after checking keys and shapes. The module may live on the meta device.
-
-    Errors name the file, the key and both shapes. Buffers that are not in the module's
-    state dict (non-persistent) are left as they are.
-    """
+    """Raise WeightsError unless `sd`'s tensors have `module`'s shapes and (strict) `sd`
+    has exactly `module`'s keys. Names the file, the keys and both shapes."""
     own = module.state_dict(keep_vars=True)
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -112,6 +102,25 @@ def assign_state_dict(
                 f"{file}: key {k!r} has shape {tuple(v.shape)} in the file but the model expects"
                 f" {tuple(own[k].shape)} (wrong model size or a different checkpoint?)"
             )
+
+
+def assign_state_dict(
+    module: nn.Module,
+    sd: Mapping[str, torch.Tensor],
+    *,
+    file: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    strict: bool = True,
+) -> None:
+    """Put `sd` into `module` by assignment (no second copy when dtype and device match),
+    after checking keys and shapes. The module may live on the meta device.
+
+    Errors name the file, the key and both shapes. Buffers that are not in the module's
+    state dict (non-persistent) are left as they are.
+    """
+    own = module.state_dict(keep_vars=True)
+    check_state_dict(module, sd, file=file, strict=strict)
     converted = {}
     for k, v in sd.items():
         if k not in own:
