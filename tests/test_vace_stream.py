@@ -213,17 +213,18 @@ def test_v2v_auto_strength_follows_motion(parts):
     vids = blocks(3)
     still = video(12, 0)[:, :, :1].expand(1, 3, 12, H, W)
     feed = [vids[0], vids[1], still]
-    want, prev_s, prev_f = [], 0.5, None
+    # each block follows the motion of the block before it (read a block late: no host sync)
+    want, prev_s, prev_f, prev_m = [], 0.5, None, 0.0
     for v in feed:
-        prev_s = adapt_strength(prev_s, motion(v, prev_f))
-        prev_f = v[:, :, -1:]
+        prev_s = adapt_strength(prev_s, prev_m)
+        prev_m, prev_f = motion(v, prev_f), v[:, :, -1:]
         want.append(prev_s)
         out = s.next_block(
             BlockInputs(text, "t", STEPS, seed=7, video=v, v2v_strength=0.5, v2v_auto=True)
         )
         assert math.isclose(out.v2v_strength, prev_s, rel_tol=1e-9)
         assert out.steps[0] == round(1000 * prev_s)
-    assert motion(vids[1]) > 0 and want[0] != want[1]
+    assert motion(vids[1]) > 0 and want[1] != want[2]
 
 
 def test_bad_block_inputs_change_nothing(parts):

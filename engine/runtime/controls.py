@@ -393,7 +393,7 @@ def vace_params(assets_dir: str | None = None) -> list[Param]:
             "v2v/auto",
             "bool",
             False,
-            "V2V strength follows the input's motion (more motion, less noise)",
+            "V2V strength follows the input's motion (more motion, less noise; measured one block late)",
         ),
     ]
     return params

@@ -56,7 +56,7 @@ from engine.models.kv_cache import KVCache
 from engine.models.vace import forward_stream_vace
 from engine.models.wan import CONTEXT, DENOISE, SELF, WanModel, rope_table
 from engine.stream.schedule import renoise, sigma, validate_steps, x0_from_velocity
-from engine.stream.v2v import adapt_strength, motion, v2v_start, v2v_steps
+from engine.stream.v2v import LaggedMotion, adapt_strength, motion_tensor, v2v_start, v2v_steps
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +242,7 @@ class StreamSession:
         self._v2v_fed = False
         self._v2v_s: float | None = None  # adapted strength (v2v_auto)
         self._v2v_last: Tensor | None = None  # last input frame, for motion across blocks
+        self._motion = LaggedMotion()
         if self.vace is not None:
             self.vace.reset()
         if self.video_encoder is not None:
@@ -379,13 +380,18 @@ class StreamSession:
         """Plain V2V: (strength used, the cut step list, the start latents)."""
         video = inputs.video
         if inputs.v2v_auto:
-            # motion across the block boundary only within one continuous input
-            prev = self._v2v_last if self._v2v_fed and not inputs.video_restart else None
+            # motion across the block boundary only within one continuous input; this
+            # block's strength follows the previous block's motion (see LaggedMotion)
+            continuous = self._v2v_fed and not inputs.video_restart
+            if not continuous:
+                self._motion.reset()
             base = self._v2v_s if self._v2v_s is not None else strength
-            strength = adapt_strength(base, motion(video, prev))
+            strength = adapt_strength(base, self._motion.pull())
+            self._motion.push(motion_tensor(video, self._v2v_last if continuous else None))
             self._v2v_s = strength
         else:
             self._v2v_s = None
+            self._motion.reset()
         if inputs.video_restart or not self._v2v_fed:
             self.video_encoder.reset()
         with timer.stage("v2v_encode"):

@@ -59,12 +59,50 @@ def motion(frames: Tensor, previous: Tensor | None = None) -> float:
     """clamp(max frame-to-frame RMSE / 0.2, 0, 1) of frames [B, C, T, H, W] in [-1, 1]
     (RMSE measured on the 0..1 scale). `previous` ([B, C, 1, H, W], the last frame of the
     last block) adds the step across the block boundary. 0 for a single frame."""
+    return float(motion_tensor(frames, previous))
+
+
+def motion_tensor(frames: Tensor, previous: Tensor | None = None) -> Tensor:
+    """`motion` as a 0-d float32 tensor on the frames' device (no host sync)."""
     x = frames if previous is None else torch.cat([previous, frames], dim=2)
     if x.shape[2] < 2:
-        return 0.0
+        return torch.zeros((), device=x.device)
     d = (x[:, :, 1:].float() - x[:, :, :-1].float()) / 2.0  # [-1,1] -> 0..1 scale
-    rmse = d.pow(2).mean(dim=(0, 1, 3, 4)).sqrt().max().item()
-    return min(max(rmse / MOTION_RMSE_FULL, 0.0), 1.0)
+    rmse = d.pow(2).mean(dim=(0, 1, 3, 4)).sqrt().amax()
+    return (rmse / MOTION_RMSE_FULL).clamp(0.0, 1.0)
+
+
+class LaggedMotion:
+    """The motion of one block's input, read by the next block: the value decides which
+    steps run (host control flow), and reading it in the same block would stall the host
+    on the GPU (`.item()`). The copy to pinned memory is queued with the block and read a
+    block later, when it is long done; CPU and GPU behave the same (always one block late)."""
+
+    def __init__(self):
+        self._pending: tuple[Tensor, torch.cuda.Event | None] | None = None
+        self.value = 0.0
+
+    def reset(self) -> None:
+        self._pending, self.value = None, 0.0
+
+    def push(self, m: Tensor) -> None:
+        if m.is_cuda:
+            host = torch.empty((), dtype=torch.float32, pin_memory=True)
+            host.copy_(m, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (host, event)
+        else:
+            self._pending = (m.clone(), None)
+
+    def pull(self) -> float:
+        """The last pushed motion (0 before any): waits only for work queued a block ago."""
+        if self._pending is not None:
+            host, event = self._pending
+            if event is not None:
+                event.synchronize()
+            self.value, self._pending = float(host), None
+        return self.value
 
 
 def adapt_strength(strength: float, motion_value: float) -> float:
