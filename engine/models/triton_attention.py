@@ -6,31 +6,37 @@ keys, 40 heads, head_dim 128) costs two cuDNN calls plus a log-sum-exp merge (2.
 online softmax that walks set 1's tiles (logits + log b) and then set 2's needs no merge
 and no second pass over the queries. fp8 halves the bytes and doubles the tensor-core rate.
 
-`biased_attention(q, k1, v1, k2, v2, log_bias, fp8=False)`: q [B, Nq, H, D], k1/v1
-[B, N1, H, D] (the biased set, N1 may be 0), k2/v2 [B, N2, H, D], any strides along B, N, H
-(views of a larger cache are read in place; D must be contiguous). `log_bias` is a 0-d
-float32 device tensor (read by the kernel from its pointer: no host sync) or None. Returns a
-contiguous [B, Nq, H, D] in q's dtype. Registered as `torch.ops.dreamdeck.biased_attention`
-through `torch.library.triton_op`, so `torch.compile(fullgraph=True)` traces it without a
-graph break.
+`biased_attention(q, k1, v1, k2, v2, log_bias, *, fp8=False, qk_int8=False)`: q [B, Nq, H, D],
+k1/v1 [B, N1, H, D] (the biased set, N1 may be 0), k2/v2 [B, N2, H, D], any strides along
+B, N, H (views of a larger cache are read in place; D must be contiguous). `log_bias` is a
+0-d float32 device tensor (read by the kernel from its pointer: no host sync) or None.
+Returns a contiguous [B, Nq, H, D] in q's dtype. Registered as
+`torch.ops.dreamdeck.biased_attention` through `torch.library.triton_op`, so
+`torch.compile(fullgraph=True)` traces it without a graph break (Inductor sees the kernels);
+`DREAMDECK_TRITON_OPAQUE=1` uses an opaque `custom_op` registration instead (fallback).
 
 fp8 scaling (float8_e4m3fn, max 448), chosen so every scale is one pass, no global
 reduction before quantising:
 - q and k: one scale per (token, head) = amax over D / 448, written by the quantisation
   kernel next to the fp8 values; the softmax scale and log2(e) are folded into q's scale,
-  so a logit is dot(q8, k8) · sq_i · sk_j. Per-token scales follow the large spread of
-  token norms that a per-head scale would flush.
+  so a logit is dot(q8, k8) · sq_i · sk_j. Per-token scales follow the spread of token
+  norms that a per-head scale would flush.
+- `qk_int8=True`: q and k in int8 instead (scale amax / 127, same per-token layout), QK^T
+  on int8 tensor cores (same rate as fp8 on Hopper), as SageAttention 2 does: 7 bits of
+  mantissa instead of 3 in the logits. The `triton-fp8` attention backend uses this.
 - v: also one scale per (token, head). The scale multiplies a row of V, i.e. a column of
   P, so it is folded into P before P is quantised: P8 = p · (sv_j / max_tile sv) · 448 lies
   in [0, 448], and the tile's PV product is rescaled by max_tile sv / 448 in float32. The
   row sums (softmax denominator) use the unquantised float32 p.
 - q, k and v are quantised by two small kernels (q; k and v of one set together), each
-  reading its input once and writing fp8 plus float32 scales. v is written transposed
-  ([B, H, D, N], N contiguous) because Hopper's fp8 wgmma wants both operands K-major.
-Measured error against a float32 reference (random normal q, k, v, head_dim 32..128, bias
-0.3), relative L2: bf16 ≈ 3e-3 (bf16 inputs), fp8 ≈ 2.5e-2 on the CPU interpreter
-(tests/test_triton_attention.py); on the H100 run `python -m engine.models.triton_attention`,
-which prints the error of each path at the real shapes.
+  reading its input once and writing fp8/int8 plus float32 scales. v is written transposed
+  ([B, H, D, Npad], N contiguous) because Hopper's fp8 wgmma wants both operands K-major.
+Measured relative L2 error against a float64 reference (random normal q·1.5, k, v, head_dim
+32 and 64, bias 0.3; CPU interpreter, tests/test_triton_attention.py): fp32 inputs ≈ 2e-7;
+fp8 with int8 QK^T ≈ 4e-2, fp8 with e4m3 QK^T ≈ 5e-2; a torch emulation of the same
+rounding gives the same, and bf16-rounded inputs alone give 3e-3. Random normal data is the
+hard case (outputs are averages of many values; errors do not shrink with them). On the
+GPU, `python -m engine.models.triton_attention` prints each path's error at the real shapes.
 
 fp8 needs tensor cores with fp8 (sm89+: Ada, Hopper); bf16/fp16 need sm80+. On the CPU the
 kernels run under the Triton interpreter (`TRITON_INTERPRET=1` set before triton is imported),
