@@ -224,7 +224,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"--memory-cap-gb must be in (0, {total / 2**30:.1f}] on this card, got {args.memory_cap_gb}"
             )
-        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gb * 2**30 / total, device)
+        # the call wants an index: "cuda" alone is refused
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gb * 2**30 / total, index)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         torch.backends.cudnn.benchmark = True  # the VAE's convolutions pick their kernels once
