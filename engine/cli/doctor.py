@@ -257,11 +257,13 @@ def diagnose(args) -> dict[str, Any]:
                 fixes.append("set fp8: false in a copy of the preset (and a smaller resolution)")
         if gpu["available"] and preset.model == "14b":
             total = max(d["memory_total_gb"] for d in gpu["devices"])
-            # Peaks measured on an H100 (docs/PERFORMANCE.md): weights (14 GB fp8, 28 GB
-            # bf16) plus about 6.8 MB per token of a latent frame (KV cache, activations,
-            # TAEHV and the anchor encoder), plus the text encoder where it lives on the GPU.
+            # Peaks measured on an H100 (docs/PERFORMANCE.md, runs 7-11): weights (14 GB fp8,
+            # 28 GB bf16) plus about 4.4 MB per token of a latent frame (context KV cache,
+            # activations, TAEHV and the anchor encoder; 1.1 MB less with an fp8 cache), plus
+            # the text encoder where it lives on the GPU.
             tokens = (preset.height // 16) * (preset.width // 16)
-            need = (14 if preset.fp8 else 28) + 0.0068 * tokens
+            per_token = 0.0044 - (0.0011 if preset.kv_cache == "fp8" else 0.0)
+            need = (14 if preset.fp8 else 28) + per_token * tokens
             need += (
                 0
                 if preset.text_encoder == "cpu"

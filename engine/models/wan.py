@@ -157,8 +157,8 @@ def _ln(x: Tensor, eps: float) -> Tensor:
 
 # How a chunk's self-attention meets the cache (see `WanModel.forward_stream`).
 SELF = "self"  # attend to the chunk's own K/V only; cache untouched
-CONTEXT = "context"  # write own K/V into cache[:, :N], attend to own K/V
-DENOISE = "denoise"  # write own K/V into cache[:, -N:], attend to the whole cache
+CONTEXT = "context"  # write own K/V into the context cache, attend to own K/V
+DENOISE = "denoise"  # attend to the context cache and own K/V (own K/V not cached)
 
 
 class _Projections(nn.Module):
