@@ -11,9 +11,11 @@ k1/v1 [B, N1, H, D] (the biased set, N1 may be 0), k2/v2 [B, N2, H, D], any stri
 B, N, H (views of a larger cache are read in place; D must be contiguous). `log_bias` is a
 0-d float32 device tensor (read by the kernel from its pointer: no host sync) or None.
 Returns a contiguous [B, Nq, H, D] in q's dtype. Registered as
-`torch.ops.dreamdeck.biased_attention` through `torch.library.triton_op`, so
-`torch.compile(fullgraph=True)` traces it without a graph break (Inductor sees the kernels);
-`DREAMDECK_TRITON_OPAQUE=1` uses an opaque `custom_op` registration instead (fallback).
+an opaque `torch.library.custom_op` by default, so `torch.compile(fullgraph=True)` traces
+it without a graph break and Inductor launches it as one unit. The `triton_op`
+registration (Inductor sees the kernels; `DREAMDECK_TRITON_OPAQUE=0`) compiled the fp8
+variant on an H100 but Inductor rejected the bf16 one inside the model's compiled blocks
+(CompilationError in `_key_tiles`, docs/PERFORMANCE.md run 10), hence the default.
 
 fp8 scaling (float8_e4m3fn, max 448), chosen so every scale is one pass, no global
 reduction before quantising:
@@ -56,7 +58,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_OPAQUE = os.environ.get("DREAMDECK_TRITON_OPAQUE", "0") == "1"
+_OPAQUE = os.environ.get("DREAMDECK_TRITON_OPAQUE", "1") == "1"  # see the module docstring
 _LOG2E = 1.4426950408889634
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_DTYPE = torch.float8_e4m3fn
@@ -334,7 +336,7 @@ def _attention_impl(
         if isinstance(q, FunctionalTensor):
             raise TritonAttentionError(
                 "the Triton interpreter's kernels cannot be captured into a graph: compile with "
-                "backend='eager' or set DREAMDECK_TRITON_OPAQUE=1"
+                "backend='eager' or use the opaque registration (DREAMDECK_TRITON_OPAQUE=1, the default)"
             )
         return out
     qk_scale = D**-0.5 * _LOG2E
@@ -376,10 +378,10 @@ def _attention_impl(
     return out
 
 
-# Two registrations of the same body. `triton_op` (the default) lets Inductor see and
-# inline the kernels; the opaque `custom_op` (DREAMDECK_TRITON_OPAQUE=1) is the fallback
-# should a PyTorch release fail to trace them: still no graph break, the op runs as one
-# unit. Both are traced by dynamo with fullgraph=True.
+# Two registrations of the same body. The opaque `custom_op` (the default) runs as one
+# unit under Inductor; `triton_op` (DREAMDECK_TRITON_OPAQUE=0) lets Inductor see and
+# inline the kernels, which failed for the bf16 variant on the H100 (module docstring).
+# Both are traced by dynamo with fullgraph=True.
 _biased_attention_op = torch.library.triton_op("dreamdeck::biased_attention", mutates_args=())(
     _attention_impl
 )
