@@ -199,6 +199,23 @@ def _key_tiles(
     return acc, m_i, l_i
 
 
+@triton.jit
+def _key_set(
+    acc, m_i, l_i, q, sq, k_ptr, v_ptr, sk_ptr, sv_ptr, s_kn, s_kd, s_vn, s_vd,
+    N, qk_scale, bias2,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, BIAS: tl.constexpr, FP8: tl.constexpr,
+    EXACT: tl.constexpr,
+):  # fmt: skip
+    """All N keys of one set: the whole tiles without bounds checks, then the partial one."""
+    full = (N // BLOCK_N) * BLOCK_N
+    acc, m_i, l_i = _key_tiles(acc, m_i, l_i, q, sq, k_ptr, v_ptr, sk_ptr, sv_ptr, s_kn, s_kd,
+                               s_vn, s_vd, 0, full, N, qk_scale, bias2, BLOCK_N, D, False,
+                               BIAS, FP8, EXACT)  # fmt: skip
+    return _key_tiles(acc, m_i, l_i, q, sq, k_ptr, v_ptr, sk_ptr, sv_ptr, s_kn, s_kd, s_vn,
+                      s_vd, full, N, N, qk_scale, bias2, BLOCK_N, D, True, BIAS, FP8,
+                      EXACT)  # fmt: skip
+
+
 def _configs() -> list[triton.Config]:
     if _INTERPRET:  # numpy per program: one small configuration keeps the tests fast
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
@@ -257,24 +274,16 @@ def _attn_kernel(
     v1 = v1_ptr + b * s_v1b + h * s_v1h
     sk1 = sk1_ptr + b * s_s1b + h * s_s1h
     sv1 = sv1_ptr + b * s_s1b + h * s_s1h
-    full1 = (N1 // BLOCK_N) * BLOCK_N
-    acc, m_i, l_i = _key_tiles(acc, m_i, l_i, q, sq, k1, v1, sk1, sv1, s_k1n, s_k1d, s_v1n,
-                               s_v1d, 0, full1, N1, qk_scale, bias2, BLOCK_N, D, False,
-                               HAS_BIAS, FP8, EXACT)  # fmt: skip
-    acc, m_i, l_i = _key_tiles(acc, m_i, l_i, q, sq, k1, v1, sk1, sv1, s_k1n, s_k1d, s_v1n,
-                               s_v1d, full1, N1, N1, qk_scale, bias2, BLOCK_N, D, True,
-                               HAS_BIAS, FP8, EXACT)  # fmt: skip
+    acc, m_i, l_i = _key_set(acc, m_i, l_i, q, sq, k1, v1, sk1, sv1, s_k1n, s_k1d, s_v1n,
+                             s_v1d, N1, qk_scale, bias2, BLOCK_N, D, HAS_BIAS, FP8,
+                             EXACT)  # fmt: skip
     k2 = k2_ptr + b * s_k2b + h * s_k2h
     v2 = v2_ptr + b * s_v2b + h * s_v2h
     sk2 = sk2_ptr + b * s_s2b + h * s_s2h
     sv2 = sv2_ptr + b * s_s2b + h * s_s2h
-    full2 = (N2 // BLOCK_N) * BLOCK_N
-    acc, m_i, l_i = _key_tiles(acc, m_i, l_i, q, sq, k2, v2, sk2, sv2, s_k2n, s_k2d, s_v2n,
-                               s_v2d, 0, full2, N2, qk_scale, bias2, BLOCK_N, D, False,
-                               False, FP8, EXACT)  # fmt: skip
-    acc, m_i, l_i = _key_tiles(acc, m_i, l_i, q, sq, k2, v2, sk2, sv2, s_k2n, s_k2d, s_v2n,
-                               s_v2d, full2, N2, N2, qk_scale, bias2, BLOCK_N, D, True,
-                               False, FP8, EXACT)  # fmt: skip
+    acc, m_i, l_i = _key_set(acc, m_i, l_i, q, sq, k2, v2, sk2, sv2, s_k2n, s_k2d, s_v2n,
+                             s_v2d, N2, qk_scale, bias2, BLOCK_N, D, False, FP8,
+                             EXACT)  # fmt: skip
     out = acc / l_i[:, None]
     optr = o_ptr + b * s_ob + h * s_oh + rows[:, None] * s_on + offs_d[None, :]
     tl.store(optr, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
