@@ -31,7 +31,8 @@ SCALINGS = ("rowwise", "tensorwise")
 
 
 def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[M, K] -> (fp8 [M, K], float32 scale [M, 1]) with x ~= q * scale."""
+    """[..., K] -> (fp8 [..., K], float32 scale [..., 1]) with x ~= q * scale: one scale
+    per row of the last dim."""
     amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
     scale = amax / FP8_MAX
     q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)

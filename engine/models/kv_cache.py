@@ -28,8 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max
+from engine.models.fp8 import FP8, quantize_rowwise
 
 CONTEXT_FRAMES = 3  # ctx1, ctx2, anchor
 BIASED_FRAMES = 2  # ctx1, ctx2: their logits get log(kv bias)
@@ -104,10 +103,8 @@ class KVCache:
 def quantize_heads(x: Tensor) -> tuple[Tensor, Tensor]:
     """[B, N, H, D] -> (fp8 [B, N, H, D], float32 scale [B, N, H, 1]), one scale per
     (token, head): keys after RoPE have a few large heads, so a per-token scale alone would
-    flatten the small ones."""
-    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
-    scale = amax / FP8_MAX
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    flatten the small ones. (fp8's row-wise quantisation over the last dim, head_dim.)"""
+    return quantize_rowwise(x)
 
 
 def write_context(c: LayerKV, k: Tensor, v: Tensor) -> None:

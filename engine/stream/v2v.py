@@ -80,6 +80,7 @@ class LaggedMotion:
 
     def __init__(self):
         self._pending: tuple[Tensor, torch.cuda.Event | None] | None = None
+        self._host: Tensor | None = None  # one pinned slot: pull always comes before push
         self.value = 0.0
 
     def reset(self) -> None:
@@ -87,7 +88,9 @@ class LaggedMotion:
 
     def push(self, m: Tensor) -> None:
         if m.is_cuda:
-            host = torch.empty((), dtype=torch.float32, pin_memory=True)
+            if self._host is None:
+                self._host = torch.empty((), dtype=torch.float32, pin_memory=True)
+            host = self._host
             host.copy_(m, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
