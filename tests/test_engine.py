@@ -257,3 +257,15 @@ def test_warm_up_leaves_the_show_unchanged():
         assert engine.error is None
         outs.append([results[b].rgba for b in range(3)])
     assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
+
+
+def test_preset_kv_cache_and_fused_qkv_reach_the_session():
+    """`kv_cache: fp8` in a preset gives the session an fp8 context cache, and every block
+    is built with q/k/v fused."""
+    p = tiny_pipeline(kv_cache="fp8")
+    try:
+        cache = p.session.cache
+        assert cache.fp8 and cache[0].k.dtype == torch.float8_e4m3fn
+        assert all(b.self_attn.fused for b in p.model.blocks)
+    finally:
+        p.close()
