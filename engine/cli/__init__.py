@@ -13,6 +13,9 @@ import importlib
 import logging
 import pkgutil
 import sys
+import time
+
+T_START = time.perf_counter()  # the launch, for `run`'s start-up phases
 
 
 class UsageError(Exception):

@@ -15,10 +15,12 @@ import pkgutil
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from engine.cli import T_START as _T_IMPORT
 from engine.cli import UsageError
 
 log = logging.getLogger("dreamdeck.run")
@@ -109,7 +111,9 @@ def preset_from_args(args: argparse.Namespace, **defaults: Any) -> Any:
         raise UsageError(str(e)) from None
 
 
-def build_or_explain(preset: Any, models_dir: str | None, random_weights: bool = False) -> Any:
+def build_or_explain(
+    preset: Any, models_dir: str | None, random_weights: bool = False, phases: Any = None
+) -> Any:
     """Build the pipeline; on missing weights print which files and the download command."""
     from engine.runtime.pipeline import PipelineError, build_pipeline
     from engine.weights.checkpoint import WeightsError
@@ -122,7 +126,9 @@ def build_or_explain(preset: Any, models_dir: str | None, random_weights: bool =
             file=sys.stderr,
         )
     try:
-        return build_pipeline(preset, models_dir=models_dir, random_weights=random_weights)
+        return build_pipeline(
+            preset, models_dir=models_dir, random_weights=random_weights, phases=phases
+        )
     except (PipelineError, WeightsError) as e:
         print(f"dreamdeck: {e}", file=sys.stderr)
         return None
@@ -370,7 +376,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
     except SinkError as e:
         raise UsageError(str(e)) from None
 
-    pipeline = build_or_explain(preset, args.models_dir, args.random_weights)
+    from engine.runtime.startup import Phases, use_compile_cache
+
+    phases = Phases(t0=_T_IMPORT)
+    phases.add("launch (imports, flags, outputs)", time.perf_counter() - _T_IMPORT)
+    if preset.compile and preset.device != "cpu":
+        use_compile_cache(args.models_dir, preset.name, preset.device)
+    pipeline = build_or_explain(preset, args.models_dir, args.random_weights, phases)
     if pipeline is None:
         return 1
     recorder = None
@@ -394,6 +406,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
         record_dir=args.record_dir,
         max_blocks=args.blocks,
         duration=args.duration,
+        phases=phases,
     )
     if preset.vace.enabled or preset.vace.source != "none":
         log.info(

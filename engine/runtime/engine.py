@@ -54,8 +54,10 @@ class Engine:
         duration: float | None = None,
         status_interval: float | None = 1.0,
         on_block: Callable[[BlockResult], None] | None = None,
+        phases: Any = None,
     ):
         preset = pipeline.preset
+        self.phases = phases  # engine.runtime.startup.Phases from the launch, or None
         self.pipeline = pipeline
         self.preset = preset
         self.registry = registry or make_registry(
@@ -261,9 +263,15 @@ class Engine:
     # -- generation thread ----------------------------------------------------------------
     def _run(self) -> None:
         try:
+            t_warm = time.perf_counter()
             self.driver.warmup(
                 self.registry.snapshot(), self.preset.warmup_blocks, self._stop.is_set
             )
+            if self.phases is not None:
+                self.phases.add(
+                    f"compile + warm-up ({self.preset.warmup_blocks} blocks)",
+                    time.perf_counter() - t_warm,
+                )
             t_end = None if self.duration is None else time.monotonic() + self.duration
             # Changes that arrived during warm-up count from here: latency is what a
             # performer waits for, not how long the compile took.
@@ -332,6 +340,13 @@ class Engine:
             if controls.received is not None:
                 received = max(controls.received, getattr(self, "_live_since", controls.received))
                 self.latency_ms = (done - received) * 1e3
+            if self.frames_out == 0 and self.phases is not None:
+                self.phases.add("first block", dt)
+                log.info(
+                    "ready: first frames %.1f s after launch (%s)",
+                    self.phases.elapsed(),
+                    ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.times.items()),
+                )
             self.frames_out += result.frames
             self._rate.append((time.monotonic(), self.frames_out))
             self.block += 1

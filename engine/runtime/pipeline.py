@@ -141,16 +141,20 @@ def build_pipeline(
     seed: int = 0,
     cache_capacity: int = 32,
     random_weights: bool = False,
+    phases: Any = None,
 ) -> Pipeline:
     """Build everything a `BlockDriver` needs. The tiny model always has random weights;
     `random_weights` gives any model random ones (the whole live path at full size with
     nothing downloaded: timing runs). `seed` seeds them."""
     from engine.models.attention import AttentionError
     from engine.models.wan import CONFIGS
+    from engine.runtime.startup import Phases
     from engine.stream.blending import PromptMixer
     from engine.stream.embedding_cache import EmbeddingCache
     from engine.stream.session import StreamSession
     from engine.weights.transformer import block_preparer, load_transformer, random_transformer
+
+    phases = phases if phases is not None else Phases(log_each=False)
 
     preset.check(preset.name or "preset")
     random_init = random_weights or preset.model == "tiny"
@@ -169,30 +173,31 @@ def build_pipeline(
     # the device: the 14B never exists in bf16 on the GPU, so fp8 presets build on 24 GB.
     # The blocks hold all but a sliver of the FLOPs; embeddings and head stay in dtype.
     prepare = block_preparer(fp8=preset.fp8)
-    try:
-        if random_init:
-            model = random_transformer(
-                cfg,
-                device=device,
-                dtype=dtype,
-                seed=seed,
-                attention=attention,
-                prepare_block=prepare,
-            )
-        else:
-            if "transformer" not in weights:
-                raise PipelineError(f"no transformer weights for model {preset.model!r}")
-            log.info("loading transformer %s", weights["transformer"])
-            model = load_transformer(
-                weights["transformer"],
-                cfg,
-                device=device,
-                dtype=dtype,
-                attention=attention,
-                prepare_block=prepare,
-            )
-    except AttentionError as e:
-        raise PipelineError(f"preset {preset.name!r}: {e}") from None
+    with phases.phase("weights: transformer"):
+        try:
+            if random_init:
+                model = random_transformer(
+                    cfg,
+                    device=device,
+                    dtype=dtype,
+                    seed=seed,
+                    attention=attention,
+                    prepare_block=prepare,
+                )
+            else:
+                if "transformer" not in weights:
+                    raise PipelineError(f"no transformer weights for model {preset.model!r}")
+                log.info("loading transformer %s", weights["transformer"])
+                model = load_transformer(
+                    weights["transformer"],
+                    cfg,
+                    device=device,
+                    dtype=dtype,
+                    attention=attention,
+                    prepare_block=prepare,
+                )
+        except AttentionError as e:
+            raise PipelineError(f"preset {preset.name!r}: {e}") from None
     if preset.fp8:
         log.info("fp8: transformer blocks' linears quantised (e4m3, per-channel scales)")
     if preset.compile and device.type == "cuda":
@@ -200,7 +205,8 @@ def build_pipeline(
     elif preset.compile:
         log.info("compile: skipped on the CPU")
 
-    decoder, encoder = _build_decoder(preset.decoder, preset, weights, device, dtype)
+    with phases.phase("weights: decoder"):
+        decoder, encoder = _build_decoder(preset.decoder, preset, weights, device, dtype)
     session = StreamSession(
         model,
         height=preset.height,
@@ -211,7 +217,8 @@ def build_pipeline(
         dtype=dtype,
         kv_cache=preset.kv_cache,
     )
-    text_encoder = _build_text_encoder(preset, weights, device, dtype, cfg)
+    with phases.phase("weights: text encoder"):
+        text_encoder = _build_text_encoder(preset, weights, device, dtype, cfg)
     cache = EmbeddingCache(text_encoder, capacity=cache_capacity)
     mixer = PromptMixer(cache)
     pipeline = Pipeline(
@@ -227,7 +234,8 @@ def build_pipeline(
         weights=weights,
     )
     try:
-        _build_inputs(pipeline, seed)
+        with phases.phase("inputs (VACE, V2V)"):
+            _build_inputs(pipeline, seed)
     except BaseException:
         pipeline.close()
         raise

@@ -1,0 +1,104 @@
+"""Start-up: how long each phase took, and compile caches that outlive the process.
+
+A show restarts on the same machine far more often than it starts on a new one, so what
+the compiler learned (Inductor's FX-graph and AOTAutograd caches, Triton kernels, autotune
+results) is kept on disk under the models folder, one folder per preset, GPU and PyTorch
+version: a key that changes whenever the compiled code could. PyTorch already keeps these
+in a temporary folder; that folder is shared by everything on the machine and gone at the
+next reboot, and a VJ's `dreamdeck warmup --preset P` before the doors open must fill the
+cache that the show then reads. PyTorch reads TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR
+whenever it looks up its caches, so setting them before the first compile is enough; a user
+who set them already keeps theirs.
+
+`Phases` is a stopwatch with names: `run` logs each phase as it ends and `bench --json`
+reports them, so a slow start says where its time went.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+
+
+class Phases:
+    """Named wall-clock phases, in the order they ran. Times are seconds."""
+
+    def __init__(self, *, log_each: bool = True, t0: float | None = None) -> None:
+        self.t0 = time.perf_counter() if t0 is None else t0  # a perf_counter() reading
+        self.times: dict[str, float] = {}
+        self.log_each = log_each
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - t)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.times[name] = self.times.get(name, 0.0) + seconds
+        if self.log_each:
+            log.info("start-up: %s took %.1f s", name, seconds)
+
+    def elapsed(self) -> float:
+        """Seconds since `t0` (the launch, for `run`)."""
+        return time.perf_counter() - self.t0
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.times.items()}
+
+
+def cache_key(preset_name: str, device: Any = None) -> str:
+    """Preset, GPU (name and compute capability) and PyTorch version, as a folder name."""
+    import torch
+
+    gpu = "cpu"
+    dev = torch.device(device) if device is not None else None
+    if (dev is None or dev.type == "cuda") and torch.cuda.is_available():
+        idx = dev.index if dev is not None and dev.index is not None else 0
+        major, minor = torch.cuda.get_device_capability(idx)
+        gpu = f"{torch.cuda.get_device_name(idx)}-sm{major}{minor}"
+    raw = f"{preset_name or 'custom'}-{gpu}-torch{torch.__version__}"
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", raw)[:160]
+
+
+def compile_cache_dir(models_dir: str | Path | None, preset_name: str, device: Any = None) -> Path:
+    from engine.weights.catalog import resolve_models_dir
+
+    return resolve_models_dir(models_dir) / "compile-cache" / cache_key(preset_name, device)
+
+
+def use_compile_cache(
+    models_dir: str | Path | None, preset_name: str, device: Any = None
+) -> Path | None:
+    """Point PyTorch's compile caches at the persistent folder for this preset and GPU.
+    Returns the folder, or None when the user's own TORCHINDUCTOR_CACHE_DIR is kept or the
+    folder cannot be made (then PyTorch's default temporary cache is used, and we say so)."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        log.info("compile cache: %s (TORCHINDUCTOR_CACHE_DIR)", os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        return None
+    path = compile_cache_dir(models_dir, preset_name, device)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        log.warning("compile cache: cannot use %s (%s); compiling into a temporary cache", path, e)
+        return None
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    os.environ.setdefault("TRITON_CACHE_DIR", str(path / "triton"))
+    filled = any(path.iterdir())
+    log.info("compile cache: %s (%s)", path, "reused" if filled else "empty: first compile")
+    return path
