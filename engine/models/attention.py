@@ -84,7 +84,7 @@ def select_backend(
             choice = "fa3"
         elif hopper:
             choice = "cudnn"
-        elif cuda and sage_ok and importable("sageattention"):
+        elif cuda and sage_ok and importable("sageattention") and sage_has_lse():
             choice = "sage"
         elif cuda and importable("flash_attn"):
             choice = "fa2"
@@ -187,13 +187,36 @@ def _fa2(q: Tensor, k: Tensor, v: Tensor, want_lse: bool) -> tuple[Tensor, Tenso
     return flash_attn_func(q, k, v, causal=False), None
 
 
+def sage_has_lse() -> bool:
+    """SageAttention returns the log-sum-exp (which the KV-bias merge needs) from 2.0 on;
+    PyPI's 1.0.6 (Triton, int8 QK) returns the output alone."""
+    try:
+        from importlib.metadata import version
+
+        return int(version("sageattention").split(".")[0]) >= 2
+    except Exception:  # noqa: BLE001 - not installed, or a version string we cannot read
+        return False
+
+
 def _sage(q: Tensor, k: Tensor, v: Tensor, want_lse: bool) -> tuple[Tensor, Tensor | None]:
     from sageattention import sageattn
 
+    # Sage's own K smoothing subtracts the keys' mean *in place*, which would write into our
+    # KV cache: do it here out of place (softmax is unchanged by subtracting one vector from
+    # every key) and turn Sage's off. The log-sum-exp path takes the keys as they are, so the
+    # value it returns is the true one for the merge.
     if want_lse:
-        o, lse = sageattn(q, k, v, tensor_layout="NHD", is_causal=False, return_lse=True)
+        if not sage_has_lse():
+            raise AttentionError(
+                "attention backend 'sage': this sageattention has no log-sum-exp output (2.0+"
+                " has), which the KV-bias path needs; use kv_bias 1.0 or another backend"
+            )
+        o, lse = sageattn(
+            q, k, v, tensor_layout="NHD", is_causal=False, return_lse=True, smooth_k=False
+        )
         return o, lse.float()
-    return sageattn(q, k, v, tensor_layout="NHD", is_causal=False), None
+    k = k - k.mean(dim=1, keepdim=True)
+    return sageattn(q, k, v, tensor_layout="NHD", is_causal=False, smooth_k=False), None
 
 
 class Attention:

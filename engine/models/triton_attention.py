@@ -586,6 +586,22 @@ def _bench_shape(
         except Exception as e:  # report and go on: the other paths still get measured
             row[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
         print(f"  {name}: {row[name]}", flush=True)
+    from engine.models.attention import _importable
+
+    if _importable("sageattention"):  # PyPI's 1.x has no log-sum-exp: plain attention only
+        ref_plain = reference(q, k1[:, :0], v1[:, :0], k2, v2, 0.0)
+        for name, fn in (
+            ("cudnn_plain_k2", lambda: cudnn(q, k2, v2)),
+            ("sage_plain_k2", lambda: Attention("sage")(q, k2, v2)),
+        ):
+            try:
+                err = _rel(fn(), ref_plain)
+                ms = _time_ms(fn)
+                row[name] = {"ms": round(ms, 4), "rel_l2": float(f"{err:.3g}")}
+            except Exception as e:  # noqa: BLE001
+                row[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            print(f"  {name}: {row[name]}", flush=True)
+
     try:
         row["fp8_quantize_only"] = {"ms": round(_time_ms(quant), 4)}
     except Exception as e:

@@ -86,7 +86,9 @@ def use_compile_cache(
     Returns the folder, or None when the user's own TORCHINDUCTOR_CACHE_DIR is kept or the
     folder cannot be made (then PyTorch's default temporary cache is used, and we say so)."""
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        log.info("compile cache: %s (TORCHINDUCTOR_CACHE_DIR)", os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        log.info(
+            "compile cache: %s (TORCHINDUCTOR_CACHE_DIR)", os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        )
         return None
     path = compile_cache_dir(models_dir, preset_name, device)
     try:
@@ -99,6 +101,53 @@ def use_compile_cache(
         return None
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     os.environ.setdefault("TRITON_CACHE_DIR", str(path / "triton"))
-    filled = any(path.iterdir())
+    filled = any(p.name != ARTIFACTS for p in path.iterdir())
     log.info("compile cache: %s (%s)", path, "reused" if filled else "empty: first compile")
+    if not filled:
+        load_cache_artifacts(path)
     return path
+
+
+ARTIFACTS = "artifacts.bin"
+
+
+def save_cache_artifacts(path: Path) -> Path | None:
+    """Write PyTorch's portable compile artifacts (`torch.compiler.save_cache_artifacts`:
+    FX graphs, AOTAutograd, Triton kernels, autotune results of this process) to
+    `path/artifacts.bin`. The folder's own caches serve a restart on this machine; the
+    artifacts file is what makes a copied models folder start warm on another machine with
+    the same GPU and PyTorch. Returns the file, or None when there was nothing to save."""
+    import torch
+
+    try:
+        got = torch.compiler.save_cache_artifacts()
+    except Exception as e:  # noqa: BLE001 - a cache is an optimisation; never fail the show
+        log.warning("compile cache: artifacts not saved: %s", e)
+        return None
+    if not got:
+        return None
+    data, _info = got
+    out = path / ARTIFACTS
+    tmp = out.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(out)
+    log.info("compile cache: %d bytes of artifacts saved to %s", len(data), out)
+    return out
+
+
+def load_cache_artifacts(path: Path) -> bool:
+    """Preload `path/artifacts.bin` (see save_cache_artifacts) into PyTorch's caches, once,
+    before the first compile. A damaged or foreign file is reported and ignored: the show
+    then compiles from scratch, it does not fail."""
+    import torch
+
+    f = path / ARTIFACTS
+    if not f.is_file():
+        return False
+    try:
+        info = torch.compiler.load_cache_artifacts(f.read_bytes())
+    except Exception as e:  # noqa: BLE001
+        log.warning("compile cache: %s not loaded (%s); compiling from scratch", f, e)
+        return False
+    log.info("compile cache: artifacts loaded from %s", f)
+    return info is not None

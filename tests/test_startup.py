@@ -1,0 +1,155 @@
+"""Start-up: phase timings, the per-preset compile cache folder, `dreamdeck warmup`.
+
+The compile cache's effect (a second process compiling from the cache) is measured on the
+GPU with `bench` (docs/PERFORMANCE.md); a CPU Inductor compile takes minutes on a loaded
+2-core machine, so here the folder logic, the artifacts file's robustness and the command
+are tested, each against what it must do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.runtime import startup
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_phases_accumulate_in_order_and_time_from_t0():
+    t0 = time.perf_counter() - 5.0  # "launched" five seconds ago
+    ph = startup.Phases(t0=t0, log_each=False)
+    with ph.phase("weights"):
+        pass
+    ph.add("compile", 2.0)
+    ph.add("weights", 1.0)  # a phase entered twice adds up
+    d = ph.as_dict()
+    assert list(d) == ["weights", "compile"]
+    assert d["compile"] == 2.0
+    assert 1.0 <= d["weights"] < 1.5
+    assert ph.elapsed() >= 5.0
+
+
+@pytest.mark.parametrize(
+    "name", ["h100-832x480", "../../etc/passwd", "a b\x00c/..\\d", "x" * 1000, ""]
+)
+def test_cache_key_is_one_safe_folder_name(name):
+    key = startup.cache_key(name, "cpu")
+    assert "/" not in key and "\\" not in key and "\x00" not in key and ".." != key
+    assert len(key) <= 160
+    if len(name) < 100:  # not truncated: GPU and PyTorch version are in it
+        assert key.endswith(f"-cpu-torch{torch.__version__}")
+        assert key != startup.cache_key(name + "-fp8", "cpu")  # presets apart
+    assert key == startup.cache_key(name, "cpu")  # stable
+
+
+def test_cache_folder_stays_inside_the_models_folder(tmp_path):
+    p = startup.compile_cache_dir(tmp_path, "../../../../tmp/evil", "cpu")
+    assert p.resolve().is_relative_to((tmp_path / "compile-cache").resolve())
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for k in startup.CACHE_ENV:
+        monkeypatch.delenv(k, raising=False)
+    return monkeypatch
+
+
+def test_use_compile_cache_points_pytorch_at_the_models_folder(tmp_path, clean_env):
+    path = startup.use_compile_cache(tmp_path, "h100-832x480", "cpu")
+    assert path is not None and path.is_dir()
+    assert path.parent == tmp_path / "compile-cache"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(path)
+    assert os.environ["TRITON_CACHE_DIR"] == str(path / "triton")
+    # what Inductor itself resolves its cache to
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    assert Path(cache_dir()) == path
+
+
+def test_a_users_own_cache_dir_is_kept(tmp_path, clean_env):
+    clean_env.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert startup.use_compile_cache(tmp_path, "p", "cpu") is None
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    assert not (tmp_path / "compile-cache").exists()
+
+
+def test_an_unusable_models_folder_falls_back_without_failing(tmp_path, clean_env):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert startup.use_compile_cache(blocker, "p", "cpu") is None  # mkdir under a file fails
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"garbage" * 1000, b"\x80\x04\x95" + os.urandom(4096), b"\x00" * 100_000]
+)
+def test_a_damaged_artifacts_file_is_ignored(tmp_path, content, clean_env):
+    (tmp_path / startup.ARTIFACTS).write_bytes(content)
+    assert startup.load_cache_artifacts(tmp_path) is False  # reported, never raised
+
+
+def test_artifacts_round_trip_through_the_folder(tmp_path, clean_env, monkeypatch):
+    """save writes what PyTorch hands over, atomically; a folder holding only that file is
+    'empty' for the cache and gets it loaded before the first compile."""
+    blob = b"pytorch-artifacts" * 10
+    seen = []
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (blob, None))
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda b: seen.append(b) or 1)
+    src = tmp_path / "a"
+    src.mkdir()
+    out = startup.save_cache_artifacts(src)
+    assert out == src / startup.ARTIFACTS and out.read_bytes() == blob
+    assert not list(src.glob("*.tmp"))
+    # a models folder copied to another machine: only the artifacts file is there
+    models = tmp_path / "models"
+    dest = startup.compile_cache_dir(models, "p", "cpu")
+    dest.mkdir(parents=True)
+    (dest / startup.ARTIFACTS).write_bytes(blob)
+    assert startup.use_compile_cache(models, "p", "cpu") == dest
+    assert seen == [blob]
+    # a filled folder is used as it is, not re-loaded
+    (dest / "fxgraph").mkdir()
+    startup.use_compile_cache(models, "p", "cpu")
+    assert seen == [blob]
+
+
+def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_warmup_command_reports_every_phase(tmp_path):
+    r = _cli("warmup", "--model", "tiny", "--blocks", "2", "--json", "--models-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["preset"] == "tiny" and out["blocks"] == 2
+    names = list(out["phases_s"])
+    assert names[0].startswith("launch")
+    assert any(n.startswith("weights: transformer") for n in names)
+    assert names[-1] == "compile + warm-up (2 blocks)"
+    assert all(v >= 0 for v in out["phases_s"].values())
+    assert out["total_s"] >= sum(out["phases_s"].values()) - 0.05
+    assert out["compile_cache"] is None  # the tiny preset runs eager on the CPU: no cache
+
+
+def test_warmup_refuses_bad_flags_with_one_line(tmp_path):
+    r = _cli("warmup", "--model", "tiny", "--blocks", "0", "--models-dir", str(tmp_path))
+    assert r.returncode == 2
+    assert "--blocks 0" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("warmup", "--preset", "no-such-preset", "--models-dir", str(tmp_path))
+    assert r.returncode == 2 and "no-such-preset" in r.stderr and "Traceback" not in r.stderr
