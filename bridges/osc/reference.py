@@ -24,11 +24,15 @@ network, `--osc-port`, `--no-osc`). OSCQuery (HTTP JSON) is on port **9138**
 
 ## Conventions
 
-- One namespace, `/dd/...`, lower case (matched case-insensitively), 1-based slots.
+- One namespace, `/dd/...`, lower case, 1-based slots. Addresses are case-sensitive, as
+  in OSC: `/dd/SEED` is an unknown address. A trailing `/` is ignored.
 - Address patterns (OSC 1.0): `/dd/prompt/*/weight 0` mutes every slot,
-  `/dd/prompt/{1,3}/weight 1`, `/dd/prompt/[2-4]/text "fog"`; `*` and `?` stay within one
-  level. Every match takes the same arguments, all in the same block; a pattern that
-  matches nothing, or a value that does not fit one of the matches, changes nothing.
+  `/dd/prompt/{1,3}/weight 1`, `/dd/prompt/[2-4]/text "fog"`, `[!1]` for all but one;
+  `*` and `?` stay within one level, and OSC 1.1's `//` spans any number of levels
+  (`/dd//weight`). Every match takes the same arguments, all in the same block; a pattern
+  that matches nothing, or a value that does not fit one of the matches, changes nothing.
+  Patterns are matched in linear time and bounded: at most 256 characters, 8 levels and
+  16 `{...}` alternatives; a reversed range such as `[9-1]` is an error.
 - Numbers: a float is accepted where an int is declared (rounded). Out-of-range values are
   clamped, and a `/dd/warning` (address, message) says so.
 - Booleans: `1`/`0`, `T`/`F`, or `on`/`off` strings. Feedback sends them as int 0/1
