@@ -191,8 +191,8 @@ class OscBridge:
                 return
             try:
                 self.handle_datagram(data, addr)
-            except Exception:  # noqa: BLE001 - the receiver never dies of a packet
-                log.exception("OSC: unexpected failure handling a datagram from %s", addr[0])
+            except Exception as e:  # noqa: BLE001 - the receiver never dies of a packet
+                self._internal_error("?", e)
 
     def handle_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
         """Decode one datagram and apply it. Public so tests and replays can drive it."""
@@ -229,6 +229,21 @@ class OscBridge:
         assert self.feedback is not None
         self.feedback.error(address, reason)
 
+    def _internal_error(self, address: str, e: BaseException, count: int = 1) -> None:
+        """A failure of ours, not the sender's: answered like any rejection (the sender
+        learns its message did nothing), logged with its traceback once per kind."""
+        self._reject(address[:256], self._log_internal(address, e), count)
+
+    def _log_internal(self, address: str, e: BaseException) -> str:
+        assert self.feedback is not None
+        kind = f"{type(e).__name__}: {str(e)[:120]}"
+        self.feedback.limiter.log(
+            f"OSC: unexpected failure handling {address[:128]}: {kind}",
+            key=f"internal {type(e).__name__} {address[:64]}",
+            exc_info=(type(e), e, e.__traceback__),
+        )
+        return f"internal error ({kind})"
+
     def _apply(self, messages: list[Message], when: float | None, host: str) -> None:
         """One transaction: every change of these messages in one set_many, or none."""
         changes: list[tuple[str, Any]] = []
@@ -237,7 +252,10 @@ class OscBridge:
         inputs = 0
         for m in messages:
             if m.address == addresses.GET:
-                self._query(m, host)
+                try:
+                    self._query(m, host)
+                except Exception as e:  # noqa: BLE001 - a query failing is answered too
+                    self._internal_error(addresses.GET, e)
                 continue
             if m.address in _OUTGOING:
                 continue  # our own feedback looped back: ignore, never answer (no echo storm)
@@ -255,6 +273,8 @@ class OscBridge:
                     sources.setdefault(param.path, m.address)
             except ControlError as e:
                 errors.append((m.address, e.reason))
+            except Exception as e:  # noqa: BLE001 - answered, never a silent drop
+                errors.append((m.address, self._log_internal(m.address, e)))
         if not inputs:
             return
         ahead = None if when is None else when - self.clock()
@@ -277,6 +297,9 @@ class OscBridge:
             address = sources.get(path) or (messages[0].address if inputs == 1 else "/dd/" + path)
             reason = e.reason if path in sources else str(e)
             self._reject(address, reason + tail, inputs)
+            return
+        except Exception as e:  # noqa: BLE001 - e.g. an action's expansion failing
+            self._internal_error(messages[0].address if inputs == 1 else "?", e, inputs)
             return
         self.stats.applied += inputs
         assert self.feedback is not None
