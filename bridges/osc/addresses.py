@@ -43,7 +43,8 @@ BRIDGE_ADDRESSES: tuple[BridgeAddress, ...] = (
         "s [i]",
         "in",
         "Ask for the current value of an address (no argument: every value); the answer comes "
-        "on that address, to the sender's host (its feedback port, or the port given as 2nd arg)",
+        "on that address, to the sender's host (its feedback port, or the port given as 2nd arg)."
+        " Beyond loopback, answered only to --osc-allow senders",
     ),
     BridgeAddress(ERROR, "ss", "out", "A rejected message: its address and the reason"),
     BridgeAddress(

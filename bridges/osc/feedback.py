@@ -42,8 +42,14 @@ class Feedback:
         enabled: bool = True,
         status: Callable[[], dict[str, Any]] | None = None,
         status_interval: float = 1.0,
+        retarget_interval: float = 0.0,
     ):
         self.sock = sock
+        # Beyond loopback, a new last sender gets the whole state, and UDP senders can be
+        # forged: the target moves at most once per retarget_interval, so forged senders
+        # cannot turn the engine into a stream of full-state dumps at victims.
+        self.retarget_interval = retarget_interval
+        self._retargeted = float("-inf")
         self.registry = registry
         self.fixed = target
         self.port = port
@@ -62,8 +68,15 @@ class Feedback:
 
     # -- targets -----------------------------------------------------------------------
     def saw_sender(self, host: str) -> None:
+        import time
+
         with self._cond:
             changed = host != self._sender_host
+            if changed and self.fixed is None and self.retarget_interval:
+                now = time.monotonic()
+                if now - self._retargeted < self.retarget_interval:
+                    return  # too soon after the last move: stay with the current target
+                self._retargeted = now
             self._sender_host = host
             if changed and self.fixed is None:
                 self._cond.notify()  # a new target gets the whole state

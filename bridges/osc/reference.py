@@ -20,7 +20,10 @@ edit by hand (a test compares).
 `dreamdeck run` listens for OSC on UDP **127.0.0.1:9137** (`--osc-host 0.0.0.0` for the
 network, `--osc-port`, `--no-osc`). OSCQuery (HTTP JSON) is on port **9138**
 (`--oscquery-port`, `--no-oscquery`) and announced on zeroconf as `_oscjson._tcp` and
-`_osc._udp` (`--no-zeroconf`).
+`_osc._udp` (`--no-zeroconf`) only when OSC listens beyond loopback, and then only on the
+interfaces it listens on. OSCQuery serves at most 16 connections at once, each for at most
+10 s, and answers only requests whose Host header is an IP address, `localhost`, this
+machine's name (or `NAME.local`) or a name given to `--oscquery-allow-host` (DNS rebinding).
 
 ## Conventions
 
@@ -57,7 +60,9 @@ network, `--osc-port`, `--no-osc`). OSCQuery (HTTP JSON) is on port **9138**
 - Limits: datagrams over 64 KiB and messages with more than 64 arguments are refused;
   strings longer than the parameter's limit (4096 characters; 32768 for `/dd/prompts`)
   are refused. `--osc-allow IP,IP` accepts only those senders (and loopback); others are
-  dropped without an answer. Messages to the addresses the bridge sends (`/dd/error`,
+  dropped without an answer. When OSC listens beyond loopback, `/dd/get` is answered only
+  to loopback and `--osc-allow` senders (a forged UDP sender would otherwise turn the
+  engine into a reflector); repeated errors are summarised in the log, not repeated. Messages to the addresses the bridge sends (`/dd/error`,
   `/dd/warning`, `/dd/status/*`) are ignored, so a feedback loop cannot echo forever.
 - File paths (reference images, control videos) are resolved only inside the assets
   folder.

@@ -26,6 +26,7 @@ from engine.runtime.registry import ControlError, Registry
 
 log = logging.getLogger(__name__)
 
+RETARGET_INTERVAL = 2.0  # s: beyond loopback, the last-sender feedback target moves this rarely
 MAX_AHEAD = 3600.0  # seconds: a timetag further ahead is a mistake (or an attack on the schedule)
 
 
@@ -42,6 +43,7 @@ class OscConfig:
     zeroconf: bool = True
     max_datagram: int = MAX_DATAGRAM
     timetags: bool = True  # False: apply bundles on arrival whatever their timetag
+    oscquery_hosts: frozenset[str] = field(default_factory=frozenset)  # extra Host names
 
 
 @dataclass
@@ -121,6 +123,7 @@ class OscBridge:
             enabled=cfg.feedback_enabled,
             status=self.status,
             status_interval=cfg.status_interval,
+            retarget_interval=0.0 if _is_loopback(cfg.host) or cfg.allow else RETARGET_INTERVAL,
         )
         self.feedback.start()
         self._thread = threading.Thread(target=self._loop, name="osc-receiver", daemon=True)
@@ -136,6 +139,7 @@ class OscBridge:
                     osc_port=self.port,
                     status=self.status,
                     zeroconf=cfg.zeroconf,
+                    allowed_hosts=cfg.oscquery_hosts,
                 ).start()
             except OSError as e:  # the OSC server is still useful without discovery
                 log.error("OSCQuery not started: %s", e)
@@ -307,10 +311,25 @@ class OscBridge:
             path = w.split(":", 1)[0]  # registry warnings start with the path
             self.feedback.warning(sources.get(path, "/dd/" + path), w)
 
+    def may_answer_queries(self, host: str) -> bool:
+        """Whether `/dd/get` from `host` is answered. UDP senders can be forged, and one
+        small `/dd/get` answers with every value (to any port it names): on a network that
+        makes the engine a reflector. So beyond loopback only `--osc-allow` senders (and
+        loopback ones) get answers; with OSC on loopback, everyone that can reach it may."""
+        return _is_loopback(self.config.host) or _is_loopback(host) or host in self.config.allow
+
     def _query(self, m: Message, host: str) -> None:
         """``/dd/get [address [port]]``: answer on the address itself, to the asker."""
         fb = self.feedback
         assert fb is not None
+        if not self.may_answer_queries(host):
+            self.stats.refused += 1  # no answer at all: an answer is what a reflector sends
+            fb.limiter.log(
+                f"OSC: /dd/get from {host} not answered: OSC listens on {self.config.host};"
+                " list the sender in --osc-allow to query from the network",
+                key=f"get-refused {host}",
+            )
+            return
         args = m.args
         port = None
         if len(args) >= 2:
