@@ -237,8 +237,8 @@ def test_random_messages_each_applied_or_answered(rig):
 
 
 def _norm(a):
-    """Addresses are case-insensitive and outer slashes are trimmed (docs/osc.md)."""
-    return "/dd/" + a[4:].strip("/").lower() if a.startswith("/dd/") else a
+    """Outer slashes are trimmed; case is kept, as OSC is case-sensitive (docs/osc.md)."""
+    return "/dd/" + a[4:].strip("/") if a.startswith("/dd/") else a
 
 
 def test_alive_after_everything(rig):

@@ -142,7 +142,8 @@ def test_bridge_serves_oscquery_and_survives_zeroconf_failure(monkeypatch):
 
     monkeypatch.setattr(zeroconf, "Zeroconf", Broken)
     reg = make_registry()
-    cfg = OscConfig(port=0, oscquery_port=0, zeroconf=True)
+    # Beyond loopback: on loopback nothing is announced at all (test_oscquery_exposure).
+    cfg = OscConfig(host="0.0.0.0", port=0, oscquery_port=0, zeroconf=True)
     with OscBridge(reg, cfg).start() as bridge:
         q = bridge.oscquery
         deadline = time.monotonic() + 3
@@ -168,7 +169,8 @@ def test_zeroconf_announces_both_services():
     from zeroconf import Zeroconf
 
     reg = make_registry()
-    with OscBridge(reg, OscConfig(port=0, oscquery_port=0)).start() as bridge:
+    cfg = OscConfig(host="0.0.0.0", port=0, oscquery_port=0)  # loopback is not announced
+    with OscBridge(reg, cfg).start() as bridge:
         zc = Zeroconf()
         try:
             found = {}

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
+from bridges.osc.pattern import PatternError, compile_pattern, filter_addresses, has_pattern
 from bridges.osc.wire import IMPULSE, Impulse
 from engine.runtime.registry import ControlError, Param, Registry
 
@@ -43,7 +43,8 @@ BRIDGE_ADDRESSES: tuple[BridgeAddress, ...] = (
         "s [i]",
         "in",
         "Ask for the current value of an address (no argument: every value); the answer comes "
-        "on that address, to the sender's host (its feedback port, or the port given as 2nd arg)",
+        "on that address, to the sender's host (its feedback port, or the port given as 2nd arg)."
+        " Beyond loopback, answered only to --osc-allow senders",
     ),
     BridgeAddress(ERROR, "ss", "out", "A rejected message: its address and the reason"),
     BridgeAddress(
@@ -87,61 +88,40 @@ STATUS_ADDRESSES = tuple(b for b in BRIDGE_ADDRESSES if b.status_key)
 
 
 def path_of(address: str) -> str:
-    """The registry path of an OSC address; raises ControlError when outside /dd/."""
+    """The registry path of an OSC address; raises ControlError when outside /dd/.
+
+    Case-sensitive, as OSC is: every dreamdeck address is lower case, and ``/dd/SEED`` is
+    an unknown address (with a hint) rather than an alias. (The registry itself ignores
+    case for MIDI maps and timelines, so the check is made here.) Outer slashes are
+    trimmed: ``/dd/seed/`` is ``/dd/seed``."""
     if not address.startswith(PREFIX) or len(address) == len(PREFIX):
         raise ControlError(address[:128], "not a dreamdeck address (they start with /dd/)")
-    return address[len(PREFIX) :].strip("/").lower()
-
-
-PATTERN_CHARS = frozenset("*?[]{}")
+    path = address[len(PREFIX) :].strip("/")
+    if path != path.lower():
+        raise ControlError(
+            address[:128],
+            f"unknown address: OSC is case-sensitive and dreamdeck addresses are lower case"
+            f" (/dd/{path.lower()[:64]}?)",
+        )
+    return path
 
 
 def is_pattern(address: str) -> bool:
-    """An OSC 1.0 address pattern (``/dd/prompt/*/weight``) rather than one address."""
-    return not PATTERN_CHARS.isdisjoint(address)
-
-
-def pattern_regex(pattern: str) -> re.Pattern[str]:
-    """OSC 1.0 address-pattern matching: ``?`` one character and ``*`` any run, neither
-    crossing ``/``; ``[a-z]``, ``[!0-9]`` character classes; ``{one,two}`` alternatives.
-    Raises ControlError for a malformed pattern."""
-    out, i, n = [], 0, len(pattern)
-    while i < n:
-        c = pattern[i]
-        if c == "*":
-            out.append("[^/]*")
-        elif c == "?":
-            out.append("[^/]")
-        elif c == "[":
-            j = pattern.find("]", i + 1)
-            if j < 0:
-                raise ControlError(pattern[:128], "unclosed '[' in the address pattern")
-            body = pattern[i + 1 : j]
-            neg = body.startswith("!")
-            body = body[1:] if neg else body
-            if not body:
-                raise ControlError(pattern[:128], "empty '[]' in the address pattern")
-            parts = re.escape(body).replace("\\-", "-")
-            out.append(f"[{'^' if neg else ''}{parts}]")
-            i = j
-        elif c == "{":
-            j = pattern.find("}", i + 1)
-            if j < 0:
-                raise ControlError(pattern[:128], "unclosed '{' in the address pattern")
-            out.append("(?:" + "|".join(re.escape(a) for a in pattern[i + 1 : j].split(",")) + ")")
-            i = j
-        elif c in "]}":
-            raise ControlError(pattern[:128], f"unmatched {c!r} in the address pattern")
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return re.compile("".join(out))
+    """An OSC address pattern (``/dd/prompt/*/weight``) rather than one address."""
+    return has_pattern(address)
 
 
 def match(pattern: str, registry: Registry) -> list[Param]:
-    """The parameters whose addresses an OSC address pattern matches, in registry order."""
-    rx = pattern_regex(pattern.lower())
-    return [p for p in registry if rx.fullmatch(p.address)]
+    """The parameters whose addresses an OSC address pattern matches, in registry order.
+    Linear in the pattern and the addresses (`bridges.osc.pattern`); raises ControlError
+    for a malformed or too costly pattern."""
+    try:
+        compiled = compile_pattern(pattern)
+    except PatternError as e:
+        raise ControlError(pattern[:128], e.reason) from None
+    params = list(registry)
+    hits = set(filter_addresses(compiled, [p.address for p in params]))
+    return [p for p in params if p.address in hits]
 
 
 def type_tag(param: Param, value: Any = None) -> str:

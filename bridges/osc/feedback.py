@@ -42,8 +42,14 @@ class Feedback:
         enabled: bool = True,
         status: Callable[[], dict[str, Any]] | None = None,
         status_interval: float = 1.0,
+        retarget_interval: float = 0.0,
     ):
         self.sock = sock
+        # Beyond loopback, a new last sender gets the whole state, and UDP senders can be
+        # forged: the target moves at most once per retarget_interval, so forged senders
+        # cannot turn the engine into a stream of full-state dumps at victims.
+        self.retarget_interval = retarget_interval
+        self._retargeted = float("-inf")
         self.registry = registry
         self.fixed = target
         self.port = port
@@ -58,12 +64,19 @@ class Feedback:
         self._thread: threading.Thread | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self.sent = 0
-        self._log = _RateLimitedLog()
+        self.limiter = RateLimitedLog()
 
     # -- targets -----------------------------------------------------------------------
     def saw_sender(self, host: str) -> None:
+        import time
+
         with self._cond:
             changed = host != self._sender_host
+            if changed and self.fixed is None and self.retarget_interval:
+                now = time.monotonic()
+                if now - self._retargeted < self.retarget_interval:
+                    return  # too soon after the last move: stay with the current target
+                self._retargeted = now
             self._sender_host = host
             if changed and self.fixed is None:
                 self._cond.notify()  # a new target gets the whole state
@@ -103,11 +116,11 @@ class Feedback:
             log.exception("could not encode OSC feedback %s %r", address, args)
 
     def error(self, address: str, reason: str, target: Target | None = None) -> None:
-        self._log.log(f"OSC {address} rejected: {reason}")
+        self.limiter.log(f"OSC {address} rejected: {reason}")
         self.send(addresses.ERROR, [address, reason], target)
 
     def warning(self, address: str, message: str, target: Target | None = None) -> None:
-        self._log.log(f"OSC {address}: {message}")
+        self.limiter.log(f"OSC {address}: {message}")
         self.send(addresses.WARNING, [address, message], target)
 
     def send_value(self, path: str, target: Target | None = None, applied: bool = False) -> None:
@@ -149,6 +162,7 @@ class Feedback:
         self._thread.start()
 
     def close(self) -> None:
+        self.limiter.flush(force=True)
         if self._unsubscribe:
             self._unsubscribe()
         with self._cond:
@@ -186,32 +200,85 @@ class Feedback:
                 if time.monotonic() >= next_status:
                     next_status = time.monotonic() + self.status_interval
                     self.send_status(target)
+                self.limiter.flush()  # a flood's summary, once its window is over
             except ControlError:
                 log.exception("feedback for an unknown parameter")
             except Exception:  # noqa: BLE001 - feedback must never stop
                 log.exception("OSC feedback failed")
 
 
-class _RateLimitedLog:
-    """Warnings for the log, at most `burst` per `window` seconds: a flood of bad packets
-    must not turn into a flood of log lines (each one is still answered over OSC)."""
+class RateLimitedLog:
+    """Log lines for a flood: the first of each distinct text, at most `burst` per `window`
+    seconds; identical repeats and the overflow are counted and summarised in one line when
+    the window ends (or on `flush`). A flood of bad packets must not turn into a flood of
+    log lines (5,000 datagrams once wrote 5.7 MB); each one is still answered over OSC."""
 
-    def __init__(self, burst: int = 20, window: float = 5.0):
-        self.burst, self.window = burst, window
-        self._start = 0.0
-        self._count = 0
-        self._lock = threading.Lock()
+    MAX_KEYS = 1024  # distinct texts remembered per window; more are counted as overflow
 
-    def log(self, text: str) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger = log,
+        burst: int = 20,
+        window: float = 5.0,
+        clock: Callable[[], float] | None = None,
+    ):
         import time
 
+        self.logger = logger
+        self.burst, self.window = burst, window
+        self.clock = clock or time.monotonic
+        self._lock = threading.Lock()
+        self._start = self.clock()
+        self._seen: dict[str, int] = {}
+        self._logged = 0
+        self._suppressed = 0
+        self.total_logged = 0
+        self.total_suppressed = 0
+
+    def log(self, text: str, *, key: str | None = None, exc_info: Any = None) -> bool:
+        """Log `text` unless it repeats or the window's budget is spent; True if logged."""
+        key = (key or text)[:256]
         with self._lock:
-            now = time.monotonic()
-            if now - self._start > self.window:
-                if self._count > self.burst:
-                    log.warning("... %d more OSC warnings not logged", self._count - self.burst)
-                self._start, self._count = now, 0
-            self._count += 1
-            if self._count > self.burst:
-                return
-        log.warning("%s", text)
+            summary = self._roll()
+            seen = self._seen.get(key)
+            if seen is None and len(self._seen) < self.MAX_KEYS:
+                self._seen[key] = 1
+            elif seen is not None:
+                self._seen[key] = seen + 1
+            show = seen is None and self._logged < self.burst
+            if show:
+                self._logged += 1
+                self.total_logged += 1
+            else:
+                self._suppressed += 1
+                self.total_suppressed += 1
+        if summary:
+            self.logger.warning("%s", summary)
+        if show:
+            self.logger.warning("%s", text, exc_info=exc_info)
+        return show
+
+    def flush(self, force: bool = False) -> None:
+        """Write the summary now if the window is over (or `force`)."""
+        with self._lock:
+            summary = self._roll(force)
+        if summary:
+            self.logger.warning("%s", summary)
+
+    def _roll(self, force: bool = False) -> str | None:
+        now = self.clock()
+        if not force and now - self._start <= self.window:
+            return None
+        summary = None
+        if self._suppressed:
+            repeats = sorted(self._seen.items(), key=lambda kv: -kv[1])[:3]
+            common = "; ".join(f"{n}x {k[:120]}" for k, n in repeats if n > 1)
+            summary = (
+                f"OSC: {self._suppressed} more messages not logged in the last"
+                f" {now - self._start:.0f} s" + (f" (most repeated: {common})" if common else "")
+            )
+        self._start, self._seen, self._logged, self._suppressed = now, {}, 0, 0
+        return summary
+
+
+_RateLimitedLog = RateLimitedLog  # the old private name

@@ -6,15 +6,30 @@ registry parameter with FULL_PATH, TYPE (OSC type tags), RANGE, VALUE, DESCRIPTI
 ACCESS, plus the bridge's read-only status addresses. Read-only: only GET/HEAD, only
 nodes that exist (anything else, traversal attempts included, is a 404 or 400). The tree
 is built from the registry on every request, so VALUE is always current.
+
+Exposure (issue 14 part 8, issue 19 part 5):
+
+- At most `MAX_CONNECTIONS` connections at once (more get a 503 and are closed at once,
+  without a thread), each read times out after `READ_TIMEOUT` seconds and a connection is
+  cut after `CONNECTION_DEADLINE` seconds whatever it does (slow senders included).
+- DNS rebinding: a request whose Host header names anything but an IP address, localhost,
+  this machine's name (or NAME.local) or an `allowed_hosts` entry gets a 403, so a web page
+  on a rebound domain cannot read the tree.
+- Zeroconf: nothing is announced while OSC listens on loopback only (nobody else could
+  reach it); otherwise only the addresses OSC listens on are announced, on their own
+  interfaces. HOST_INFO's OSC_IP is a reachable address: the listening one, or, when
+  listening on every interface, the address the asking connection came in on.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import socket
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -54,6 +69,159 @@ EXTENSIONS = {
     "PATH_REMOVED": False,
     "HTML": False,
 }
+
+
+MAX_CONNECTIONS = 16
+READ_TIMEOUT = 5.0  # seconds one socket read may wait
+CONNECTION_DEADLINE = 10.0  # seconds one connection may last, whatever it sends
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def own_names() -> set[str]:
+    """Names this machine answers to that a browser may send as Host."""
+    names = {"localhost"}
+    try:
+        name = socket.gethostname().lower().rstrip(".")
+    except OSError:
+        return names
+    if name:
+        short = name.split(".")[0]
+        names |= {name, short, short + ".local"}
+    return names
+
+
+def host_allowed(host_header: str | None, allowed: Iterable[str] = ()) -> bool:
+    """Whether a request's Host header is safe to answer (DNS-rebinding defence): no header
+    (not a browser), an IP literal (rebinding needs a name), or one of our own names."""
+    if host_header is None or not host_header.strip():
+        return True
+    h = host_header.strip().lower()
+    if h.startswith("["):  # [v6]:port
+        end = h.find("]")
+        if end < 0:
+            return False
+        return _is_ip(h[1:end])
+    if h.count(":") == 1:
+        h = h.rsplit(":", 1)[0]
+    h = h.rstrip(".")
+    if _is_ip(h):
+        return True
+    return h in own_names() or h in {a.lower().rstrip(".") for a in allowed}
+
+
+def local_addresses() -> list[str]:
+    """This machine's addresses, loopback and link-local ones left out (no one else can
+    use them to reach us)."""
+    out: list[str] = []
+    try:
+        import ifaddr
+
+        for adapter in ifaddr.get_adapters():
+            for ip in adapter.ips:
+                a = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
+                try:
+                    addr = ipaddress.ip_address(a)
+                except ValueError:
+                    continue
+                if not (addr.is_loopback or addr.is_link_local):
+                    out.append(str(addr))
+    except Exception:  # noqa: BLE001 - no adapter list: announce nothing rather than guess
+        log.debug("could not list network interfaces", exc_info=True)
+    return list(dict.fromkeys(out))
+
+
+def announce_addresses(host: str) -> list[str]:
+    """The addresses to announce on zeroconf for OSC listening on `host`: none for
+    loopback, the host itself for one address, every non-loopback one for a wildcard
+    (IPv4 only for 0.0.0.0, which is what such a socket serves)."""
+    if host in WILDCARDS:
+        ips = local_addresses()
+        return [ip for ip in ips if ":" not in ip] if host == "0.0.0.0" else ips
+    if _is_loopback(host):
+        return []
+    return [host] if _is_ip(host) else []
+
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a cap on connections and on each connection's lifetime."""
+
+    daemon_threads = True
+    request_queue_size = 64  # the accept backlog; refusing is done after accept, with a 503
+
+    def __init__(self, *args: Any, max_connections: int, deadline: float, **kw: Any):
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._deadline = deadline
+        self._active: dict[socket.socket, float] = {}
+        self._lock = threading.Lock()
+        self.refused = 0
+        self.cut = 0
+        super().__init__(*args, **kw)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            try:
+                request.settimeout(0.1)
+                request.sendall(
+                    b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                    b"Connection: close\r\n\r\n"
+                )
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        with self._lock:
+            self._active[request] = time.monotonic() + self._deadline
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._done(request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._done(request)
+
+    def _done(self, request: Any) -> None:
+        with self._lock:
+            if self._active.pop(request, None) is None:
+                return
+        self._slots.release()
+
+    def service_actions(self) -> None:
+        """Called by serve_forever about every poll interval: cut connections past their
+        deadline (a slow sender that keeps each read under the timeout)."""
+        now = time.monotonic()
+        with self._lock:
+            late = [r for r, end in self._active.items() if now > end]
+        for r in late:
+            self.cut += 1
+            try:
+                r.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    @property
+    def active(self) -> int:
+        with self._lock:
+            return len(self._active)
 
 
 def _json_value(v: Any) -> Any:
@@ -128,8 +296,16 @@ class OscQueryService:
         status: Callable[[], dict[str, Any]] | None = None,
         zeroconf: bool = True,
         name: str = "dreamdeck",
+        allowed_hosts: Iterable[str] = (),
+        max_connections: int = MAX_CONNECTIONS,
+        read_timeout: float = READ_TIMEOUT,
+        connection_deadline: float = CONNECTION_DEADLINE,
     ):
         self.registry = registry
+        self.allowed_hosts = frozenset(allowed_hosts)
+        self.max_connections = max_connections
+        self.read_timeout = read_timeout
+        self.connection_deadline = connection_deadline
         self.host, self.requested_port, self.osc_port = host, port, osc_port
         self.status = status
         self.use_zeroconf = zeroconf
@@ -140,16 +316,24 @@ class OscQueryService:
         self._infos: list[Any] = []
         self._zc_lock = threading.Lock()
         self._closing = False
+        self.announce: list[str] = []  # addresses given to zeroconf (none: not announced)
 
     @property
     def port(self) -> int:
         assert self.httpd is not None
         return self.httpd.server_address[1]
 
-    def host_info(self) -> dict[str, Any]:
+    def host_info(self, local_ip: str | None = None) -> dict[str, Any]:
+        """HOST_INFO. OSC_IP is never a wildcard: listening on every interface, it is the
+        address the asking connection reached (`local_ip`), which that client can reach."""
+        ip = self.host
+        if ip in WILDCARDS:
+            ip = local_ip or ("127.0.0.1" if ip != "::" else "::1")
+            if ip.startswith("::ffff:") and "." in ip:
+                ip = ip[7:]  # an IPv4 client on a dual-stack socket
         return {
             "NAME": self.name,
-            "OSC_IP": self.host,
+            "OSC_IP": ip,
             "OSC_PORT": self.osc_port,
             "OSC_TRANSPORT": "UDP",
             "EXTENSIONS": dict(EXTENSIONS),
@@ -160,25 +344,41 @@ class OscQueryService:
 
         class Handler(_Handler):
             svc = service
+            timeout = self.read_timeout  # per socket read (StreamRequestHandler.setup)
 
-        server_cls = ThreadingHTTPServer
+        server_cls = _BoundedHTTPServer
         if ":" in self.host:
 
-            class server_cls(ThreadingHTTPServer):  # noqa: N801 - a local subclass
+            class server_cls(_BoundedHTTPServer):  # noqa: N801 - a local subclass
                 address_family = socket.AF_INET6
 
         try:
-            self.httpd = server_cls((self.host, self.requested_port), Handler)
+            self.httpd = server_cls(
+                (self.host, self.requested_port),
+                Handler,
+                max_connections=self.max_connections,
+                deadline=self.connection_deadline,
+            )
         except OSError as e:
             raise OSError(
                 f"OSCQuery: cannot listen on {self.host}:{self.requested_port}: {e.strerror or e}"
             ) from e
         self.httpd.daemon_threads = True
-        t = threading.Thread(target=self.httpd.serve_forever, name="oscquery-http", daemon=True)
+        t = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.25}, name="oscquery-http"
+        )
+        t.daemon = True
         t.start()
         self._threads.append(t)
         log.info("OSCQuery on http://%s:%d/", self.host, self.port)
-        if self.use_zeroconf:
+        self.announce = announce_addresses(self.host) if self.use_zeroconf else []
+        if self.use_zeroconf and not self.announce:
+            log.info(
+                "OSCQuery not announced on zeroconf: OSC listens on %s, which no other machine"
+                " can reach",
+                self.host,
+            )
+        if self.announce:
             z = threading.Thread(target=self._register, name="oscquery-zeroconf", daemon=True)
             z.start()
             self._threads.append(z)
@@ -186,12 +386,9 @@ class OscQueryService:
 
     def _register(self) -> None:
         try:
-            from zeroconf import ServiceInfo, Zeroconf, get_all_addresses
+            from zeroconf import InterfaceChoice, ServiceInfo, Zeroconf
 
-            if self.host in ("0.0.0.0", "::", ""):
-                ips = [ip for ip in get_all_addresses() if not ip.startswith("127.")]
-            else:
-                ips = [self.host]
+            ips = list(self.announce)
             packed = [
                 socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip) for ip in ips
             ]
@@ -212,7 +409,8 @@ class OscQueryService:
                     server=f"{hostname}.local.",
                 ),
             ]
-            zc = Zeroconf()
+            # Only the interfaces OSC listens on (all of them for a wildcard address).
+            zc = Zeroconf(interfaces=InterfaceChoice.All if self.host in WILDCARDS else ips)
             with self._zc_lock:
                 if self._closing:
                     zc.close()
@@ -269,8 +467,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, code: int, reason: str) -> None:
         self._send(code, {"error": reason})
 
+    def _host_ok(self) -> bool:
+        if host_allowed(self.headers.get("Host"), self.svc.allowed_hosts):
+            return True
+        self._error(403, "unknown Host header (DNS rebinding protection)")
+        return False
+
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
         try:
+            if not self._host_ok():
+                return
             self._get()
         except Exception:  # noqa: BLE001 - a bad request must not kill the service thread
             log.exception("OSCQuery request failed")
@@ -296,7 +502,7 @@ class _Handler(BaseHTTPRequestHandler):
         if any(s in (".", "..") for s in segments) or "//" in path:
             return self._error(400, "bad path")
         if query == "HOST_INFO":
-            return self._send(200, self.svc.host_info())
+            return self._send(200, self.svc.host_info(self.connection.getsockname()[0]))
         status = None
         if self.svc.status is not None:
             try:

@@ -20,15 +20,22 @@ edit by hand (a test compares).
 `dreamdeck run` listens for OSC on UDP **127.0.0.1:9137** (`--osc-host 0.0.0.0` for the
 network, `--osc-port`, `--no-osc`). OSCQuery (HTTP JSON) is on port **9138**
 (`--oscquery-port`, `--no-oscquery`) and announced on zeroconf as `_oscjson._tcp` and
-`_osc._udp` (`--no-zeroconf`).
+`_osc._udp` (`--no-zeroconf`) only when OSC listens beyond loopback, and then only on the
+interfaces it listens on. OSCQuery serves at most 16 connections at once, each for at most
+10 s, and answers only requests whose Host header is an IP address, `localhost`, this
+machine's name (or `NAME.local`) or a name given to `--oscquery-allow-host` (DNS rebinding).
 
 ## Conventions
 
-- One namespace, `/dd/...`, lower case (matched case-insensitively), 1-based slots.
+- One namespace, `/dd/...`, lower case, 1-based slots. Addresses are case-sensitive, as
+  in OSC: `/dd/SEED` is an unknown address. A trailing `/` is ignored.
 - Address patterns (OSC 1.0): `/dd/prompt/*/weight 0` mutes every slot,
-  `/dd/prompt/{1,3}/weight 1`, `/dd/prompt/[2-4]/text "fog"`; `*` and `?` stay within one
-  level. Every match takes the same arguments, all in the same block; a pattern that
-  matches nothing, or a value that does not fit one of the matches, changes nothing.
+  `/dd/prompt/{1,3}/weight 1`, `/dd/prompt/[2-4]/text "fog"`, `[!1]` for all but one;
+  `*` and `?` stay within one level, and OSC 1.1's `//` spans any number of levels
+  (`/dd//weight`). Every match takes the same arguments, all in the same block; a pattern
+  that matches nothing, or a value that does not fit one of the matches, changes nothing.
+  Patterns are matched in linear time and bounded: at most 256 characters, 8 levels and
+  16 `{...}` alternatives; a reversed range such as `[9-1]` is an error.
 - Numbers: a float is accepted where an int is declared (rounded). Out-of-range values are
   clamped, and a `/dd/warning` (address, message) says so.
 - Booleans: `1`/`0`, `T`/`F`, or `on`/`off` strings. Feedback sends them as int 0/1
@@ -53,7 +60,9 @@ network, `--osc-port`, `--no-osc`). OSCQuery (HTTP JSON) is on port **9138**
 - Limits: datagrams over 64 KiB and messages with more than 64 arguments are refused;
   strings longer than the parameter's limit (4096 characters; 32768 for `/dd/prompts`)
   are refused. `--osc-allow IP,IP` accepts only those senders (and loopback); others are
-  dropped without an answer. Messages to the addresses the bridge sends (`/dd/error`,
+  dropped without an answer. When OSC listens beyond loopback, `/dd/get` is answered only
+  to loopback and `--osc-allow` senders (a forged UDP sender would otherwise turn the
+  engine into a reflector); repeated errors are summarised in the log, not repeated. Messages to the addresses the bridge sends (`/dd/error`,
   `/dd/warning`, `/dd/status/*`) are ignored, so a feedback loop cannot echo forever.
 - File paths (reference images, control videos) are resolved only inside the assets
   folder.

@@ -74,6 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--oscquery-port", type=_port, default=9138, help="OSCQuery HTTP port (default 9138)"
     )
     g.add_argument("--no-oscquery", action="store_true", help="no OSCQuery service")
+    g.add_argument(
+        "--oscquery-allow-host",
+        type=lambda v: frozenset(h.strip() for h in v.split(",") if h.strip()),
+        metavar="NAME,NAME",
+        help="extra host names OSCQuery answers to (IP addresses, localhost and this"
+        " machine's name always; others get 403: DNS rebinding)",
+    )
     g.add_argument("--no-zeroconf", action="store_true", help="do not announce on zeroconf/Bonjour")
     g.add_argument(
         "--osc-ignore-timetags",
@@ -94,6 +101,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         allow=args.osc_allow or frozenset(),
         oscquery_port=None if args.no_oscquery else args.oscquery_port,
         zeroconf=not args.no_zeroconf,
+        oscquery_hosts=getattr(args, "oscquery_allow_host", None) or frozenset(),
         timetags=not args.osc_ignore_timetags,
     )
 

@@ -26,6 +26,7 @@ from engine.runtime.registry import ControlError, Registry
 
 log = logging.getLogger(__name__)
 
+RETARGET_INTERVAL = 2.0  # s: beyond loopback, the last-sender feedback target moves this rarely
 MAX_AHEAD = 3600.0  # seconds: a timetag further ahead is a mistake (or an attack on the schedule)
 
 
@@ -42,6 +43,7 @@ class OscConfig:
     zeroconf: bool = True
     max_datagram: int = MAX_DATAGRAM
     timetags: bool = True  # False: apply bundles on arrival whatever their timetag
+    oscquery_hosts: frozenset[str] = field(default_factory=frozenset)  # extra Host names
 
 
 @dataclass
@@ -121,6 +123,7 @@ class OscBridge:
             enabled=cfg.feedback_enabled,
             status=self.status,
             status_interval=cfg.status_interval,
+            retarget_interval=0.0 if _is_loopback(cfg.host) or cfg.allow else RETARGET_INTERVAL,
         )
         self.feedback.start()
         self._thread = threading.Thread(target=self._loop, name="osc-receiver", daemon=True)
@@ -136,6 +139,7 @@ class OscBridge:
                     osc_port=self.port,
                     status=self.status,
                     zeroconf=cfg.zeroconf,
+                    allowed_hosts=cfg.oscquery_hosts,
                 ).start()
             except OSError as e:  # the OSC server is still useful without discovery
                 log.error("OSCQuery not started: %s", e)
@@ -191,8 +195,8 @@ class OscBridge:
                 return
             try:
                 self.handle_datagram(data, addr)
-            except Exception:  # noqa: BLE001 - the receiver never dies of a packet
-                log.exception("OSC: unexpected failure handling a datagram from %s", addr[0])
+            except Exception as e:  # noqa: BLE001 - the receiver never dies of a packet
+                self._internal_error("?", e)
 
     def handle_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
         """Decode one datagram and apply it. Public so tests and replays can drive it."""
@@ -229,6 +233,21 @@ class OscBridge:
         assert self.feedback is not None
         self.feedback.error(address, reason)
 
+    def _internal_error(self, address: str, e: BaseException, count: int = 1) -> None:
+        """A failure of ours, not the sender's: answered like any rejection (the sender
+        learns its message did nothing), logged with its traceback once per kind."""
+        self._reject(address[:256], self._log_internal(address, e), count)
+
+    def _log_internal(self, address: str, e: BaseException) -> str:
+        assert self.feedback is not None
+        kind = f"{type(e).__name__}: {str(e)[:120]}"
+        self.feedback.limiter.log(
+            f"OSC: unexpected failure handling {address[:128]}: {kind}",
+            key=f"internal {type(e).__name__} {address[:64]}",
+            exc_info=(type(e), e, e.__traceback__),
+        )
+        return f"internal error ({kind})"
+
     def _apply(self, messages: list[Message], when: float | None, host: str) -> None:
         """One transaction: every change of these messages in one set_many, or none."""
         changes: list[tuple[str, Any]] = []
@@ -237,7 +256,10 @@ class OscBridge:
         inputs = 0
         for m in messages:
             if m.address == addresses.GET:
-                self._query(m, host)
+                try:
+                    self._query(m, host)
+                except Exception as e:  # noqa: BLE001 - a query failing is answered too
+                    self._internal_error(addresses.GET, e)
                 continue
             if m.address in _OUTGOING:
                 continue  # our own feedback looped back: ignore, never answer (no echo storm)
@@ -255,6 +277,8 @@ class OscBridge:
                     sources.setdefault(param.path, m.address)
             except ControlError as e:
                 errors.append((m.address, e.reason))
+            except Exception as e:  # noqa: BLE001 - answered, never a silent drop
+                errors.append((m.address, self._log_internal(m.address, e)))
         if not inputs:
             return
         ahead = None if when is None else when - self.clock()
@@ -278,16 +302,34 @@ class OscBridge:
             reason = e.reason if path in sources else str(e)
             self._reject(address, reason + tail, inputs)
             return
+        except Exception as e:  # noqa: BLE001 - e.g. an action's expansion failing
+            self._internal_error(messages[0].address if inputs == 1 else "?", e, inputs)
+            return
         self.stats.applied += inputs
         assert self.feedback is not None
         for w in result.warnings:
             path = w.split(":", 1)[0]  # registry warnings start with the path
             self.feedback.warning(sources.get(path, "/dd/" + path), w)
 
+    def may_answer_queries(self, host: str) -> bool:
+        """Whether `/dd/get` from `host` is answered. UDP senders can be forged, and one
+        small `/dd/get` answers with every value (to any port it names): on a network that
+        makes the engine a reflector. So beyond loopback only `--osc-allow` senders (and
+        loopback ones) get answers; with OSC on loopback, everyone that can reach it may."""
+        return _is_loopback(self.config.host) or _is_loopback(host) or host in self.config.allow
+
     def _query(self, m: Message, host: str) -> None:
         """``/dd/get [address [port]]``: answer on the address itself, to the asker."""
         fb = self.feedback
         assert fb is not None
+        if not self.may_answer_queries(host):
+            self.stats.refused += 1  # no answer at all: an answer is what a reflector sends
+            fb.limiter.log(
+                f"OSC: /dd/get from {host} not answered: OSC listens on {self.config.host};"
+                " list the sender in --osc-allow to query from the network",
+                key=f"get-refused {host}",
+            )
+            return
         args = m.args
         port = None
         if len(args) >= 2:

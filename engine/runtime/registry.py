@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -151,6 +152,31 @@ _TRUE = {"1", "true", "on", "yes"}
 _FALSE = {"0", "false", "off", "no", ""}
 
 
+MAX_JSON_DEPTH = 16  # nesting of [ ] and { }; a prompt set needs 2
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')  # linear: the two branches never overlap
+_JSON_INNERMOST = re.compile(r"\[[^\[\]{}]*\]|\{[^\[\]{}]*\}")
+
+
+def _check_json_depth(path: str, text: str) -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH before parsing it: json.loads recurses
+    per level (a 32 KB string of '[' raised RecursionError out of the OSC handler), and a
+    deep value would recurse again wherever it is dumped. Strings are blanked, then the
+    innermost brackets peeled off once per level: all in C, at most MAX_JSON_DEPTH passes."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return
+    t = _JSON_STRING.sub('""', text)
+    for _ in range(MAX_JSON_DEPTH):
+        peeled = _JSON_INNERMOST.sub("", t)
+        if peeled == t:
+            return  # unbalanced: json.loads names the syntax error
+        t = peeled
+        if "[" not in t and "{" not in t:
+            return
+    raise ControlError(path, f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
+
+
 def coerce(param: Param, value: Any) -> tuple[Any, list[str]]:
     """Turn an incoming value into the parameter's type, the way TouchDesigner-style hosts
     expect: floats for ints are rounded, out-of-range numbers clamped (with a warning),
@@ -224,12 +250,15 @@ def coerce(param: Param, value: Any) -> tuple[Any, list[str]]:
             s = value.strip()
             if len(s) > param.max_len:
                 raise ControlError(p, f"value of {len(s)} characters is too long")
+            _check_json_depth(p, s)
             try:
                 value = (
                     json.loads(s) if s.startswith("[") else [x for x in s.replace(",", " ").split()]
                 )
             except json.JSONDecodeError as e:
                 raise ControlError(p, f"not a JSON list: {e.msg}") from None
+            except RecursionError:  # unbalanced and deep: the depth check let json decide
+                raise ControlError(p, "JSON nested too deeply") from None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
@@ -248,10 +277,13 @@ def coerce(param: Param, value: Any) -> tuple[Any, list[str]]:
         if isinstance(value, str):
             if len(value) > param.max_len:
                 raise ControlError(p, f"JSON of {len(value)} characters, more than {param.max_len}")
+            _check_json_depth(p, value)
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as e:
                 raise ControlError(p, f"not valid JSON: {e.msg} at character {e.pos}") from None
+            except RecursionError:  # unbalanced and deep: the depth check let json decide
+                raise ControlError(p, "JSON nested too deeply") from None
     if param.validate is not None:
         try:
             value = param.validate(value)
