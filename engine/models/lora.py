@@ -36,9 +36,10 @@ model state and is meant for a loader thread (engine/runtime/lora_loader.py).
 from __future__ import annotations
 
 import logging
-import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,15 +47,18 @@ from torch import Tensor, nn
 
 from engine.models.fp8 import Fp8Linear, quantize_rowwise
 from engine.models.wan import CONFIGS, SelfAttention, WanModel
-from engine.weights.lora import LoraError, LoraFile, LoraInfo, check_fits, load_lora
-from engine.weights.lora import read_lora_header
 
 log = logging.getLogger(__name__)
+
+
+class LoraError(ValueError):
+    """A LoRA that cannot be used: the message names the file and what is wrong."""
+
 
 SLOTS = 4
 # Modules whose output feeds the cached cross-attention K/V (engine/stream/session.py):
 # changing them means recomputing that cache.
-_TEXT_KV = (".cross_attn.k", ".cross_attn.v", "text_embedding.")
+_TEXT_KV = re.compile(r"(^text_embedding\.)|(\.cross_attn\.(k|v|norm_k)$)")
 
 
 class LoraLinear(nn.Module):
@@ -118,7 +122,7 @@ class PreparedLora:
     """A LoRA read and placed on the device, ready for `LoraSlots.install`."""
 
     path: str
-    info: LoraInfo
+    info: Any  # engine.weights.lora.LoraInfo
     targets: dict[str, dict]  # module -> {down, up, scale, diff, diff_b}
     nbytes: int
 
@@ -150,41 +154,14 @@ class LoraSlots:
         self.max_bytes = max_bytes
         self.slots: list[PreparedLora | None] = [None] * SLOTS
         self.strengths = [0.0] * SLOTS  # what `update` was last given (0 for empty slots)
-        self._still = False  # the last update kept every strength
         self._sites: dict[str, _Site] = {}
 
-    # -- checks and loading (any thread) -------------------------------------------------
-    def check(self, path: str | os.PathLike) -> LoraInfo:
-        """Header-only checks (fast): a safetensors LoRA of a known layout that fits this
-        model and the memory budget. Raises LoraError naming the file and the problem."""
-        info = read_lora_header(path)
-        if self.config != "custom":
-            check_fits(info, self.config)
-        need = self._device_bytes(info)
-        if self.max_bytes is not None and need > self.max_bytes:
-            raise LoraError(
-                f"{info.path}: needs {need / 2**20:.1f} MiB on the device, over the LoRA"
-                f" memory budget of {self.max_bytes / 2**20:.1f} MiB"
-            )
-        return info
-
-    def _device_bytes(self, info: LoraInfo) -> int:
-        el = torch.tensor([], dtype=self.model.dtype).element_size()
-        n = 0
-        for t in info.targets.values():
-            for part, shape in t.shapes.items():
-                if part != "alpha":
-                    k = 1
-                    for s in shape:
-                        k *= s
-                    n += k * el
-        return n
-
-    def prepare(self, path: str | os.PathLike) -> PreparedLora:
-        """Read a LoRA file and put its tensors on the model's device, checked against
-        the model. Touches no model state (safe on a loader thread)."""
-        info = self.check(path)
-        lf: LoraFile = load_lora(path, info)
+    # -- placing a loaded file (any thread) ------------------------------------------------
+    def prepare(self, lf: Any) -> PreparedLora:
+        """Put a loaded LoRA file's tensors (engine.weights.lora.LoraFile: `.path`,
+        `.info`, `.targets` of down/up/scale/diff/diff_b) on the model's device, checked
+        against the model. Touches no model state (safe on a loader thread)."""
+        info = lf.info
         dtype = self.model.dtype
         out: dict[str, dict] = {}
         nbytes = 0
@@ -206,7 +183,7 @@ class LoraSlots:
                 out[name] = d
         if stream is not None:
             stream.synchronize()
-        return PreparedLora(str(path), info, out, nbytes)
+        return PreparedLora(str(lf.path), info, out, nbytes)
 
     def _locate(self, name: str) -> tuple[nn.Module, slice]:
         """The module holding Wan-native `name` in the model (the fused qkv for q/k/v)
@@ -250,10 +227,17 @@ class LoraSlots:
                 module, rows = self._locate(name)
                 site = self._site_for(module, name)
                 site.entries.append(
-                    _Entry(n, rows, d.get("down"), d.get("up"), d["scale"], d.get("diff"), d.get("diff_b"))
+                    _Entry(
+                        n,
+                        rows,
+                        d.get("down"),
+                        d.get("up"),
+                        d["scale"],
+                        d.get("diff"),
+                        d.get("diff_b"),
+                    )
                 )
                 self._rebuild_side(site)
-        self._still = False
         return dirty
 
     def _site_for(self, module: nn.Module, name: str) -> _Site:
@@ -267,9 +251,7 @@ class LoraSlots:
             wrapped = LoraLinear(module)
             setattr(parent, leaf, wrapped)
             module = wrapped
-        text_kv = any(k in "." + full for k in _TEXT_KV) or full.endswith(
-            (".cross_attn.k", ".cross_attn.v")
-        )
+        text_kv = _TEXT_KV.search(full) is not None
         site = _Site(full, module, text_kv)
         self._sites[full] = site
         return site
@@ -326,29 +308,27 @@ class LoraSlots:
         zero = all(v == 0.0 for v in s)
         budget = self.merge_per_block
         for site in self._sites.values():
-            touched = False
-            want_diff = [s[e.slot] if (e.diff is not None or e.diff_b is not None) else 0.0 for e in site.entries]
-            diff_now = [0.0] * SLOTS
-            for e, v in zip(site.entries, want_diff, strict=True):
-                diff_now[e.slot] = v
-            merge = diff_now != site.diffs
-            lows = [e for e in site.entries if e.down is not None]
-            target = [s[i] if any(e.slot == i for e in lows) else 0.0 for i in range(SLOTS)]
-            if zero and any(v != 0.0 for v in site.merged):
-                merge = True  # strength 0: the pristine weight back, at once
-            elif not moved and self._still and target != site.merged and (budget is None or budget > 0):
-                merge = True  # still for a block: merge at the new strengths
+            diffs = [0.0] * SLOTS
+            target = [0.0] * SLOTS  # low-rank strengths this site would be merged at
+            for e in site.entries:
+                if e.diff is not None or e.diff_b is not None:
+                    diffs[e.slot] = s[e.slot]
+                if e.down is not None:
+                    target[e.slot] = s[e.slot]
+            merged = site.merged
+            if zero:
+                merged = [0.0] * SLOTS  # strength 0: the pristine weight back, at once
+            elif not moved and target != merged and (budget is None or budget > 0):
+                merged = target  # still since the last block: merge at these strengths
                 if budget is not None:
                     budget -= 1
-            if merge:
-                site.diffs = diff_now
-                if zero or target != site.merged and (not moved and self._still):
-                    site.merged = list(target)
+            touched = False
+            if merged != site.merged or diffs != site.diffs:
+                site.merged, site.diffs = list(merged), diffs
                 self._write(site)
                 touched = True
             touched |= self._set_side(site)
             dirty |= touched and site.text_kv
-        self._still = not moved
         return dirty
 
     def _write(self, site: _Site) -> None:
@@ -372,9 +352,9 @@ class LoraSlots:
         dev = self.device
         if isinstance(t, Fp8Linear):
             w = pr["weight"].to(dev).float() * pr["weight_scale"].to(dev).view(-1, 1)
-        else:
-            w = pr["weight"].to(dev).float()
-        bias = pr["bias"].to(dev).float() if "bias" in pr else None
+        else:  # a copy: the sums below must never touch the pristine tensors
+            w = pr["weight"].to(dev, torch.float32, copy=True)
+        bias = pr["bias"].to(dev, torch.float32, copy=True) if "bias" in pr else None
         for e in site.entries:
             m, s = site.merged[e.slot], site.diffs[e.slot]
             if m != 0.0 and e.down is not None:
@@ -404,7 +384,9 @@ class LoraSlots:
     @property
     def side_sites(self) -> int:
         """Sites whose side path is on (a strength moved and is not merged yet)."""
-        return sum(isinstance(s.module, LoraLinear) and s.module.side_on for s in self._sites.values())
+        return sum(
+            isinstance(s.module, LoraLinear) and s.module.side_on for s in self._sites.values()
+        )
 
     @property
     def device_bytes(self) -> int:

@@ -25,6 +25,7 @@ differences add strength · diff.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -35,6 +36,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from engine.models.lora import LoraError
 
 FORMATS = ("diffusers", "wan", "kohya")
 MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
@@ -48,10 +51,6 @@ _DTYPES = {
     "I64": (torch.int64, 8),
     "I32": (torch.int32, 4),
 }
-
-
-class LoraError(ValueError):
-    """A LoRA file that cannot be used: the message names the file and what is wrong."""
 
 
 # --------------------------------------------------------------------------- names
@@ -305,7 +304,9 @@ def read_lora_header(path: str | os.PathLike) -> LoraInfo:
         t.keys[part] = key
         t.shapes[part] = info.shape
     if unknown:
-        shown = ", ".join(unknown[:4]) + (f" and {len(unknown) - 4} more" if len(unknown) > 4 else "")
+        shown = ", ".join(unknown[:4]) + (
+            f" and {len(unknown) - 4} more" if len(unknown) > 4 else ""
+        )
         raise LoraError(
             f"{p}: {len(unknown)} tensor(s) target modules this Wan2.1 transformer does not"
             f" have (or are not LoRA tensors): {shown}"
@@ -329,7 +330,9 @@ def _check_target(path: Path, t: TargetInfo) -> None:
                 f"{path}: {t.module}: down {list(d)} and up {list(u)} are not a rank-r pair"
             )
     if "alpha" in s and len(s["alpha"]) > 1:
-        raise LoraError(f"{path}: {t.module}: alpha has shape {list(s['alpha'])}, expected a scalar")
+        raise LoraError(
+            f"{path}: {t.module}: alpha has shape {list(s['alpha'])}, expected a scalar"
+        )
     if "alpha" in s and not has_pair:
         raise LoraError(f"{path}: {t.module}: alpha without a lora_down/lora_up pair")
     if not has_pair and "diff" not in s and "diff_b" not in s:
@@ -482,6 +485,38 @@ def read_alphas(info: LoraInfo) -> dict[str, float | None]:
     except (SafetensorError, OSError) as e:
         raise LoraError(f"{info.path}: cannot read: {e}") from None
     return out
+
+
+def device_bytes(info: LoraInfo, dtype: torch.dtype) -> int:
+    """Bytes the file's tensors take on the device once cast to `dtype`."""
+    el = torch.tensor([], dtype=dtype).element_size()
+    n = 0
+    for t in info.targets.values():
+        for part, shape in t.shapes.items():
+            if part != "alpha":
+                n += math.prod(shape) * el
+    return n
+
+
+def check_lora(
+    path: str | os.PathLike,
+    config: str | None,
+    dtype: torch.dtype = torch.bfloat16,
+    max_bytes: int | None = None,
+) -> LoraInfo:
+    """Header-only checks (fast, no tensor read): a safetensors LoRA of a known layout
+    that fits a model of `config` and the memory budget. Raises LoraError naming the
+    file and the problem."""
+    info = read_lora_header(path)
+    if config is not None:
+        check_fits(info, config)
+    need = device_bytes(info, dtype)
+    if max_bytes is not None and need > max_bytes:
+        raise LoraError(
+            f"{info.path}: needs {need / 2**20:.1f} MiB on the device, over the LoRA"
+            f" memory budget of {max_bytes / 2**20:.1f} MiB"
+        )
+    return info
 
 
 def summary(info: LoraInfo, alphas: dict[str, float | None] | None = None) -> dict:
