@@ -170,20 +170,20 @@ def test_every_layout_reads_onto_wan_names(tmp_path, layout):
         assert got.scale == (2.0 if "alpha" in t else 1.0)  # alpha 8 / rank 4
 
 
+@pytest.mark.slow
 def test_inspect_cli_json_and_errors(tmp_path):
     cfg = CONFIGS["tiny"]
     p = tmp_path / "k.safetensors"
     write_lora(random_lora(cfg, 2), "kohya", p)
-    env = {"PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "engine", "lora", "inspect", str(p), "--json"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
     assert s["format"] == "kohya" and s["rank"] == 4 and s["alpha"] == 8.0
     assert s["base"] == "tiny" and s["targets"] == sorted(LINEARS)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
-    r = subprocess.run(cmd[:-2] + [str(bad)], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(cmd[:-2] + [str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "bad.safetensors" in r.stderr and "not JSON" in r.stderr
 
 
@@ -201,6 +201,7 @@ def test_summary_matches_header(tmp_path):
 # -------------------------------------------------------------------------- oracle
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_one_lora_matches_diffusers_peft(tmp_path, layout):
     model = tiny()
@@ -434,6 +435,42 @@ def test_low_rank_pair_missing_half(tmp_path):
     save_file({"diffusion_model.blocks.0.ffn.0.lora_down.weight": torch.zeros(2, 64)}, str(p))
     with pytest.raises(LoraError, match="up"):
         read_lora_header(p)
+
+
+def test_fp8_weights_merge_by_requantising_and_restore_exactly(tmp_path):
+    """fp8 linears (engine/models/fp8.py): the merged weight is the re-quantised
+    base + s·d (within fp8's rounding), and strength 0 gives back the very same fp8 bytes
+    and scales. Weights only: fp8 matmuls need a GPU."""
+    from engine.models.fp8 import Fp8Linear, quantize_linears
+
+    p = tmp_path / "a.safetensors"
+    lora = random_lora(CONFIGS["tiny"], 5)
+    write_lora(lora, "wan", p)
+    model = tiny()
+    fuse_qkv(model)
+    quantize_linears(model.blocks, out_dtype=torch.float32)
+    fp8 = {n: m for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    assert len(fp8) == 16
+    before = {n: (m.weight.clone(), m.weight_scale.clone(), m.bias.clone()) for n, m in fp8.items()}
+    slots = LoraSlots(model)
+    slots.install(0, slots.prepare(load_lora(p)))
+    slots.update([0.7, 0, 0, 0])
+    slots.update([0.7, 0, 0, 0])  # merged
+    assert slots.side_sites == 0
+    o = model.blocks[1].ffn[2]  # an LoraLinear around the Fp8Linear
+    assert isinstance(o, LoraLinear) and isinstance(o.base, Fp8Linear)
+    t = lora["blocks.1.ffn.2"]
+    w0, s0, b0 = before["blocks.1.ffn.2"]
+    want = w0.float() * s0.view(-1, 1) + 0.7 * 2.0 * (t["up"] @ t["down"])
+    got = o.base.dequantized_weight()
+    assert rel_err(got, want) < 0.05  # e4m3 keeps 3 mantissa bits
+    assert rel_err(got, want) < 0.5 * rel_err(w0.float() * s0.view(-1, 1), want)
+    assert torch.allclose(o.base.bias, b0 + 0.7 * t["diff_b"], atol=1e-6)
+    slots.update([0.0] * 4)
+    for n, m in fp8.items():
+        w, s, b = before[n]
+        assert torch.equal(m.weight.view(torch.uint8), w.view(torch.uint8)), n
+        assert torch.equal(m.weight_scale, s) and torch.equal(m.bias, b), n
 
 
 def test_side_path_off_is_the_wrapped_linear():

@@ -74,6 +74,7 @@ def run_blocks(preset, blocks: int, changes: dict[int, dict] | None = None, sync
     return frames, records
 
 
+@pytest.mark.slow
 def test_strength_zero_stream_is_base_bit_for_bit_and_change_at_k(assets):
     base, _ = run_blocks(preset_for(assets), 5)
     p = preset_for(assets, loras=[Lora("style.safetensors", 0.0)])
