@@ -40,7 +40,15 @@ SEGMENT_KEYS = {"startTime", "endTime", "prompts", "transitionSteps", "temporalI
 # Known keys that do not steer a text-to-video render here (chunk indices are derived from
 # times; noise/cache/quantisation settings belong to Daydream's own pipeline or to V2V).
 SEGMENT_IGNORED = {"startChunk", "endChunk", "initCache", "softCut"}
-SETTINGS_KEYS = {"resolution", "seed", "denoisingSteps", "kvCacheAttentionBias"}
+SETTINGS_KEYS = {
+    "resolution",
+    "seed",
+    "denoisingSteps",
+    "kvCacheAttentionBias",
+    "loras",  # v2.1: [{"path": ..., "scale": ...}]: loaded into lora/1.. at block 0
+    "loraMergeStrategy",  # v2.1: how Daydream fixes strengths; ours stay live (read, noted)
+}
+MAX_LORAS = 4
 SETTINGS_IGNORED = {
     "pipelineId",
     "inputMode",
@@ -48,8 +56,6 @@ SETTINGS_IGNORED = {
     "noiseController",
     "manageCache",
     "quantization",
-    "loras",
-    "loraMergeStrategy",
 }
 TOP_KEYS = {"prompts", "settings", "version"}
 TOP_IGNORED = {"exportedAt", "recording", "recordingDuration"}
@@ -110,6 +116,7 @@ class Show:
     steps: list[int] | None = None
     kv_bias: float | None = None
     segments: list[Segment] = field(default_factory=list)
+    loras: list[tuple[str, float]] = field(default_factory=list)  # (file, scale), v2.1
     records: list[dict[str, Any]] = field(default_factory=list)  # control logs
     header: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys, kept
@@ -151,6 +158,9 @@ class Show:
                 changes["steps"] = list(self.steps)
             if self.kv_bias is not None:
                 changes["kv_bias"] = self.kv_bias
+            for n, (file, scale) in enumerate(self.loras, start=1):
+                changes[f"lora/{n}/file"] = file
+                changes[f"lora/{n}/scale"] = scale
         for seg in self.segments:
             if seg.block != block:
                 continue
@@ -256,7 +266,7 @@ def parse_timeline(data: Any, path: str | Path = "<timeline>") -> Show:
         raise err("version", 'missing (expected "2.0")')
     if not isinstance(version, str) or not version.startswith("2."):
         raise err("version", f"{version!r} is not a version 2 timeline")
-    if version != "2.0":
+    if version not in ("2.0", "2.1"):
         log.warning("%s: timeline version %s, read as 2.0", path, version)
     _unknown(data, TOP_KEYS, TOP_IGNORED, "", path, extra)
 
@@ -299,6 +309,8 @@ def parse_timeline(data: Any, path: str | Path = "<timeline>") -> Show:
             lo=0.01,
             hi=1.0,
         )
+
+    loras = _loras(settings, path, err)
 
     prompts = data.get("prompts")
     if not isinstance(prompts, list) or not prompts:
@@ -379,5 +391,41 @@ def parse_timeline(data: Any, path: str | Path = "<timeline>") -> Show:
         steps=steps,
         kv_bias=kv_bias,
         segments=segments,
+        loras=loras,
         extra=extra,
     )
+
+
+def _loras(settings: Mapping[str, Any], path: Path, err: Any) -> list[tuple[str, float]]:
+    """v2.1 `settings.loras`: (file, scale) for the lora/{n} slots. A path from another
+    machine (absolute, or with a drive letter) is looked up by its file name in the
+    assets folder; whether the file is there is checked when render applies it (a
+    missing one is reported by name and the show renders without it)."""
+    raw = settings.get("loras")
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise err("settings.loras", 'expected a list of {"path": ..., "scale": ...}')
+    if len(raw) > MAX_LORAS:
+        raise err("settings.loras", f"{len(raw)} LoRAs, at most {MAX_LORAS} slots")
+    out = []
+    for i, item in enumerate(raw):
+        where = f"settings.loras[{i}]"
+        if not isinstance(item, dict):
+            raise err(where, 'expected {"path": ..., "scale": ...}')
+        name = next((item[k] for k in ("path", "file", "name") if k in item), None)
+        if not isinstance(name, str) or not name.strip():
+            raise err(f"{where}.path", "missing or empty")
+        text = name.strip().replace("\\", "/")
+        if text.startswith("/") or (len(text) > 1 and text[1] == ":"):
+            text = text.rsplit("/", 1)[-1]
+        scale = _num(item.get("scale", 1.0), f"{path}: {where}.scale", lo=-2.0, hi=2.0)
+        out.append((text, scale))
+    strategy = settings.get("loraMergeStrategy")
+    if strategy is not None and raw:
+        log.info(
+            "%s: loraMergeStrategy %r: dreamdeck keeps LoRA strengths live (no choice needed)",
+            path,
+            strategy,
+        )
+    return out

@@ -146,6 +146,21 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="compile into PyTorch's temporary cache instead of the models folder's",
     )
+    p.add_argument(
+        "--loras",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N random LoRAs (0..4) on every attention and FFN linear of the blocks, live"
+        " slots as the engine runs them; adds lora_update_ms, lora_load_s, lora_mb",
+    )
+    p.add_argument("--lora-rank", type=int, default=64, metavar="R", help="with --loras: rank")
+    p.add_argument(
+        "--lora-moving",
+        action="store_true",
+        help="with --loras: slot 1's strength changes every block (side path); without it the"
+        " strengths stand still (merged into the weights)",
+    )
     p.add_argument("--models-dir", default=None, help="where the compile cache lives")
     p.add_argument("--blocks", type=int, default=5, help="measured steady blocks")
     p.add_argument(
@@ -210,6 +225,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--drift takes a number of blocks >= 1, got {args.drift}")
     if (args.accuracy or args.drift) and (args.suite or args.vace or args.v2v is not None):
         raise UsageError("--accuracy / --drift run on their own (not with --suite, --vace, --v2v)")
+    if not 0 <= args.loras <= 4 or args.lora_rank < 1:
+        raise UsageError("--loras takes 0..4 and --lora-rank >= 1")
     if args.suite and (args.vace or args.v2v is not None):
         raise UsageError("--suite measures the targets table; run --vace / --v2v on their own")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -346,10 +363,21 @@ def measure(
         inputs.vace_scale = args.vace_scale
         inputs.v2v_strength = v2v
 
+    lora = _attach_loras(session, model, args, device, dtype) if args.loras else None
+
     def block():
         if video is not None:  # 9 frames for the stream's first block, then 12
             inputs.video = video.next(9 if session.index == 0 else STEADY_FRAMES)
-        return session.next_block(inputs)
+        if lora is None:
+            return session.next_block(inputs)
+        t0 = _mark(cuda)
+        lora.step(session.index)
+        t1 = _mark(cuda)
+        out = session.next_block(inputs)
+        ms = _elapsed_ms(t0, t1, cuda)
+        out.timings["lora_update"] = ms
+        out.timings["total"] = out.timings.get("total", 0.0) + ms
+        return out
 
     first = None
     t_warm = time.perf_counter()
@@ -450,6 +478,8 @@ def measure(
             "input": "synthetic moving pattern" if video is not None else None,
         },
     }
+    if lora is not None:
+        result["lora"] = lora.report()
     if args.profile:
         result["profile"] = args.profile
     if sync_check is not None:
@@ -457,6 +487,114 @@ def measure(
     if args.memory_cap_gb is not None:
         result["memory_cap_gb"] = args.memory_cap_gb
     return result
+
+
+def _mark(cuda: bool):
+    import torch
+
+    if cuda:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+    return time.perf_counter()
+
+
+def _elapsed_ms(a, b, cuda: bool) -> float:
+    if cuda:
+        b.synchronize()
+        return a.elapsed_time(b)
+    return (b - a) * 1e3
+
+
+class _BenchLoras:
+    """Random rank-R LoRAs in live slots (engine/models/lora.py) on every attention and FFN
+    linear; `step` sets this block's strengths as the block driver does."""
+
+    def __init__(self, session, model, args, device, dtype):
+        import tempfile
+
+        import torch
+
+        from engine.models.lora import LoraSlots
+        from engine.weights.lora import load_lora, read_lora_header
+
+        self.session, self.moving = session, args.lora_moving
+        self.n = args.loras
+        # Still: merge everything at the first still boundary (the steady state the engine
+        # reaches after its spread-out merges); moving: merges never happen.
+        self.slots = LoraSlots(model, pristine_device="cpu", merge_per_block=None)
+        names = [
+            f"blocks.{i}.{m}"
+            for i in range(model.cfg.layers)
+            for m in (
+                "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
+                "ffn.0", "ffn.2",
+            )
+        ]  # fmt: skip
+        shapes = {k: tuple(v.shape) for k, v in _meta_state(model.cfg).items()}
+        r = args.lora_rank
+        # One file written and read back for the load time (host, bf16, as shipped).
+        g = torch.Generator().manual_seed(args.seed + 7)
+        sd = {}
+        for name in names:
+            out_f, in_f = shapes[name + ".weight"]
+            sd[f"diffusion_model.{name}.lora_down.weight"] = (
+                torch.randn(r, in_f, generator=g) * in_f**-0.5
+            ).to(torch.bfloat16)
+            sd[f"diffusion_model.{name}.lora_up.weight"] = (
+                torch.randn(out_f, r, generator=g) * 0.02
+            ).to(torch.bfloat16)
+            sd[f"diffusion_model.{name}.alpha"] = torch.tensor(float(r))
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = f"{tmp}/bench_lora.safetensors"
+            save_file(sd, path)
+            del sd
+            self.file_mb = os.path.getsize(path) / 2**20
+            t0 = time.perf_counter()
+            lf = load_lora(path, read_lora_header(path))
+            first = self.slots.prepare(lf)
+            self.load_s = time.perf_counter() - t0
+            self.slots.install(0, first)
+            for k in range(1, self.n):  # the same file again: its own copy on the device
+                self.slots.install(k, self.slots.prepare(lf))
+            del lf
+        self.updates = 0
+
+    def step(self, index: int) -> None:
+        import math
+
+        s = [0.8] * self.n + [0.0] * (4 - self.n)
+        if self.moving:
+            s[0] = 0.5 + 0.4 * math.sin(index)
+        if self.slots.update(s):
+            self.session.invalidate_text_kv()
+        self.updates += 1
+
+    def report(self) -> dict:
+        return {
+            "loras": self.n,
+            "moving": self.moving,
+            "file_mb": self.file_mb,
+            "load_s": self.load_s,
+            "device_mb": self.slots.device_bytes / 2**20,
+            "side_sites": self.slots.side_sites,
+        }
+
+
+def _meta_state(cfg):
+    import torch
+
+    from engine.models.wan import WanModel
+
+    with torch.device("meta"):
+        return WanModel(cfg).state_dict()
+
+
+def _attach_loras(session, model, args, device, dtype):
+    return _BenchLoras(session, model, args, device, dtype)
 
 
 class SyntheticVideo:
@@ -523,7 +661,15 @@ def _attach_inputs(session, model, cfg, args, device, dtype, height, width, enco
 
 
 def _stage_order(name: str) -> tuple[int, int]:
-    order = {"text": 0, "v2v_encode": 1, "vace_encode": 1, "encode": 1, "recompute": 2, "decode": 9}
+    order = {
+        "lora_update": 0,
+        "text": 0,
+        "v2v_encode": 1,
+        "vace_encode": 1,
+        "encode": 1,
+        "recompute": 2,
+        "decode": 9,
+    }
     if name.startswith("step"):
         return (3, int(name[4:]))
     return (order.get(name, 8), 0)

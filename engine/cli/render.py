@@ -74,7 +74,14 @@ def render(args: argparse.Namespace) -> int:
     pipeline = build_or_explain(preset, args.models_dir, args.random_weights)
     if pipeline is None:
         return 1
-    registry = make_registry(default_prompt=preset.prompt, default_steps=preset.steps)
+    from engine.runtime.engine import _lora_check
+
+    registry = make_registry(
+        default_prompt=preset.prompt,
+        default_steps=preset.steps,
+        assets_dir=preset.vace.assets_dir,
+        lora_check=_lora_check(pipeline),
+    )
     registry.set_many(preset.control_defaults())
     # Flags beat the file: the paths they set are not replayed.
     skip = frozenset(
@@ -157,4 +164,5 @@ def play_show(
                 except ControlError as e:
                     log.warning("block %d: %s refused: %s", b, item[0], e)
         controls = registry.begin_block(b, now=first_frame(b) / FPS)
-        yield driver.step(controls, prompt=show.prompt_at(b), replay=replay)
+        loras = show.records[b].get("lora") if replay and b < len(show.records) else None
+        yield driver.step(controls, prompt=show.prompt_at(b), replay=replay, loras=loras)

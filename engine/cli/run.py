@@ -246,6 +246,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="assets folder: reference images and video files named over OSC must lie inside",
     )
+    p.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[:SCALE]",
+        help="load a LoRA at start (repeatable, up to 4; FILE inside --assets; SCALE -2..2,"
+        " default 1); live: /dd/lora/{n}/file, /dd/lora/{n}/scale",
+    )
     g = p.add_argument_group("run length (tests, soak runs)")
     g.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this many seconds")
     g.add_argument("--blocks", type=int, metavar="N", help="stop after N blocks")
@@ -313,6 +320,47 @@ def _vace_from_args(args: argparse.Namespace, preset: Any) -> Any:
         raise UsageError(str(e).replace("overrides: vace.source", "--vace-source")) from None
 
 
+def parse_lora_flag(text: str) -> tuple[str, float]:
+    """`FILE[:SCALE]` -> (file, scale); a tail that is not a number belongs to the file."""
+    file, sep, tail = text.rpartition(":")
+    if sep and file:
+        try:
+            scale = float(tail)
+        except ValueError:
+            return text, 1.0
+        if not -2.0 <= scale <= 2.0:  # NaN fails too
+            raise UsageError(f"--lora {text}: scale {tail} is outside -2..2")
+        return file, scale
+    return text, 1.0
+
+
+def _loras_from_args(args: argparse.Namespace, preset: Any) -> Any:
+    """--lora flags replace the preset's `loras` list."""
+    from engine.runtime.presets import Lora, PresetError
+
+    flags = getattr(args, "lora", None)
+    if not flags:
+        return preset
+    loras = [Lora(*parse_lora_flag(f)) for f in flags]
+    try:
+        return preset.replace(loras=loras)
+    except PresetError as e:
+        raise UsageError(str(e).replace("overrides: loras", "--lora")) from None
+
+
+def check_loras(preset: Any, pipeline: Any) -> None:
+    """The start-up LoRAs' headers, before anything runs: UsageError (exit 2) names the file
+    and what is wrong."""
+    loader = getattr(pipeline, "lora_loader", None)
+    for n, lora in enumerate(preset.loras, start=1):
+        if loader is None:
+            raise UsageError("this pipeline has no LoRA slots")
+        try:
+            loader.check(lora.file)
+        except ValueError as e:
+            raise UsageError(f"LoRA {n}: {e}") from None
+
+
 def _cap_gpu_memory(gb: float) -> None:
     """Limit PyTorch's CUDA allocator to `gb` GiB of the card: a preset meant for a 24 or
     32 GB card runs into the same wall on an 80 GB one. (The CUDA context, about 0.5 GB, is
@@ -350,13 +398,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
         raise UsageError("--duration must be positive")
     if args.fps is not None and args.fps <= 0:
         raise UsageError("--fps must be positive")
-    preset = _vace_from_args(args, preset_from_args(args))
+    preset = _loras_from_args(args, _vace_from_args(args, preset_from_args(args)))
     if args.memory_cap_gb is not None:
         _cap_gpu_memory(args.memory_cap_gb)
     if args.preset is None and args.model is None and not args.random_weights:
         if _fall_back_to_tiny(preset, args.models_dir):
             args.model = "tiny"
-            preset = _vace_from_args(args, preset_from_args(args))
+            preset = _loras_from_args(args, _vace_from_args(args, preset_from_args(args)))
     _apply_port_defaults(args, parser, preset.ports)
     record = Path(args.record) if args.record else None
 
@@ -385,6 +433,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
     pipeline = build_or_explain(preset, args.models_dir, args.random_weights, phases)
     if pipeline is None:
         return 1
+    try:
+        check_loras(preset, pipeline)
+    except UsageError:
+        pipeline.close()
+        raise
     recorder = None
     if record is not None:
         try:

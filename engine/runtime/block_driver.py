@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from engine.runtime.controls import PROMPT_SLOTS, REF_FROM_INPUT, REF_SLOTS
+from engine.runtime.controls import LORA_SLOTS, PROMPT_SLOTS, REF_FROM_INPUT, REF_SLOTS
 from engine.runtime.registry import BlockControls
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ PROMPT_PATHS = frozenset(
     [f"prompt/{n}/{k}" for n in range(1, PROMPT_SLOTS + 1) for k in ("text", "weight")]
     + ["transition/blocks", "transition/method"]
 )
+LORA_TIMEOUT = 600.0  # seconds a render (or the first live block) waits for a LoRA file
 ENCODE_TIMEOUT = 300.0  # seconds a render waits for one prompt encoding (UMT5 on a CPU is slow)
 NOMINAL_FPS = 16.0  # the model's video rate: the input span of a block before one is measured
 STEADY_FRAMES = 12
@@ -89,6 +90,9 @@ class BlockDriver:
         self._refs = [""] * REF_SLOTS  # what each reference slot really holds (registry value)
         self._failed: dict[str, Any] = {}  # path -> the value that could not be applied
         self._block_s: float | None = None  # EMA of the time between blocks
+        self._lora_files = [""] * LORA_SLOTS  # what each LoRA slot really holds
+        self._lora_asked: list[str | None] = [None] * LORA_SLOTS  # being read, not installed
+        self._lora_started = False  # the first block waits for its LoRA files
         self._t_last: float | None = None
 
     def _fail(self, message: str, path: str | None = None, value: Any = None) -> None:
@@ -201,6 +205,74 @@ class BlockDriver:
             self._block_s = dt if self._block_s is None else 0.8 * self._block_s + 0.2 * dt
         self._t_last = now
 
+    # -- LoRA slots -----------------------------------------------------------------------
+    def _apply_loras(
+        self, controls: BlockControls, replay: bool, recorded: Mapping[str, Any] | None
+    ) -> dict[int, str]:
+        """Install finished LoRA loads and set this block's strengths (engine/models/lora.py).
+        Live, a new file is read in the background and lands at the first block after it
+        is ready; render, replay and the first block wait for it, so their frames do not
+        depend on disk speed. A replay installs exactly what the recorded engine installed
+        at this block (`recorded`, the log's "lora" entry). Returns slot -> file installed
+        at this block (for the control log)."""
+        slots = getattr(self.pipeline, "loras", None)
+        loader = getattr(self.pipeline, "lora_loader", None)
+        if slots is None or loader is None:
+            return {}
+        values = controls.values
+        installed: dict[int, str] = {}
+        dirty = False
+        sync = self.sync_prompts or not self._lora_started
+        self._lora_started = True
+        if replay:
+            for key, file in (recorded or {}).items():
+                n = int(key) - 1
+                try:
+                    lora = loader.load(file) if file else None
+                except ValueError as e:
+                    self._fail(f"lora/{n + 1}/file not replayed: {e}")
+                    continue
+                dirty |= slots.install(n, lora)
+                self._lora_files[n] = installed[n] = file
+        else:
+            for n in range(LORA_SLOTS):
+                path = f"lora/{n + 1}/file"
+                want = str(values.get(path, self._lora_files[n]))
+                if path in controls.changed and self._failed.get(path) != want:
+                    self._failed.pop(path, None)
+                if want == self._lora_files[n]:
+                    self._lora_asked[n] = None
+                    continue
+                if want == self._failed.get(path):
+                    continue
+                if not want:  # unload at this block
+                    dirty |= slots.install(n, None)
+                    self._lora_files[n] = installed[n] = ""
+                    self._lora_asked[n] = None
+                    continue
+                if self._lora_asked[n] != want:
+                    loader.request(n, want)
+                    self._lora_asked[n] = want
+                if sync:
+                    loader.wait(n, LORA_TIMEOUT)
+                got = loader.take(n)
+                if got is None or got.file != want:
+                    continue  # still reading (or a stale result): the slot keeps its file
+                self._lora_asked[n] = None
+                if got.error is not None:
+                    self._failed[path] = want
+                    self._fail(f"{path} not changed: {got.error}", path, self._lora_files[n])
+                    continue
+                self._failed.pop(path, None)
+                dirty |= slots.install(n, got.lora)
+                self._lora_files[n] = installed[n] = want
+                log.info("LoRA slot %d: %s", n + 1, want)
+        scales = [float(values.get(f"lora/{n + 1}/scale", 1.0)) for n in range(LORA_SLOTS)]
+        dirty |= slots.update(scales)
+        if dirty:
+            self.pipeline.session.invalidate_text_kv()
+        return installed
+
     # -- prompts --------------------------------------------------------------------------
     def _set_target(self, target: dict[str, Any]) -> None:
         mixer = self.pipeline.mixer
@@ -253,9 +325,11 @@ class BlockDriver:
         *,
         prompt: Mapping[str, Any] | None = None,
         replay: bool = False,
+        loras: Mapping[str, Any] | None = None,
     ) -> BlockResult:
         """Make the block `controls` describe. With `replay`, the mixer follows `prompt`
-        (the recorded target for this block, or None) instead of the slot changes."""
+        (the recorded target for this block, or None) instead of the slot changes, and
+        the LoRA slots load what `loras` (the recorded "lora" entry) says."""
         from engine.stream.rgba import to_rgba8
         from engine.stream.session import BlockInputs
 
@@ -265,6 +339,7 @@ class BlockDriver:
         if "reset" in controls.events:
             pipeline.session.reset()
         self._apply_input_controls(controls)
+        lora_installed = self._apply_loras(controls, replay, loras)
         if replay and (prompt is not None or self._text_key is not None):
             if prompt is not None:
                 self._set_target(dict(prompt))
@@ -297,6 +372,8 @@ class BlockDriver:
         record = controls.to_json()
         if started is not None:
             record["prompt"] = started
+        if lora_installed:
+            record["lora"] = {str(n + 1): f for n, f in sorted(lora_installed.items())}
         if "video" in video:  # what the input gave this block (not replayable)
             record["input"] = {
                 "state": pipeline.live.fallback.state,

@@ -82,6 +82,7 @@ def standard_params(
     default_prompt: str = "",
     default_steps: list[int] | None = None,
     assets_dir: str | None = None,
+    lora_check: Callable[[str], Any] | None = None,
 ) -> list[Param]:
     params = [
         Param(
@@ -192,6 +193,7 @@ def standard_params(
     ]
     params += tempo_params()
     params += vace_params(assets_dir)
+    params += lora_params(assets_dir, lora_check)
     return params
 
 
@@ -396,6 +398,49 @@ def vace_params(assets_dir: str | None = None) -> list[Param]:
             "V2V strength follows the input's motion (more motion, less noise; measured one block late)",
         ),
     ]
+    return params
+
+
+# -- LoRA slots: owned by the LoRA helper (engine/models/lora.py, engine/runtime/lora_loader.py)
+LORA_SLOTS = 4
+
+
+def lora_params(
+    assets_dir: str | None = None, check: Callable[[str], Any] | None = None
+) -> list[Param]:
+    """LoRA file and strength per slot. `check` (the engine's LoraLoader.check) reads the
+    file's header when a file is named, so a wrong file is refused at once with the
+    reason and nothing changes; without it only the path is checked."""
+
+    def validate(value: str) -> str:
+        v = value.strip()
+        if v:
+            if check is not None:
+                check(v)
+            else:
+                _check_asset(v, assets_dir, "LoRA file")
+        return v
+
+    params = []
+    for n in range(1, LORA_SLOTS + 1):
+        params += [
+            Param(
+                f"lora/{n}/file",
+                "str",
+                "",
+                f"LoRA slot {n}: a .safetensors file in the assets folder (read in the"
+                " background, in use from the next block after); empty unloads",
+                validate=validate,
+                max_len=1024,
+            ),
+            Param(
+                f"lora/{n}/scale",
+                "float",
+                1.0,
+                f"Strength of LoRA slot {n} (0 = the base model; negative inverts the style)",
+                range=(-2.0, 2.0),
+            ),
+        ]
     return params
 
 

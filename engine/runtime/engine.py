@@ -64,6 +64,7 @@ class Engine:
             default_prompt=preset.prompt,
             default_steps=preset.steps,
             assets_dir=preset.vace.assets_dir,  # network paths (vace/ref, file:) stay inside
+            lora_check=_lora_check(pipeline),
         )
         self.frame_path = frame_path
         self.recorder = recorder
@@ -353,6 +354,12 @@ class Engine:
             self._cond.notify_all()
         if self.on_block is not None:
             self.on_block(result)
+
+
+def _lora_check(pipeline: Any) -> Callable[[str], Any] | None:
+    """The header check of `lora/{n}/file` values (engine.runtime.lora_loader)."""
+    loader = getattr(pipeline, "lora_loader", None)
+    return loader.check if loader is not None else None
 
 
 def tiny_engine(*, height: int = 64, width: int = 64, **engine_kwargs: Any) -> Engine:

@@ -49,6 +49,8 @@ class Pipeline:
     vace: Any = None  # engine.stream.vace_context.VaceConditioner when VACE is loaded
     input_state: tuple[str, str] | None = None  # (state, message) of the input's last change
     input_used: bool = False  # the last block asked the input for frames (VACE or V2V on)
+    loras: Any = None  # engine.models.lora.LoraSlots: the live LoRA slots
+    lora_loader: Any = None  # engine.runtime.lora_loader.LoraLoader: reads their files
 
     def input_status(self) -> str:
         """One line for feedback (`engine.status()["vace_input"]`): the input's state."""
@@ -71,6 +73,8 @@ class Pipeline:
         log.info("decoder: %s (stream restarted)", kind)
 
     def close(self) -> None:
+        if self.lora_loader is not None:
+            self.lora_loader.close()
         if self.live is not None:
             self.live.close()
         self.cache.close()
@@ -233,6 +237,7 @@ def build_pipeline(
         decoder_kind=preset.decoder,
         weights=weights,
     )
+    _build_loras(pipeline)
     try:
         with phases.phase("inputs (VACE, V2V)"):
             _build_inputs(pipeline, seed)
@@ -240,6 +245,27 @@ def build_pipeline(
         pipeline.close()
         raise
     return pipeline
+
+
+# Sites (linears) merged per block boundary on a GPU after a LoRA strength stops moving:
+# each copies its pristine weight from the host (52-141 MB on the 14B), so merging all
+# 320 at once would stall one block for about a second; 16 spread it over ~20 blocks,
+# while the side path carries the rest (engine/models/lora.py).
+CUDA_MERGE_PER_BLOCK = 16
+
+
+def _build_loras(pipeline: Pipeline) -> None:
+    """The live LoRA slots (empty until `lora/{n}/file` names a file) and their loader."""
+    from engine.models.lora import LoraSlots
+    from engine.runtime.lora_loader import LoraLoader
+
+    cuda = pipeline.device.type == "cuda"
+    pipeline.loras = LoraSlots(
+        pipeline.model,
+        pristine_device="cpu",
+        merge_per_block=CUDA_MERGE_PER_BLOCK if cuda else None,
+    )
+    pipeline.lora_loader = LoraLoader(pipeline.loras, pipeline.preset.vace.assets_dir)
 
 
 def _input_vae(pipeline: Pipeline):

@@ -81,6 +81,18 @@ class Vace:
 
 
 @dataclass
+class Lora:
+    """A LoRA loaded at start into the next slot: `loras: [{file: style.safetensors,
+    scale: 0.8}]`. The file lies in the assets folder (`vace.assets_dir`, `--assets`)."""
+
+    file: str = ""
+    scale: float = 1.0
+
+
+MAX_LORAS = 4
+
+
+@dataclass
 class EnginePreset:
     """Everything `dreamdeck run` needs to build the engine. See presets/engine/README.md."""
 
@@ -107,6 +119,7 @@ class EnginePreset:
     attention: Attention = "auto"
     compile: bool = False
     vace: Vace = field(default_factory=Vace)
+    loras: list[Lora] = field(default_factory=list)  # loaded at start, slots 1.. (live: lora/*)
     warmup_blocks: int = 1
     outputs: Outputs = field(default_factory=Outputs)
     ports: Ports = field(default_factory=Ports)
@@ -140,6 +153,13 @@ class EnginePreset:
                 check_source_spec(self.vace.source, self.vace.assets_dir)
             except ValueError as e:
                 raise PresetError(f"{where}: vace.source: {e}") from None
+        if len(self.loras) > MAX_LORAS:
+            raise PresetError(f"{where}: loras: {len(self.loras)} LoRAs, at most {MAX_LORAS}")
+        for i, lora in enumerate(self.loras):
+            if not lora.file.strip():
+                raise PresetError(f"{where}: loras[{i}].file: missing")
+            if not -2.0 <= lora.scale <= 2.0:
+                raise PresetError(f"{where}: loras[{i}].scale: {lora.scale} is outside -2..2")
         for key in ("osc", "oscquery", "feedback"):
             port = getattr(self.ports, key)
             if not 0 <= port <= 65535:
@@ -162,6 +182,10 @@ class EnginePreset:
             "vace/source": self.vace.source.strip() or "none",
             "vace/fit": self.vace.fit,
             "vace/mask": self.vace.mask,
+        } | {
+            k: v
+            for n, lora in enumerate(self.loras, start=1)
+            for k, v in ((f"lora/{n}/file", lora.file.strip()), (f"lora/{n}/scale", lora.scale))
         }
 
     def to_dict(self) -> dict[str, Any]:

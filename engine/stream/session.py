@@ -248,6 +248,11 @@ class StreamSession:
         if self.video_encoder is not None:
             self.video_encoder.reset()
 
+    def invalidate_text_kv(self) -> None:
+        """The model's cross-attention weights changed (a LoRA, engine/models/lora.py):
+        the next block recomputes the text K/V instead of reusing them."""
+        self._cross = None
+
     def _check(self, inputs: BlockInputs) -> tuple[tuple[int, ...], float]:
         """All validation before any state changes, so a bad block changes nothing."""
         steps = validate_steps(inputs.steps)

@@ -1,0 +1,401 @@
+"""Live LoRA slots on a `WanModel`: up to 4 LoRAs whose strengths change at any block
+boundary, with no per-frame cost while they stand still and the base model's exact
+output at strength 0.
+
+The mechanism, per targeted linear (a "site"), picked by whether a strength is moving:
+
+- **Merged** (strengths still): the weight holds ``W = base + sum_i m_i * d_i`` where
+  ``d_i = (alpha/rank) * up @ down`` and ``m_i`` the slot strengths it was merged at. The
+  forward is the plain linear: no extra cost. The sum is always computed from the
+  *pristine* base weight, in float32, then cast (or, for fp8 weights, re-quantised row
+  by row with new scales, engine/models/fp8.py), so merging never drifts however often
+  strengths move. The pristine weights live on the host (`pristine_device`, pinned on
+  CUDA) and are copied there once, the first time a site is merged: GPU memory grows
+  by the LoRA factors only.
+- **Side path** (a strength just moved): the forward adds ``B @ (scale * (A @ x))`` with
+  the stacked factors of every slot and ``scale`` the per-rank tensor
+  ``(s_i - m_i) * alpha_i / rank_i``. Moving strengths only rewrite that small tensor
+  (no recompile; the path is switched on and off per site by a Python flag, two graphs).
+  When the strengths have stood still for a block, the sites are merged at the new
+  strengths (`merge_per_block` sites per boundary, so a 14B merge can be spread out) and
+  their side paths switch off.
+- **Exactness at 0**: when every slot's strength is 0 (or every slot is empty) each
+  merged site gets its pristine weight back, copied, not subtracted: the model is the
+  base model bit for bit from that very block. A LoRA loaded at strength 0 touches
+  nothing.
+- Full differences (`.diff`, `.diff_b`, also on norms) are merged at once at every
+  change, from the pristine tensors (they are rare and small or full-rank, where a side
+  path would cost as much as the layer).
+
+All changes happen in `install` and `update`, which the caller runs between blocks (the
+stream session is synchronous), so a change lands atomically at the next block. File
+reading and the copy of the factors to the device happen in `prepare`, which touches no
+model state and is meant for a loader thread (engine/runtime/lora_loader.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.models.fp8 import Fp8Linear, quantize_rowwise
+from engine.models.wan import CONFIGS, SelfAttention, WanModel
+
+log = logging.getLogger(__name__)
+
+
+class LoraError(ValueError):
+    """A LoRA that cannot be used: the message names the file and what is wrong."""
+
+
+SLOTS = 4
+# Modules whose output feeds the cached cross-attention K/V (engine/stream/session.py):
+# changing them means recomputing that cache.
+_TEXT_KV = re.compile(r"(^text_embedding\.)|(\.cross_attn\.(k|v|norm_k)$)")
+
+
+class LoraLinear(nn.Module):
+    """A linear (`nn.Linear` or `Fp8Linear`) with an optional low-rank side path. With the
+    path off, the forward is exactly the wrapped linear's."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.side_on = False
+        self.A: Tensor | None = None  # [R, in]
+        self.B: Tensor | None = None  # [out, R]
+        self.side_scale: Tensor | None = None  # [R] float32
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        if self.side_on:
+            u = (F.linear(x.to(self.A.dtype), self.A).float() * self.side_scale).to(self.B.dtype)
+            y = y + F.linear(u, self.B).to(y.dtype)
+        return y
+
+
+@dataclass
+class _Entry:
+    """One slot's update of one site (rows: the part of a fused q/k/v weight)."""
+
+    slot: int
+    rows: slice
+    down: Tensor | None
+    up: Tensor | None
+    scale: float
+    diff: Tensor | None
+    diff_b: Tensor | None
+
+
+@dataclass
+class _Site:
+    name: str  # the module's name in the model (after q/k/v fusion)
+    module: nn.Module  # LoraLinear, or a norm holding weight/bias
+    text_kv: bool
+    entries: list[_Entry] = field(default_factory=list)
+    merged: list[float] = field(default_factory=lambda: [0.0] * SLOTS)  # low-rank m_i
+    diffs: list[float] = field(default_factory=lambda: [0.0] * SLOTS)  # diff strengths applied
+    pristine: dict[str, Tensor] | None = None
+
+    @property
+    def target(self) -> nn.Module:
+        return self.module.base if isinstance(self.module, LoraLinear) else self.module
+
+
+@dataclass
+class PreparedLora:
+    """A LoRA read and placed on the device, ready for `LoraSlots.install`."""
+
+    path: str
+    info: Any  # engine.weights.lora.LoraInfo
+    targets: dict[str, dict]  # module -> {down, up, scale, diff, diff_b}
+    nbytes: int
+
+
+def config_name(model: WanModel) -> str:
+    for name, cfg in CONFIGS.items():
+        if cfg == model.cfg:
+            return name
+    return "custom"
+
+
+class LoraSlots:
+    """Up to `SLOTS` LoRAs on `model`. Not thread-safe by design: `install` and `update`
+    run on the generation thread between blocks; `check` and `prepare` may run anywhere."""
+
+    def __init__(
+        self,
+        model: WanModel,
+        *,
+        pristine_device: str | torch.device = "cpu",
+        merge_per_block: int | None = None,
+        max_bytes: int | None = None,
+    ):
+        self.model = model
+        self.config = config_name(model)
+        self.device = model.device
+        self.pristine_device = torch.device(pristine_device)
+        self.merge_per_block = merge_per_block
+        self.max_bytes = max_bytes
+        self.slots: list[PreparedLora | None] = [None] * SLOTS
+        self.strengths = [0.0] * SLOTS  # what `update` was last given (0 for empty slots)
+        self._sites: dict[str, _Site] = {}
+
+    # -- placing a loaded file (any thread) ------------------------------------------------
+    def prepare(self, lf: Any) -> PreparedLora:
+        """Put a loaded LoRA file's tensors (engine.weights.lora.LoraFile: `.path`,
+        `.info`, `.targets` of down/up/scale/diff/diff_b) on the model's device, checked
+        against the model. Touches no model state (safe on a loader thread)."""
+        info = lf.info
+        dtype = self.model.dtype
+        out: dict[str, dict] = {}
+        nbytes = 0
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        ctx = torch.cuda.stream(stream) if stream is not None else _null()
+        with ctx:
+            for name, t in lf.targets.items():
+                site, _ = self._locate(name)
+                if t.down is not None and not isinstance(site, (nn.Linear, Fp8Linear, LoraLinear)):
+                    raise LoraError(f"{info.path}: {name}: a low-rank pair on a non-linear module")
+                d: dict = {"scale": t.scale}
+                for part in ("down", "up", "diff", "diff_b"):
+                    x = getattr(t, part)
+                    if x is not None:
+                        if not torch.isfinite(x).all():
+                            raise LoraError(f"{info.path}: {name}.{part}: not finite (NaN or inf)")
+                        d[part] = x.to(self.device, dtype)
+                        nbytes += d[part].numel() * d[part].element_size()
+                out[name] = d
+        if stream is not None:
+            stream.synchronize()
+        return PreparedLora(str(lf.path), info, out, nbytes)
+
+    def _locate(self, name: str) -> tuple[nn.Module, slice]:
+        """The module holding Wan-native `name` in the model (the fused qkv for q/k/v)
+        and the rows of its weight that belong to `name`."""
+        parent_name, _, leaf = name.rpartition(".")
+        try:
+            parent = self.model.get_submodule(parent_name)
+        except AttributeError:
+            raise LoraError(f"{name}: no such module in this model") from None
+        if isinstance(parent, SelfAttention) and parent.fused and leaf in ("q", "k", "v"):
+            d = self.model.cfg.dim
+            i = "qkv".index(leaf)
+            return parent.qkv, slice(i * d, (i + 1) * d)
+        try:
+            return parent.get_submodule(leaf), slice(None)
+        except AttributeError:
+            raise LoraError(f"{name}: no such module in this model") from None
+
+    # -- state changes (generation thread, between blocks) --------------------------------
+    @torch.no_grad()
+    def install(self, n: int, lora: PreparedLora | None) -> bool:
+        """Slot n (0-based) := `lora` (None empties it). Its strength starts at 0 until
+        the next `update`. Returns True when the text K/V cache must be recomputed."""
+        if not 0 <= n < SLOTS:
+            raise ValueError(f"LoRA slot {n + 1} is not in 1..{SLOTS}")
+        dirty = False
+        old = self.slots[n]
+        if old is not None:
+            for site in list(self._sites.values()):
+                if any(e.slot == n for e in site.entries):
+                    if site.merged[n] != 0.0 or site.diffs[n] != 0.0:
+                        site.merged[n] = site.diffs[n] = 0.0
+                        self._write(site)
+                    site.entries = [e for e in site.entries if e.slot != n]
+                    self._rebuild_side(site)
+                    dirty |= site.text_kv
+        self.slots[n] = lora
+        self.strengths[n] = 0.0
+        if lora is not None:
+            for name, d in lora.targets.items():
+                module, rows = self._locate(name)
+                site = self._site_for(module, name)
+                site.entries.append(
+                    _Entry(
+                        n,
+                        rows,
+                        d.get("down"),
+                        d.get("up"),
+                        d["scale"],
+                        d.get("diff"),
+                        d.get("diff_b"),
+                    )
+                )
+                self._rebuild_side(site)
+        return dirty
+
+    def _site_for(self, module: nn.Module, name: str) -> _Site:
+        for site in self._sites.values():
+            if site.module is module or site.target is module:
+                return site
+        full = next(k for k, m in self.model.named_modules() if m is module)
+        if isinstance(module, (nn.Linear, Fp8Linear)):
+            parent_name, _, leaf = full.rpartition(".")
+            parent = self.model.get_submodule(parent_name)
+            wrapped = LoraLinear(module)
+            setattr(parent, leaf, wrapped)
+            module = wrapped
+        text_kv = _TEXT_KV.search(full) is not None
+        site = _Site(full, module, text_kv)
+        self._sites[full] = site
+        return site
+
+    def _rebuild_side(self, site: _Site) -> None:
+        """Stack the low-rank factors of every slot on a site into one A, B pair."""
+        m = site.module
+        if not isinstance(m, LoraLinear):
+            return
+        lows = [e for e in site.entries if e.down is not None]
+        if not lows:
+            m.A = m.B = m.side_scale = None
+            m.side_on = False
+            return
+        A = torch.cat([e.down for e in lows])
+        R = A.shape[0]
+        B = torch.zeros(m.out_features, R, device=A.device, dtype=A.dtype)
+        off = 0
+        for e in lows:
+            r = e.down.shape[0]
+            B[e.rows, off : off + r] = e.up
+            off += r
+        m.A, m.B = A, B
+        m.side_scale = torch.zeros(R, device=A.device, dtype=torch.float32)
+        self._set_side(site)
+
+    def _set_side(self, site: _Site) -> bool:
+        """Side-path scales := (s - m) per slot; on iff any is non-zero. True if changed."""
+        m = site.module
+        if not isinstance(m, LoraLinear) or m.A is None:
+            return False
+        vals, on = [], False
+        for e in site.entries:
+            if e.down is None:
+                continue
+            delta = self.strengths[e.slot] - site.merged[e.slot]
+            on |= delta != 0.0
+            vals += [delta * e.scale] * e.down.shape[0]
+        new = torch.tensor(vals, dtype=torch.float32)
+        changed = on != m.side_on or (on and not torch.equal(new, m.side_scale.cpu()))
+        if changed:
+            m.side_scale.copy_(new)
+            m.side_on = on
+        return changed
+
+    @torch.no_grad()
+    def update(self, strengths: Sequence[float]) -> bool:
+        """The strengths of this block, slot by slot (an empty slot counts as 0). Returns
+        True when the text K/V cache must be recomputed (cross-attention K/V changed)."""
+        s = [float(strengths[i]) if self.slots[i] is not None else 0.0 for i in range(SLOTS)]
+        moved = s != self.strengths
+        self.strengths = s
+        dirty = False
+        zero = all(v == 0.0 for v in s)
+        budget = self.merge_per_block
+        for site in self._sites.values():
+            diffs = [0.0] * SLOTS
+            target = [0.0] * SLOTS  # low-rank strengths this site would be merged at
+            for e in site.entries:
+                if e.diff is not None or e.diff_b is not None:
+                    diffs[e.slot] = s[e.slot]
+                if e.down is not None:
+                    target[e.slot] = s[e.slot]
+            merged = site.merged
+            if zero:
+                merged = [0.0] * SLOTS  # strength 0: the pristine weight back, at once
+            elif not moved and target != merged and (budget is None or budget > 0):
+                merged = target  # still since the last block: merge at these strengths
+                if budget is not None:
+                    budget -= 1
+            touched = False
+            if merged != site.merged or diffs != site.diffs:
+                site.merged, site.diffs = list(merged), diffs
+                self._write(site)
+                touched = True
+            touched |= self._set_side(site)
+            dirty |= touched and site.text_kv
+        return dirty
+
+    def _write(self, site: _Site) -> None:
+        """The site's tensors := pristine + merged low-rank + applied diffs (exactly the
+        pristine tensors when all are 0)."""
+        t = site.target
+        names = [n for n in ("weight", "weight_scale", "bias") if getattr(t, n, None) is not None]
+        if site.pristine is None:
+            if all(v == 0.0 for v in site.merged + site.diffs):
+                return  # nothing merged yet and nothing to merge
+            pin = self.pristine_device.type == "cpu" and self.device.type == "cuda"
+            site.pristine = {}
+            for n in names:
+                p = getattr(t, n).detach().to(self.pristine_device, copy=True)
+                site.pristine[n] = p.pin_memory() if pin else p
+        pr = site.pristine
+        if all(v == 0.0 for v in site.merged + site.diffs):
+            for n in names:
+                getattr(t, n).copy_(pr[n], non_blocking=True)
+            return
+        dev = self.device
+        if isinstance(t, Fp8Linear):
+            w = pr["weight"].to(dev).float() * pr["weight_scale"].to(dev).view(-1, 1)
+        else:  # a copy: the sums below must never touch the pristine tensors
+            w = pr["weight"].to(dev, torch.float32, copy=True)
+        bias = pr["bias"].to(dev, torch.float32, copy=True) if "bias" in pr else None
+        for e in site.entries:
+            m, s = site.merged[e.slot], site.diffs[e.slot]
+            if m != 0.0 and e.down is not None:
+                w[e.rows] += (m * e.scale) * (e.up.float() @ e.down.float())
+            if s != 0.0 and e.diff is not None:
+                w[e.rows] += s * e.diff.float()
+            if s != 0.0 and e.diff_b is not None and bias is not None:
+                bias[e.rows] += s * e.diff_b.float()
+        if isinstance(t, Fp8Linear):
+            q, sc = quantize_rowwise(w)
+            t.weight.copy_(q)
+            t.weight_scale.copy_(sc.view(1, -1))
+        else:
+            t.weight.copy_(w.to(t.weight.dtype))
+        if bias is not None:
+            t.bias.copy_(bias.to(t.bias.dtype))
+
+    # -- reporting ------------------------------------------------------------------------
+    def describe(self) -> list[dict | None]:
+        return [
+            None
+            if p is None
+            else {"file": p.path, "strength": self.strengths[i], "bytes": p.nbytes}
+            for i, p in enumerate(self.slots)
+        ]
+
+    @property
+    def side_sites(self) -> int:
+        """Sites whose side path is on (a strength moved and is not merged yet)."""
+        return sum(
+            isinstance(s.module, LoraLinear) and s.module.side_on for s in self._sites.values()
+        )
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(p.nbytes for p in self.slots if p is not None)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
