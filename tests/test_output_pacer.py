@@ -92,7 +92,9 @@ def test_10fps_generation_presented_at_30_and_60_fit(out_fps):
     # presentation timestamps are the tick times (wall clock), indices count up by one
     metas = [p.meta for _, p in shown]
     assert [m.index for m in metas] == list(range(len(shown)))
-    assert all(m.timestamp == pytest.approx(500.0 + t) for m, (t, _) in zip(metas, shown))
+    assert all(
+        m.timestamp == pytest.approx(500.0 + t) for m, (t, _) in zip(metas, shown, strict=True)
+    )
     # no duplicates in fit mode: the position in the generated video strictly increases
     pos = positions(shown, frame_base(arrs))
     assert (np.diff(pos) > 0).all()

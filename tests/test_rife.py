@@ -75,7 +75,9 @@ def reference_forward(sd, cfg: RifeConfig, img0, img1, t, scale=1.0):
     tmap = torch.as_tensor(t, dtype=img0.dtype).reshape(-1, 1, 1, 1) * torch.ones(n, 1, H, W)
 
     def head(x):
-        x = lrelu(F.conv2d(x, sd["encode.cnn0.weight"], sd["encode.cnn0.bias"], stride=2, padding=1))
+        x = lrelu(
+            F.conv2d(x, sd["encode.cnn0.weight"], sd["encode.cnn0.bias"], stride=2, padding=1)
+        )
         x = lrelu(F.conv2d(x, sd["encode.cnn1.weight"], sd["encode.cnn1.bias"], padding=1))
         x = lrelu(F.conv2d(x, sd["encode.cnn2.weight"], sd["encode.cnn2.bias"], padding=1))
         return F.conv_transpose2d(x, sd["encode.cnn3.weight"], sd["encode.cnn3.bias"], 2, 1)
@@ -115,7 +117,9 @@ def reference_forward(sd, cfg: RifeConfig, img0, img1, t, scale=1.0):
 def test_warp_matches_a_per_pixel_bilinear_loop():
     g = torch.Generator().manual_seed(0)
     img = torch.rand(2, 3, 6, 9, generator=g, dtype=torch.float64)
-    flow = (torch.rand(2, 2, 6, 9, generator=g, dtype=torch.float64) - 0.5) * 10  # off the edges too
+    flow = (
+        torch.rand(2, 2, 6, 9, generator=g, dtype=torch.float64) - 0.5
+    ) * 10  # off the edges too
     got = warp(img, flow)
     assert torch.allclose(got, warp_loop(img, flow), atol=1e-9)
     assert torch.allclose(got, warp_gather(img, flow), atol=1e-9)

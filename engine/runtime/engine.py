@@ -97,12 +97,47 @@ class Engine:
         if recorder is not None and "record" in self.registry:
             self.registry.set("record", True)
         self._unsubscribe = self.registry.subscribe(self._on_change)
+        out = getattr(frame_path, "output", None)
+        if isinstance(out, dict) and "output/fps" in self.registry:
+            # the registry shows what the frame path was built with (--fps ...)
+            self.registry.set_many(
+                {
+                    "output/fps": out["fps"] or 0.0,
+                    "output/interpolate": bool(out["interpolate"]),
+                    "output/speed": out["speed"],
+                }
+            )
 
     def _on_change(self, change: Change) -> None:
         if change.path == "pause":
             self._wake.set()
         elif change.path == "record":
             self._record(bool(change.value))
+        elif change.path.startswith("output/"):
+            self._output(change)
+
+    def _output(self, change: Change) -> None:
+        """/dd/output/*: reconfigure the frame path. One it cannot take (interpolation
+        without weights, without a rate) is reported and undone; the stream goes on."""
+        fp = self.frame_path
+        if fp is None or not hasattr(fp, "configure"):
+            return
+        key = change.path.removeprefix("output/")
+        value = change.value
+        try:
+            if key == "fps":
+                fp.configure(fps=value)
+            elif key == "interpolate":
+                fp.configure(interpolate=bool(value))
+            elif key == "speed":
+                fp.configure(speed=value)
+        except ValueError as e:
+            log.error("%s: %s", change.path, e)
+            self.driver.last_error = f"{change.path}: {e}"
+            current = fp.output.get(key)
+            if key == "fps":
+                current = current or 0.0
+            self.registry.set(change.path, current)  # back to what is in effect
 
     def _record(self, on: bool) -> None:
         """Start a new recording (a dated file in `record_dir`) or finalise the current one.
@@ -216,10 +251,15 @@ class Engine:
         vram = None
         if self.pipeline.device.type == "cuda":
             vram = torch.cuda.memory_reserved(self.pipeline.device) / 2**20
+        added = 0.0
+        if self.frame_path is not None and hasattr(self.frame_path, "added_latency_ms"):
+            added = self.frame_path.added_latency_ms()
         return {
             "fps": self._fps(),
             "block_ms": self.block_ms,
-            "latency_ms": self.latency_ms,
+            # + interpolation's wait for the next generated frame (0 without it)
+            "latency_ms": None if self.latency_ms is None else self.latency_ms + added,
+            "interp_latency_ms": added,
             "block": self.block,
             "vram_mb": vram,
             "state": self.state,

@@ -1,0 +1,138 @@
+"""Where the interpolation network runs: uint8 RGBA frames in, the frame at time t out.
+
+The frame path's publisher thread calls :meth:`Interpolator.frame` once per output frame
+that falls between two generated frames. On CUDA the work goes on a side stream of its
+own (the generation thread's stream never waits for it; the GPU overlaps the two), and
+the result comes back through one pinned host buffer that the publisher waits for,
+the publisher and never the generation thread. On the CPU it runs inline.
+
+``t`` = 0 and ``t`` = 1 return the endpoint frames themselves (no network): the pacer
+asks for them whenever a presentation time lands exactly on a generated frame.
+Alpha is blended linearly (the network interpolates RGB only).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Interpolator", "InterpolationUnavailable", "build_interpolator"]
+
+
+class InterpolationUnavailable(RuntimeError):
+    """Interpolation was asked for but there is no network (weights missing)."""
+
+
+class Interpolator:
+    """``Interpolator(net, device)``; ``frame(a, b, t)`` -> [H, W, 4] uint8 numpy view
+    (valid until the next call). ``a`` and ``b`` are [H, W, 4] uint8 torch tensors (on the
+    net's device or the CPU) or numpy arrays."""
+
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        device: str | torch.device = "cpu",
+        *,
+        dtype: torch.dtype | None = None,
+        scale: float = 1.0,
+        name: str = "rife",
+    ):
+        self.device = torch.device(device)
+        if dtype is None:
+            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.dtype = dtype
+        self.net = net.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        if not scale > 0:
+            raise ValueError(f"interpolation flow scale must be > 0, got {scale}")
+        self.scale = float(scale)
+        self.name = name
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._done = torch.cuda.Event(blocking=True) if self.stream is not None else None
+        self._host: torch.Tensor | None = None  # pinned (CUDA) or plain output buffer
+        self.frames = 0  # network calls
+        self.ms: float | None = None  # EMA of wall ms per interpolated frame
+        self.last_ms: float | None = None
+
+    def _to_device(self, x: Any) -> torch.Tensor:
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(x)
+        return x.to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def frame(self, a: Any, b: Any, t: float) -> np.ndarray:
+        if not 0.0 <= t <= 1.0:
+            raise ValueError(f"interpolation time must be in [0, 1], got {t}")
+        if t == 0.0 or t == 1.0:
+            x = a if t == 0.0 else b
+            return x if isinstance(x, np.ndarray) else x.cpu().numpy()
+        if tuple(a.shape) != tuple(b.shape) or len(a.shape) != 3 or a.shape[2] != 4:
+            raise ValueError(
+                f"frames must both be [H, W, 4] uint8, got {tuple(a.shape)} and {tuple(b.shape)}"
+            )
+        t0 = time.perf_counter()
+        h, w = int(a.shape[0]), int(a.shape[1])
+        if self._host is None or tuple(self._host.shape) != (h, w, 4):
+            self._host = torch.empty(
+                (h, w, 4), dtype=torch.uint8, pin_memory=self.stream is not None
+            )
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                out = self._run(self._to_device(a), self._to_device(b), t)
+                self._host.copy_(out, non_blocking=True)
+                self._done.record(self.stream)
+            self._done.synchronize()  # the publisher waits, on its own thread
+        else:
+            self._host.copy_(self._run(self._to_device(a), self._to_device(b), t))
+        ms = (time.perf_counter() - t0) * 1e3
+        self.last_ms = ms
+        self.ms = ms if self.ms is None else 0.9 * self.ms + 0.1 * ms
+        self.frames += 1
+        return self._host.numpy()
+
+    def _run(self, a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+        x0 = a[..., :3].permute(2, 0, 1).unsqueeze(0).to(self.dtype).div_(255.0)
+        x1 = b[..., :3].permute(2, 0, 1).unsqueeze(0).to(self.dtype).div_(255.0)
+        y = self.net(x0, x1, t, scale=self.scale)
+        rgb = y[0].mul(255.0).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+        alpha = (a[..., 3:].float() * (1.0 - t) + b[..., 3:].float() * t).add_(0.5).to(torch.uint8)
+        return torch.cat((rgb, alpha), dim=-1)
+
+
+def build_interpolator(
+    *,
+    model: str,
+    device: str | torch.device,
+    models_dir: str | Path | None = None,
+    random_weights: bool = False,
+    scale: float | None = None,
+) -> Interpolator:
+    """The interpolator for an engine: the tiny RIFE (random weights) with the tiny model,
+    a full-size random one with ``--random-weights`` (timing), else the downloaded v4.25
+    weights. Raises InterpolationUnavailable naming the file and the download command."""
+    from engine.models.rife import CONFIGS, load_rife, random_rife
+    from engine.weights.catalog import FILES, check_file
+
+    device = torch.device(device)
+    if model == "tiny":
+        # flow at a quarter of the size: the CPU has to keep 30 fps next to generation
+        net = random_rife(CONFIGS["tiny"], device=device)
+        return Interpolator(net, device, scale=0.25 if scale is None else scale, name="rife-tiny")
+    if random_weights:
+        return Interpolator(random_rife(device=device), device, scale=scale or 1.0)
+    f = FILES["rife"]
+    path = f.path(models_dir)
+    why = check_file(path)
+    if why is not None:
+        raise InterpolationUnavailable(
+            f"interpolation needs the RIFE v4.25 weights: {path} ({why}); fetch them with"
+            f" `dreamdeck download --rife`"
+        )
+    return Interpolator(load_rife(path, device=device), device, scale=scale or 1.0)
