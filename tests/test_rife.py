@@ -109,9 +109,11 @@ def reference_forward(sd, cfg: RifeConfig, img0, img1, t, scale=1.0):
             x = torch.cat([wi0, wi1, wf0, wf1, tmap, mask, side, flow / s], 1)
             d, mask, side = block(i, x, s)
             flow = flow + d
+    # the synthesis, on the frame itself (pad cut off)
+    flow, mask = flow[:, :, :h, :w], mask[:, :, :h, :w]
+    img0, img1 = img0[:, :, :h, :w], img1[:, :, :h, :w]
     a = torch.sigmoid(mask)
-    out = warp_gather(img0, flow[:, :2]) * a + warp_gather(img1, flow[:, 2:]) * (1 - a)
-    return out[:, :, :h, :w]
+    return warp_gather(img0, flow[:, :2]) * a + warp_gather(img1, flow[:, 2:]) * (1 - a)
 
 
 def test_warp_matches_a_per_pixel_bilinear_loop():

@@ -20,8 +20,11 @@ How it works, in the terms the tests use:
 
 ``t`` is an input map, so any time in [0, 1] works (not only the midpoint): the pacer
 asks for the exact presentation time. Frames are [0, 1] floats; sizes are padded up to a
-multiple of 64 (the coarsest block sees 1/16, then two stride-2 convolutions) and the
-pad is cut off again.
+multiple of 64 (the coarsest block sees 1/16, then two stride-2 convolutions) for the
+flow estimation; the flows and mask are cut back to the frame before the final synthesis,
+so edges clamp to the frame's own border rather than sampling the zero pad (the one
+deliberate difference from Practical-RIFE's inference code, visible only at the
+bottom/right edge of padded sizes).
 """
 
 from __future__ import annotations
@@ -36,7 +39,15 @@ from torch import Tensor, nn
 
 from engine.weights.checkpoint import WeightsError, assign_state_dict, load_checkpoint, strip_prefix
 
-__all__ = ["RifeConfig", "CONFIGS", "IFNet", "warp", "random_rife", "load_rife"]
+__all__ = [
+    "RifeConfig",
+    "CONFIGS",
+    "IFNet",
+    "warp",
+    "synthesize",
+    "random_rife",
+    "load_rife",
+]
 
 
 @dataclass(frozen=True)
@@ -178,6 +189,15 @@ class IFNet(nn.Module):
         return int(math.ceil(4 * max(self.cfg.scales) / scale))
 
     def forward(self, img0: Tensor, img1: Tensor, t: float | Tensor, scale: float = 1.0) -> Tensor:
+        flow, mask = self.flow(img0, img1, t, scale)
+        return synthesize(img0, img1, flow, mask)
+
+    def flow(
+        self, img0: Tensor, img1: Tensor, t: float | Tensor, scale: float = 1.0
+    ) -> tuple[Tensor, Tensor]:
+        """The flows from time ``t`` to each frame ([N, 4, H, W], pixels) and the fusion
+        mask logit ([N, 1, H, W]): everything but the final synthesis. (The interpolator
+        can run this on smaller frames and synthesise at full size.)"""
         if img0.shape != img1.shape or img0.ndim != 4 or img0.shape[1] != 3:
             raise ValueError(
                 f"frames must both be [N, 3, H, W], got {tuple(img0.shape)} and {tuple(img1.shape)}"
@@ -197,8 +217,7 @@ class IFNet(nn.Module):
         f0, f1 = self.encode(img0), self.encode(img1)
         flow = mask = side = None
         w0, w1, wf0, wf1 = img0, img1, f0, f1
-        blocks = self.blocks
-        for i, (block, s) in enumerate(zip(blocks, self.cfg.scales, strict=True)):
+        for block, s in zip(self.blocks, self.cfg.scales, strict=True):
             s = s / scale
             if flow is None:
                 flow, mask, side = block(torch.cat((img0, img1, f0, f1, tmap), 1), s)
@@ -207,11 +226,14 @@ class IFNet(nn.Module):
                 delta, mask, side = block(x, s)
                 flow = flow + delta
             w0, w1 = warp(img0, flow[:, :2]), warp(img1, flow[:, 2:4])
-            if i + 1 < len(blocks):
-                wf0, wf1 = warp(f0, flow[:, :2]), warp(f1, flow[:, 2:4])
-        a = torch.sigmoid(mask)
-        out = w0 * a + w1 * (1 - a)
-        return out[:, :, :h, :w]
+            wf0, wf1 = warp(f0, flow[:, :2]), warp(f1, flow[:, 2:4])
+        return flow[:, :, :h, :w], mask[:, :, :h, :w]
+
+
+def synthesize(img0: Tensor, img1: Tensor, flow: Tensor, mask: Tensor) -> Tensor:
+    """``sigmoid(m) * warp(I0, F_t0) + (1 - sigmoid(m)) * warp(I1, F_t1)``."""
+    a = torch.sigmoid(mask)
+    return warp(img0, flow[:, :2]) * a + warp(img1, flow[:, 2:4]) * (1 - a)
 
 
 def random_rife(
