@@ -168,3 +168,68 @@ def build_interpolator(
             f" `dreamdeck download --rife`"
         )
     return Interpolator(load_rife(path, device=device), device, scale=scale or 1.0)
+
+
+class BlockResampler:
+    """Whole blocks in, blocks at another frame rate out: for the recording and the
+    offline render, where frames are not presented one by one.
+
+    Generated frames are numbered on, block after block; output frame j sits at source
+    position ``j * step`` (``step`` = source frames per output frame: 16 / 30 for a
+    render at 30 fps, the generation rate / output rate for a live ``fit`` recording,
+    read again for each block). A position between two frames is interpolated, one on a
+    frame is that frame. The last frame of each block is kept for the next one, so block
+    edges interpolate too. Deterministic for the same frames and interpolator.
+    """
+
+    def __init__(self, interpolator: Interpolator, step: float | Any):
+        self.interp = interpolator
+        self._step = step
+        self._pos = 0.0  # source position of the next output frame
+        self._base = 0  # source index of the first frame of the next block
+        self._last: np.ndarray | None = None
+
+    def step(self) -> float:
+        s = float(self._step() if callable(self._step) else self._step)
+        if not (s > 0 and np.isfinite(s)):
+            raise ValueError(f"resampling step must be a positive number, got {s}")
+        return s
+
+    def reset(self) -> None:
+        self._pos, self._base, self._last = 0.0, 0, None
+
+    def __call__(self, block: np.ndarray) -> np.ndarray:
+        """[T, H, W, 4] uint8 in; [T', H, W, 4] uint8 out (T' may be 0)."""
+        block = np.asarray(block)
+        n = block.shape[0]
+        if self._last is not None and self._last.shape != block.shape[1:]:
+            self.reset()  # new frame size: start over
+        step = self.step()
+        out = []
+        end = self._base + n - 1  # the last source index available
+        while self._pos <= end + 1e-9:
+            k = int(np.floor(self._pos + 1e-9))
+            t = self._pos - k
+            if t < 1e-6:
+                t = 0.0
+            a = self._frame(block, k)
+            if t == 0.0:
+                out.append(a.copy())
+            elif k + 1 > end:
+                break  # needs the next block
+            else:
+                out.append(self.interp.frame(a, self._frame(block, k + 1), t).copy())
+            self._pos += step
+        self._last = block[-1].copy()
+        self._base += n
+        if not out:
+            return np.empty((0, *block.shape[1:]), dtype=np.uint8)
+        return np.stack(out)
+
+    def _frame(self, block: np.ndarray, k: int) -> np.ndarray:
+        i = k - self._base
+        if i >= 0:
+            return block[i]
+        if i == -1 and self._last is not None:
+            return self._last
+        raise IndexError(f"source frame {k} is no longer held")  # pragma: no cover
