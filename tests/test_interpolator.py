@@ -265,3 +265,33 @@ def test_render_at_30fps_interpolates_deterministically(tmp_path):
     assert len(outs[0]) == int((n16 - 1) * 30 / 16) + 1
     assert np.array_equal(outs[0], outs[1])
     assert main(["render", str(show), "-o", str(plain), "--fps", "500", *tiny]) == 2
+
+
+def test_live_recording_gets_the_interpolated_stream(tmp_path):
+    import av
+
+    from engine.runtime.control_log import read_control_log
+    from engine.runtime.engine import tiny_engine
+    from engine.runtime.recorder import Recorder
+
+    interp = Interpolator(random_rife(CONFIGS["tiny"]), "cpu", downscale=4)
+    fp = FramePath([Collect()], Pacer(), interpolator=interp)
+    rec = Recorder(tmp_path / "live.mp4", width=64, height=64, fps=None)
+    engine = tiny_engine(frame_path=fp, recorder=rec, status_interval=None, max_blocks=5)
+    # real speed: the video's 16 fps motion at 30 fps, a fixed 30/16 frames per frame
+    engine.registry.set_many({"output/fps": 30, "output/interpolate": True, "output/speed": "real"})
+    assert rec.resample is not None
+    for _ in range(200):  # the frame path swaps its pacer on its own thread
+        if isinstance(fp.pacer, OutputPacer) and fp.pacer.speed == "real":
+            break
+        time.sleep(0.01)
+    engine.start()
+    assert engine.join(timeout=180)
+    engine.stop()
+    assert engine.error is None and rec.error is None
+    with av.open(str(tmp_path / "live.mp4")) as c:
+        n = sum(1 for _ in c.decode(video=0))
+    generated = engine.frames_out  # 9 + 4 * 12
+    assert n == int((generated - 1) * 30 / 16) + 1
+    log = read_control_log(rec.log_path)
+    assert sum(b["frames"] for b in log.blocks) == n

@@ -97,6 +97,8 @@ class Engine:
         if recorder is not None and "record" in self.registry:
             self.registry.set("record", True)
         self._unsubscribe = self.registry.subscribe(self._on_change)
+        if recorder is not None:
+            recorder.resample = self._recording_resampler()
         out = getattr(frame_path, "output", None)
         if isinstance(out, dict) and "output/fps" in self.registry:
             # the registry shows what the frame path was built with (--fps ...)
@@ -138,6 +140,34 @@ class Engine:
             if key == "fps":
                 current = current or 0.0
             self.registry.set(change.path, current)  # back to what is in effect
+            return
+        with self._cond:
+            recorder = self.recorder
+        if recorder is not None:
+            recorder.resample = self._recording_resampler()
+
+    def _recording_resampler(self) -> Any:
+        """With interpolation on, the recording gets the interpolated stream too: a
+        resampler at the output rate, run on the recorder's thread (its own copy of the
+        interpolator: the publisher's is not shared across threads)."""
+        fp = self.frame_path
+        out = getattr(fp, "output", None)
+        if not isinstance(out, dict) or not out.get("interpolate") or fp.interpolator is None:
+            return None
+        from engine.runtime.interpolator import BlockResampler, Interpolator
+        from engine.runtime.pacer import NATIVE_FPS
+
+        it = fp.interpolator
+        twin = Interpolator(
+            it.net, it.device, dtype=it.dtype, scale=it.scale, downscale=it.downscale, name=it.name
+        )
+        fps = float(out["fps"])
+
+        def step() -> float:
+            rate = getattr(fp.pacer, "source_rate", None)
+            return (rate or NATIVE_FPS) / fps
+
+        return BlockResampler(twin, step)
 
     def _record(self, on: bool) -> None:
         """Start a new recording (a dated file in `record_dir`) or finalise the current one.
@@ -167,6 +197,7 @@ class Engine:
                 self.driver.last_error = f"record: {e}"
                 self.registry.set("record", False)
                 return
+            rec.resample = self._recording_resampler()
             with self._cond:
                 self.recorder = rec
             log.info("recording to %s", path)
