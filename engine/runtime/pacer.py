@@ -359,6 +359,6 @@ class OutputPacer:
             self.holds += 1
             return None
         self._last_key = key
-        meta = FrameMeta(block=block, index=self.presented, timestamp=tau + self._wall_offset)
+        meta = FrameMeta(block=block, index=self.presented, timestamp=now + self._wall_offset)
         self.presented += 1
         return Presented(payload, frame, meta, tau, npay, nfr, t)
