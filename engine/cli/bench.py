@@ -162,6 +162,14 @@ def add_parser(subparsers) -> None:
         " strengths stand still (merged into the weights)",
     )
     p.add_argument("--models-dir", default=None, help="where the compile cache lives")
+    p.add_argument(
+        "--interp",
+        type=float,
+        default=None,
+        metavar="FPS",
+        help="also measure RIFE frame interpolation at this output rate (30, 60): ms per"
+        " frame, generation fps with it running, added latency, memory (JSON key interp)",
+    )
     p.add_argument("--blocks", type=int, default=5, help="measured steady blocks")
     p.add_argument(
         "--warmup", type=int, default=2, help="blocks before measuring (block 0 is always one)"
@@ -223,6 +231,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--v2v must be in 0..1, got {args.v2v}")
     if args.drift < 0:
         raise UsageError(f"--drift takes a number of blocks >= 1, got {args.drift}")
+    if args.interp is not None and not 1.0 <= args.interp <= 240.0:
+        raise UsageError(f"--interp takes an output rate in 1..240, got {args.interp}")
     if (args.accuracy or args.drift) and (args.suite or args.vace or args.v2v is not None):
         raise UsageError("--accuracy / --drift run on their own (not with --suite, --vace, --v2v)")
     if not 0 <= args.loras <= 4 or args.lora_rank < 1:
@@ -296,11 +306,35 @@ def run(args: argparse.Namespace) -> int:
         steps=steps,
         decoder_kind=args.decoder,
     )
+    if args.interp is not None:
+        from engine.cli._bench_interp import measure_interp
+
+        result["interp"] = measure_interp(
+            args,
+            lambda: measure(
+                model,
+                cfg,
+                device,
+                dtype,
+                backend,
+                args,
+                height=height,
+                width=width,
+                steps=steps,
+                decoder_kind=args.decoder,
+            ),
+            result,
+            height=height,
+            width=width,
+            device=device,
+        )
     if args.json:
         json.dump(result, sys.stdout)
         sys.stdout.write("\n")
     else:
         _print_summary(result)
+        if "interp" in result:
+            print("interp " + json.dumps(result["interp"]))
     return 0
 
 

@@ -26,6 +26,11 @@ def add_parser(sub) -> None:
         "--vace", action=argparse.BooleanOptionalAction, default=None, help="also fetch VACE 14B"
     )
     p.add_argument(
+        "--rife",
+        action="store_true",
+        help="also fetch the RIFE v4.25 frame interpolation weights (run --fps 30|60)",
+    )
+    p.add_argument(
         "--models-dir",
         help="models folder (default: $DREAMDECK_MODELS or ~/.cache/dreamdeck/models)",
     )
@@ -70,6 +75,10 @@ def run(args) -> int:
         files = required_files(needs)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if getattr(args, "rife", False):
+        from engine.weights.catalog import FILES
+
+        files = [*files, FILES["rife"]]
     root = resolve_models_dir(args.models_dir)
     if not files:
         print(f"model {needs.model!r} needs no downloads")

@@ -31,6 +31,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT.mp4", help="the video to write")
     add_preset_arguments(p)
     p.add_argument("--blocks", type=int, metavar="N", help="render at most N blocks")
+    p.add_argument(
+        "--fps",
+        type=float,
+        metavar="FPS",
+        help="output frame rate (e.g. 30 or 60): frames between the model's 16 fps ones are"
+        " interpolated with RIFE, deterministically (needs `dreamdeck download --rife`)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=render)
 
@@ -47,6 +54,16 @@ def render(args: argparse.Namespace) -> int:
         raise UsageError(f"-o: {e}") from None
     if args.blocks is not None and args.blocks < 1:
         raise UsageError("--blocks must be at least 1")
+    out_fps = None
+    if getattr(args, "fps", None) is not None:
+        from engine.runtime.frame_path import check_output_fps
+
+        try:
+            out_fps = check_output_fps(args.fps)
+        except ValueError as e:
+            raise UsageError(f"--fps: {e}") from None
+        if out_fps is None:
+            raise UsageError("--fps must be positive")
     try:
         show = load_show(args.show)
     except TimelineError as e:
@@ -74,6 +91,26 @@ def render(args: argparse.Namespace) -> int:
     pipeline = build_or_explain(preset, args.models_dir, args.random_weights)
     if pipeline is None:
         return 1
+    resample = None
+    if out_fps is not None and out_fps != FPS:
+        from engine.runtime.interpolator import (
+            BlockResampler,
+            InterpolationUnavailable,
+            build_interpolator,
+        )
+
+        try:
+            interp = build_interpolator(
+                model=preset.model,
+                device=pipeline.device,
+                models_dir=args.models_dir,
+                random_weights=args.random_weights,
+            )
+        except InterpolationUnavailable as e:
+            pipeline.close()
+            print(f"dreamdeck render: --fps {out_fps:g}: {e}", file=sys.stderr)
+            return 1
+        resample = BlockResampler(interp, FPS / out_fps)
     from engine.runtime.engine import _lora_check
 
     registry = make_registry(
@@ -96,7 +133,7 @@ def render(args: argparse.Namespace) -> int:
             out,
             width=preset.width,
             height=preset.height,
-            fps=FPS,
+            fps=out_fps or FPS,
             header={
                 "model": preset.model,
                 "preset": preset.name,
@@ -123,8 +160,11 @@ def render(args: argparse.Namespace) -> int:
             total=blocks, desc="render", unit="block", disable=args.no_progress, file=sys.stderr
         )
         for result in play_show(show, driver, registry, blocks=blocks, skip=skip):
-            recorder.submit(result.rgba, result.record, wait=True)
-            frames += result.frames
+            rgba = result.rgba
+            if resample is not None:
+                rgba = resample(rgba.cpu().numpy() if hasattr(rgba, "cpu") else rgba)
+            recorder.submit(rgba, result.record, wait=True)
+            frames += len(rgba)
             progress.update()
         progress.close()
     finally:
@@ -134,7 +174,8 @@ def render(args: argparse.Namespace) -> int:
         print(f"dreamdeck render: writing {out} failed: {recorder.error}", file=sys.stderr)
         return 1
     print(
-        f"rendered {frames} frames ({blocks} blocks, {frames / FPS:.2f} s) to {out} + {recorder.log_path}",
+        f"rendered {frames} frames ({blocks} blocks, {frames / (out_fps or FPS):.2f} s) to {out}"
+        f" + {recorder.log_path}",
         file=sys.stderr,
     )
     return 0

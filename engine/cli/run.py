@@ -220,7 +220,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--spout", nargs="?", const="dreamdeck", metavar="NAME", help="Spout sender (Windows)"
     )
-    g.add_argument("--fps", type=float, help="fixed presentation rate (default: follow generation)")
+    g.add_argument(
+        "--fps",
+        metavar="30|60|display|N",
+        help="output rate: frames are presented at this rate, interpolated between generated"
+        " ones (RIFE; `dreamdeck download --rife`); display = 60. Default: follow generation",
+    )
+    g.add_argument(
+        "--no-interpolate",
+        action="store_true",
+        help="with --fps: present at that rate by showing the nearest generated frame",
+    )
+    g.add_argument(
+        "--speed",
+        choices=("fit", "real"),
+        default="fit",
+        help="with --fps: fit stretches motion to the generation rate (never starves); real"
+        " plays the video's own 16 fps motion (needs generation >= 16 fps)",
+    )
     g.add_argument(
         "--record", metavar="FILE.mp4", help="record H.264 + the control log (FILE.controls.jsonl)"
     )
@@ -391,13 +408,72 @@ def _log_peak_memory(device: Any, engine: Any) -> None:
     )
 
 
+DISPLAY_FPS = 60.0  # `--fps display`: the refresh rate of a venue screen / TD project
+
+
+def parse_fps(text: Any) -> float | None:
+    """``--fps``: 30, 60, display or a number in the frame path's range; None when not
+    given. UsageError names the problem."""
+    from engine.runtime.frame_path import check_output_fps
+
+    if text is None:
+        return None
+    s = str(text).strip().lower()
+    if s == "display":
+        return DISPLAY_FPS
+    try:
+        value = float(s)
+    except ValueError:
+        raise UsageError(f"--fps {text!r}: use 30, 60, display or a number") from None
+    try:
+        fps = check_output_fps(value)
+    except ValueError as e:
+        raise UsageError(f"--fps: {e}") from None
+    if fps is None:
+        raise UsageError("--fps must be positive (leave it out to follow generation)")
+    return fps
+
+
+def _build_output(args: argparse.Namespace, preset: Any, pipeline: Any, sinks: list) -> Any:
+    """The frame path: pacer at --fps, with the interpolator when it can be built.
+    Interpolation asked for without weights is an error on stderr, and the show runs
+    at that rate without it."""
+    from engine.runtime.frame_path import FramePath
+    from engine.runtime.interpolator import InterpolationUnavailable, build_interpolator
+    from engine.runtime.pacer import OutputPacer, Pacer
+
+    fps = parse_fps(args.fps)
+    if fps is None and preset.outputs.fps:
+        fps = float(preset.outputs.fps)
+    interp = None
+    try:
+        interp = build_interpolator(
+            model=preset.model,
+            device=pipeline.device,
+            models_dir=args.models_dir,
+            random_weights=args.random_weights,
+        )
+    except InterpolationUnavailable as e:
+        if fps is not None and not args.no_interpolate:
+            print(
+                f"dreamdeck: {e}; presenting at {fps:g} fps without interpolation", file=sys.stderr
+            )
+    except Exception as e:  # noqa: BLE001 - a broken weights file must not stop the show
+        print(f"dreamdeck: interpolation unavailable: {e}", file=sys.stderr)
+    interpolate = fps is not None and interp is not None and not args.no_interpolate
+    if fps is not None and (interpolate or args.speed == "real"):
+        pacer: Any = OutputPacer(fps, speed=args.speed, interpolate=interpolate)
+    else:
+        pacer = Pacer(fps=fps)
+    return FramePath(sinks, pacer, interpolator=interp)
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[ModuleType]) -> int:
     if args.blocks is not None and args.blocks < 1:
         raise UsageError("--blocks must be at least 1")
     if args.duration is not None and args.duration <= 0:
         raise UsageError("--duration must be positive")
-    if args.fps is not None and args.fps <= 0:
-        raise UsageError("--fps must be positive")
+    parse_fps(args.fps)  # a bad rate is refused before anything is loaded
     preset = _loras_from_args(args, _vace_from_args(args, preset_from_args(args)))
     if args.memory_cap_gb is not None:
         _cap_gpu_memory(args.memory_cap_gb)
@@ -409,8 +485,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
     record = Path(args.record) if args.record else None
 
     from engine.runtime.engine import Engine
-    from engine.runtime.frame_path import FramePath
-    from engine.runtime.pacer import Pacer
     from engine.runtime.recorder import Recorder, RecorderError
     from engine.runtime.sinks import SinkError, make_sinks
 
@@ -451,7 +525,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
         except RecorderError as e:
             pipeline.close()
             raise UsageError(f"--record: {e}") from None
-    frame_path = FramePath(sinks, Pacer(fps=args.fps or preset.outputs.fps))
+    frame_path = _build_output(args, preset, pipeline, sinks)
     engine = Engine(
         pipeline,
         frame_path=frame_path,

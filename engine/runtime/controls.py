@@ -194,7 +194,53 @@ def standard_params(
     params += tempo_params()
     params += vace_params(assets_dir)
     params += lora_params(assets_dir, lora_check)
+    params += output_params()
     return params
+
+
+# -- output rate and interpolation: owned by the interpolation helper (engine/runtime/frame_path.py)
+OUTPUT_SPEEDS = ("fit", "real")
+
+
+def _output_fps(value: float) -> float:
+    from engine.runtime.frame_path import check_output_fps
+
+    f = check_output_fps(value)  # ValueError names the range; never clamped
+    return 0.0 if f is None else f
+
+
+def output_params() -> list[Param]:
+    """The rate frames are presented at and whether frames between generated ones are
+    interpolated. Immediate: they change the frame path, not the next block."""
+    return [
+        Param(
+            "output/fps",
+            "float",
+            0.0,
+            "Output frame rate: 0 follows generation; 1..240 presents at that rate"
+            " (30 or 60 for a display), interpolating when output/interpolate is on",
+            unit="fps",
+            applies="immediate",
+            validate=_output_fps,
+        ),
+        Param(
+            "output/interpolate",
+            "bool",
+            False,
+            "Interpolate between generated frames at each presentation time (RIFE; needs"
+            " its weights and an output/fps)",
+            applies="immediate",
+        ),
+        Param(
+            "output/speed",
+            "str",
+            "fit",
+            "Playback speed with a fixed output rate: fit (motion stretched to the"
+            " generation rate, never starves) or real (the video's own 16 fps motion)",
+            choices=OUTPUT_SPEEDS,
+            applies="immediate",
+        ),
+    ]
 
 
 # -- tempo and quantise: owned by the tempo bridge (bridges/tempo) -------------------

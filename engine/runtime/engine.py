@@ -98,12 +98,77 @@ class Engine:
         if recorder is not None and "record" in self.registry:
             self.registry.set("record", True)
         self._unsubscribe = self.registry.subscribe(self._on_change)
+        if recorder is not None:
+            recorder.resample = self._recording_resampler()
+        out = getattr(frame_path, "output", None)
+        if isinstance(out, dict) and "output/fps" in self.registry:
+            # the registry shows what the frame path was built with (--fps ...)
+            self.registry.set_many(
+                {
+                    "output/fps": out["fps"] or 0.0,
+                    "output/interpolate": bool(out["interpolate"]),
+                    "output/speed": out["speed"],
+                }
+            )
 
     def _on_change(self, change: Change) -> None:
         if change.path == "pause":
             self._wake.set()
         elif change.path == "record":
             self._record(bool(change.value))
+        elif change.path.startswith("output/"):
+            self._output(change)
+
+    def _output(self, change: Change) -> None:
+        """/dd/output/*: reconfigure the frame path. One it cannot take (interpolation
+        without weights, without a rate) is reported and undone; the stream goes on."""
+        fp = self.frame_path
+        if fp is None or not hasattr(fp, "configure"):
+            return
+        key = change.path.removeprefix("output/")
+        value = change.value
+        try:
+            if key == "fps":
+                fp.configure(fps=value)
+            elif key == "interpolate":
+                fp.configure(interpolate=bool(value))
+            elif key == "speed":
+                fp.configure(speed=value)
+        except ValueError as e:
+            log.error("%s: %s", change.path, e)
+            self.driver.last_error = f"{change.path}: {e}"
+            current = fp.output.get(key)
+            if key == "fps":
+                current = current or 0.0
+            self.registry.set(change.path, current)  # back to what is in effect
+            return
+        with self._cond:
+            recorder = self.recorder
+        if recorder is not None:
+            recorder.resample = self._recording_resampler()
+
+    def _recording_resampler(self) -> Any:
+        """With interpolation on, the recording gets the interpolated stream too: a
+        resampler at the output rate, run on the recorder's thread (its own copy of the
+        interpolator: the publisher's is not shared across threads)."""
+        fp = self.frame_path
+        out = getattr(fp, "output", None)
+        if not isinstance(out, dict) or not out.get("interpolate") or fp.interpolator is None:
+            return None
+        from engine.runtime.interpolator import BlockResampler, Interpolator
+        from engine.runtime.pacer import NATIVE_FPS
+
+        it = fp.interpolator
+        twin = Interpolator(
+            it.net, it.device, dtype=it.dtype, scale=it.scale, downscale=it.downscale, name=it.name
+        )
+        fps = float(out["fps"])
+
+        def step() -> float:
+            rate = getattr(fp.pacer, "source_rate", None)
+            return (rate or NATIVE_FPS) / fps
+
+        return BlockResampler(twin, step)
 
     def _record(self, on: bool) -> None:
         """Start a new recording (a dated file in `record_dir`) or finalise the current one.
@@ -133,6 +198,7 @@ class Engine:
                 self.driver.last_error = f"record: {e}"
                 self.registry.set("record", False)
                 return
+            rec.resample = self._recording_resampler()
             with self._cond:
                 self.recorder = rec
             log.info("recording to %s", path)
@@ -217,10 +283,15 @@ class Engine:
         vram = None
         if self.pipeline.device.type == "cuda":
             vram = torch.cuda.memory_reserved(self.pipeline.device) / 2**20
+        added = 0.0
+        if self.frame_path is not None and hasattr(self.frame_path, "added_latency_ms"):
+            added = self.frame_path.added_latency_ms()
         return {
             "fps": self._fps(),
             "block_ms": self.block_ms,
-            "latency_ms": self.latency_ms,
+            # + interpolation's wait for the next generated frame (0 without it)
+            "latency_ms": None if self.latency_ms is None else self.latency_ms + added,
+            "interp_latency_ms": added,
             "block": self.block,
             "vram_mb": vram,
             "state": self.state,

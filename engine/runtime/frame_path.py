@@ -8,6 +8,13 @@ for the generation stream, records an event, and returns. A publisher thread wai
 that event (never the generation thread), feeds the block to the :class:`Pacer` and hands
 each frame, when due, to every sink.
 
+Interpolation (``interpolator`` given, ``configure(fps=30, interpolate=True)``): the pacer
+becomes an :class:`OutputPacer` presenting at a fixed rate, and frames between two
+generated ones are computed by the interpolator on the publisher thread (on a side CUDA
+stream; the GPU block stays referenced until the pacer releases it). Every sink gets
+the interpolated stream. Rate changes take effect on the publisher thread between
+frames; a bad one raises in the caller and changes nothing.
+
 Bounded everything: a fixed pool of host buffers (one being filled, one pending, one in
 transit, up to ``max_blocks`` held by the pacer); one pending block, where a newer block
 replaces an older one the publisher has not picked up (latest frame wins). A slow or dead
@@ -25,12 +32,33 @@ from typing import Any
 
 import numpy as np
 
-from engine.runtime.pacer import Pacer, Presented
+from engine.runtime.pacer import SPEEDS, OutputPacer, Pacer, Presented
 from engine.runtime.sinks import FrameSink
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FramePath"]
+__all__ = ["FramePath", "MAX_OUTPUT_FPS", "MIN_OUTPUT_FPS", "check_output_fps"]
+
+MIN_OUTPUT_FPS = 1.0
+MAX_OUTPUT_FPS = 240.0
+
+
+def check_output_fps(fps: Any) -> float | None:
+    """An output rate: None or 0 = follow generation, else MIN..MAX frames per second.
+    ValueError names what is wrong (never clamped: a typo must not become 240 fps)."""
+    if fps is None:
+        return None
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)):
+        raise ValueError(f"output fps must be a number, got {type(fps).__name__}")
+    f = float(fps)
+    if f == 0:
+        return None
+    if not (MIN_OUTPUT_FPS <= f <= MAX_OUTPUT_FPS):
+        raise ValueError(
+            f"output fps {fps!r} out of range: 0 (follow generation) or"
+            f" {MIN_OUTPUT_FPS:g} to {MAX_OUTPUT_FPS:g}"
+        )
+    return f
 
 
 @dataclass(eq=False)
@@ -41,6 +69,7 @@ class _HostBlock:
     array: np.ndarray  # numpy view of ``host``
     generation: int  # buffer-pool generation (a new one per frame size)
     event: Any = None  # torch.cuda.Event marking the copy complete
+    dev: Any = None  # the CUDA block itself, kept while interpolation may read it
     block: int = -1
     nframes: int = 0
     arrival: float = 0.0
@@ -51,6 +80,8 @@ class FramePathStats:
     submitted: int = 0  # blocks given to submit_block
     dropped_blocks: int = 0  # blocks replaced before the publisher picked them up
     published: int = 0  # frames handed to the sinks
+    interpolated: int = 0  # of which computed between two generated frames
+    interp_errors: int = 0
     sink_errors: dict[str, int] = field(default_factory=dict)
 
 
@@ -65,15 +96,18 @@ class FramePath:
     def __init__(
         self,
         sinks: Sequence[FrameSink],
-        pacer: Pacer | None = None,
+        pacer: Pacer | OutputPacer | None = None,
         *,
         buffers: int | None = None,
+        interpolator: Any = None,
     ):
         self.sinks = list(sinks)
         self.pacer = pacer if pacer is not None else Pacer()
         self.pacer.on_release = self._release
-        # filling + pending + in transit + what the pacer may hold
-        self.buffers = buffers if buffers is not None else 3 + self.pacer.max_blocks
+        self.interpolator = interpolator  # engine.runtime.interpolator.Interpolator or None
+        # filling + pending + in transit + what the pacer may hold (+ the block an
+        # OutputPacer keeps for the current frame)
+        self.buffers = buffers if buffers is not None else 4 + self.pacer.max_blocks
         if self.buffers < 3:
             raise ValueError(f"buffers must be >= 3, got {self.buffers}")
         self.stats = FramePathStats()
@@ -88,6 +122,12 @@ class FramePath:
         self._closed = False
         self._open_size: tuple[int, int] | None = None
         self._dead: set[int] = set()  # sinks that failed to open
+        self._reconfigure: Pacer | OutputPacer | None = None  # applied by the publisher
+        self.output: dict[str, Any] = {
+            "fps": self.pacer.fixed_fps if isinstance(self.pacer, Pacer) else self.pacer.fps,
+            "interpolate": isinstance(self.pacer, OutputPacer) and self.pacer.interpolate,
+            "speed": getattr(self.pacer, "speed", "fit"),
+        }
         self._thread = threading.Thread(target=self._run, name="frame-publisher", daemon=True)
         self._thread.start()
 
@@ -123,6 +163,11 @@ class FramePath:
                     hb.event = torch.cuda.Event(blocking=True)  # publisher sleeps, not spins
                 hb.event.record(stream)
             rgba.record_stream(stream)
+            if self.interpolator is not None and self.output["interpolate"]:
+                # interpolation reads the block on the GPU: keep it until released
+                hb.dev = rgba
+                if self.interpolator.stream is not None:
+                    rgba.record_stream(self.interpolator.stream)
         else:
             # numpy, not torch's copy_: torch's CPU thread pool can cost tens of ms here
             # when cores are contended, numpy's memcpy doesn't.
@@ -164,6 +209,7 @@ class FramePath:
 
     def _recycle(self, hb: _HostBlock) -> None:
         """Return a buffer to the pool (caller holds the lock)."""
+        hb.dev = None
         if hb.generation == self._pool_gen:
             self._free.append(hb)
 
@@ -171,13 +217,102 @@ class FramePath:
         with self._cond:
             self._recycle(hb)
 
+    # -- output rate (any thread) --------------------------------------------------------
+    def configure(
+        self,
+        *,
+        fps: float | None = None,
+        interpolate: bool | None = None,
+        speed: str | None = None,
+    ) -> dict[str, Any]:
+        """Change the output rate, interpolation or speed (None keeps a setting). Checks
+        everything first: ValueError names the problem and nothing changes. The new
+        schedule starts on the publisher thread between two frames (queued frames of
+        the old one are released, not shown: one short hold)."""
+        out = dict(self.output)
+        if fps is not None:
+            out["fps"] = check_output_fps(fps)
+        if interpolate is not None:
+            out["interpolate"] = bool(interpolate)
+        if speed is not None:
+            if speed not in SPEEDS:
+                raise ValueError(f"output speed {speed!r}: use {' or '.join(SPEEDS)}")
+            out["speed"] = speed
+        if out["interpolate"]:
+            if self.interpolator is None:
+                raise ValueError(
+                    "interpolation needs the RIFE weights (`dreamdeck download --rife`);"
+                    " output stays as it is"
+                )
+            if out["fps"] is None:
+                raise ValueError("interpolation needs an output rate: set output/fps (e.g. 30)")
+        if out == self.output:
+            return out
+        old = self.pacer
+        if out["fps"] is not None and (out["interpolate"] or out["speed"] == "real"):
+            new: Pacer | OutputPacer = OutputPacer(
+                out["fps"],
+                speed=out["speed"],
+                interpolate=out["interpolate"],
+                max_blocks=getattr(old, "source", old).max_blocks,
+                clock=old.clock,
+            )
+        else:
+            new = Pacer(
+                out["fps"], max_blocks=getattr(old, "source", old).max_blocks, clock=old.clock
+            )
+        with self._cond:
+            self.output = out
+            self._reconfigure = new
+            self._cond.notify()
+        return out
+
+    def added_latency_ms(self) -> float:
+        """What interpolation adds to the latency now: waiting for the next generated
+        frame, plus computing the frame."""
+        p = self.pacer
+        if not isinstance(p, OutputPacer) or not p.interpolate:
+            return 0.0
+        ms = self.interpolator.ms if self.interpolator is not None else None
+        return p.added_latency() * 1e3 + (ms or 0.0)
+
+    def output_status(self) -> dict[str, Any]:
+        p = self.pacer
+        return {
+            **self.output,
+            "interp_ms": None if self.interpolator is None else self.interpolator.ms,
+            "holds": p.holds,
+            "presented": p.presented,
+            "added_latency_ms": self.added_latency_ms(),
+        }
+
     # -- publisher thread ----------------------------------------------------------------
+    def _swap_pacer(self) -> None:
+        with self._cond:
+            new, self._reconfigure = self._reconfigure, None
+        if new is None:
+            return
+        old = self.pacer
+        new.on_release = self._release
+        self.pacer = new
+        old.clear()  # releases its buffers
+        log.info(
+            "output: %s fps%s%s",
+            "following generation at" if self.output["fps"] is None else self.output["fps"],
+            ", interpolated" if self.output["interpolate"] else "",
+            f", speed {self.output['speed']}" if isinstance(new, OutputPacer) else "",
+        )
+
     def _run(self) -> None:
-        clock = self.pacer.clock
         while True:
+            if self._reconfigure is not None:
+                self._swap_pacer()
+            clock = self.pacer.clock
             with self._cond:
                 if self._closed:
                     return
+                if self._reconfigure is not None:
+                    continue
                 hb, self._pending = self._pending, None
                 if hb is None:
                     due = self.pacer.next_due()
@@ -198,8 +333,28 @@ class FramePath:
             if p is not None:
                 self._publish(p)
 
-    def _publish(self, p: Presented) -> None:
+    def _frame_of(self, p: Presented) -> np.ndarray:
+        """The pixels of presented frame ``p``: a generated frame, or one interpolated
+        between two (on failure: the earlier frame, counted and logged)."""
         frame = p.payload.array[p.frame]
+        if p.t <= 0.0 or p.next_payload is None or self.interpolator is None:
+            return frame
+        a = p.payload.dev[p.frame] if p.payload.dev is not None else p.payload.host[p.frame]
+        nb = p.next_payload
+        b = nb.dev[p.next_frame] if nb.dev is not None else nb.host[p.next_frame]
+        try:
+            out = self.interpolator.frame(a, b, p.t)
+        except Exception:
+            self.stats.interp_errors += 1
+            n = self.stats.interp_errors
+            if n in (1, 10, 100) or n % 1000 == 0:
+                log.exception("interpolation failed (%d times); showing the generated frame", n)
+            return frame
+        self.stats.interpolated += 1
+        return out
+
+    def _publish(self, p: Presented) -> None:
+        frame = self._frame_of(p)
         h, w = frame.shape[:2]
         if self._open_size != (w, h):
             self._open_size = (w, h)

@@ -27,17 +27,26 @@ from typing import Any
 
 from engine.runtime.sinks import FrameMeta
 
-__all__ = ["Pacer", "Presented"]
+__all__ = ["Pacer", "Presented", "OutputPacer", "SPEEDS", "NATIVE_FPS"]
+
+NATIVE_FPS = 16.0  # the video's own rate (Wan2.1): "real" speed plays its motion at this rate
+SPEEDS = ("fit", "real")
 
 
 @dataclass(frozen=True)
 class Presented:
-    """A frame due now: frame ``frame`` of the block whose payload is ``payload``."""
+    """A frame due now: frame ``frame`` of the block whose payload is ``payload``.
+
+    From an interpolating :class:`OutputPacer`, ``t`` > 0 asks for the frame a fraction
+    ``t`` of the way from that frame to frame ``next_frame`` of ``next_payload``."""
 
     payload: Any
     frame: int
     meta: FrameMeta
     due: float  # the scheduled (monotonic) time it was due
+    next_payload: Any = None
+    next_frame: int = -1
+    t: float = 0.0
 
 
 @dataclass
@@ -166,6 +175,13 @@ class Pacer:
         """Monotonic time the next frame is due, or None when holding (nothing queued)."""
         return self._next_due if self._queue else None
 
+    def peek(self) -> tuple[Any, int, int] | None:
+        """(payload, frame, block) of the next frame to be presented, or None."""
+        if not self._queue:
+            return None
+        b = self._queue[0]
+        return b.payload, b.next_frame, b.index
+
     def pop_due(self, now: float | None = None) -> Presented | None:
         """The frame due at ``now``, if any; advances the schedule."""
         now = self.clock() if now is None else now
@@ -186,3 +202,163 @@ class Pacer:
         nxt = due + interval
         self._next_due = nxt if nxt > now - interval else now
         return Presented(b.payload, frame, meta, due)
+
+
+class OutputPacer:
+    """Presents frames at a fixed output rate, each one interpolated at its exact time.
+
+    The generated frames get presentation times from an inner :class:`Pacer` (the same
+    schedule as without interpolation: following the generation rate in ``fit`` speed, or
+    the video's own 16 fps in ``real`` speed). The output ticks at ``fps``; a tick at
+    time tau shows the frame between the last source frame k due at or before tau and the
+    next one, at ``t = (tau - T_k) / (T_k+1 - T_k)``. Frame k+1 is usually already queued
+    (the inner pacer keeps a margin), so the added latency is at most one generated frame.
+
+    Starving (frame k+1 not there yet) holds: nothing is published, every sink keeps the
+    last frame, and motion resumes when the next block lands. It never goes backwards in
+    time and never blocks the caller. With ``interpolate`` False each tick shows the
+    nearest source frame, published only when it changes.
+
+    ``on_release(payload)`` is called once the pacer no longer needs a block: the block
+    of the current frame stays held after the inner pacer is done with it, because the
+    next tick may still interpolate from it.
+    """
+
+    def __init__(
+        self,
+        fps: float,
+        *,
+        speed: str = "fit",
+        interpolate: bool = True,
+        native_fps: float = NATIVE_FPS,
+        max_blocks: int = 2,
+        clock: Callable[[], float] = time.monotonic,
+        wallclock: Callable[[], float] = time.time,
+        on_release: Callable[[Any], None] | None = None,
+        **source_kwargs: Any,
+    ):
+        if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+            raise ValueError(f"output fps must be a positive number, got {fps!r}")
+        if speed not in SPEEDS:
+            raise ValueError(f"speed must be one of {', '.join(SPEEDS)}, got {speed!r}")
+        self.fps = float(fps)
+        self.speed = speed
+        self.interpolate = interpolate
+        self.clock = clock
+        self.on_release = on_release
+        self.max_blocks = max_blocks + 1  # + the block of the current frame, held
+        self._wall_offset = wallclock() - clock()
+        self.source = Pacer(
+            None if speed == "fit" else native_fps,
+            max_blocks=max_blocks,
+            clock=clock,
+            wallclock=wallclock,
+            on_release=self._source_released,
+            **source_kwargs,
+        )
+        self._cur: tuple[Any, int, int, float] | None = None  # payload, frame, block, due
+        self._held: Any = None  # payload the source released while it is current
+        self._last_key: tuple[int, int, float] | None = None  # (block, frame, t) shown last
+        self._tick: float | None = None
+        self.presented = 0
+        self.holds = 0  # ticks with nothing new to show (generation behind)
+        self.late = 0  # ticks skipped because the caller fell a whole tick behind
+        self.dropped = 0
+
+    # -- the inner pacer's releases -----------------------------------------------------------
+    def _source_released(self, payload: Any) -> None:
+        if self._cur is not None and payload is self._cur[0]:
+            self._held = payload  # still needed: released when the current frame moves on
+        elif self.on_release is not None:
+            self.on_release(payload)
+
+    def _set_current(self, cur: tuple[Any, int, int, float]) -> None:
+        old, self._cur = self._held, cur
+        if old is not None and old is not cur[0]:
+            self._held = None
+            if self.on_release is not None:
+                self.on_release(old)
+
+    # -- the Pacer interface the frame path uses ----------------------------------------------
+    @property
+    def measured_fps(self) -> float | None:
+        return self.source.measured_fps
+
+    @property
+    def rate(self) -> float:
+        return self.fps
+
+    @property
+    def source_rate(self) -> float:
+        """Generated frames per second the output is moving through."""
+        return self.source.rate
+
+    def backlog(self) -> int:
+        return self.source.backlog()
+
+    def push(self, block: int, nframes: int, payload: Any = None, arrival: float | None = None):
+        t = self.clock() if arrival is None else arrival
+        before = self.source.dropped
+        self.source.push(block, nframes, payload, arrival=t)
+        self.dropped += self.source.dropped - before
+        if self._tick is None:
+            self._tick = t
+
+    def clear(self) -> None:
+        self.source.clear()
+        held, self._held, self._cur = self._held, None, None
+        if held is not None and self.on_release is not None:
+            self.on_release(held)
+        self._tick = None
+
+    def next_due(self) -> float | None:
+        if self._cur is None and self.source.next_due() is None:
+            return None
+        return self._tick
+
+    def added_latency(self) -> float:
+        """Seconds interpolation adds: waiting for the next generated frame (one interval)."""
+        return 1.0 / self.source.rate if self.interpolate else 0.0
+
+    def pop_due(self, now: float | None = None) -> Presented | None:
+        """The output frame due at ``now``, if any (None: not due yet, or holding)."""
+        now = self.clock() if now is None else now
+        tau = self._tick
+        if tau is None or now < tau or (self._cur is None and self.source.next_due() is None):
+            return None
+        interval = 1.0 / self.fps
+        nxt = tau + interval
+        if nxt <= now - interval:
+            self.late += int((now - nxt) / interval)
+            nxt = now  # a whole tick behind: restart the grid, don't burst to catch up
+        self._tick = nxt
+        # the source frames due by tau
+        while (due := self.source.next_due()) is not None and due <= tau:
+            p = self.source.pop_due(now=tau)
+            if p is None:
+                break
+            self._set_current((p.payload, p.frame, p.meta.block, p.due))
+        if self._cur is None:
+            return None
+        payload, frame, block, t_k = self._cur
+        nxt_frame = self.source.peek()
+        t_next = self.source.next_due()
+        t = 0.0
+        if nxt_frame is not None and t_next is not None and t_next > t_k:
+            t = min(max((tau - t_k) / (t_next - t_k), 0.0), 1.0)
+        elif self._last_key is not None and self._last_key[:2] == (block, frame):
+            self.holds += 1  # starving: the next frame is not there, keep the last one shown
+            return None
+        npay, nfr = (nxt_frame[0], nxt_frame[1]) if nxt_frame is not None else (None, -1)
+        if not self.interpolate:
+            if t >= 0.5 and nxt_frame is not None:
+                payload, frame, block = nxt_frame[0], nxt_frame[1], nxt_frame[2]
+            t, npay, nfr = 0.0, None, -1
+        key = (block, frame, t)
+        if key == self._last_key:
+            self.holds += 1
+            return None
+        self._last_key = key
+        meta = FrameMeta(block=block, index=self.presented, timestamp=now + self._wall_offset)
+        self.presented += 1
+        return Presented(payload, frame, meta, tau, npay, nfr, t)

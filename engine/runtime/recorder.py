@@ -101,6 +101,10 @@ class Recorder:
         self._t0 = 0.0
         self._span: float | None = None  # usual seconds per live block
         self._side_stream = None  # CUDA stream for device-to-host copies (made on first use)
+        # Optional whole-block frame-rate converter (engine.runtime.interpolator.
+        # BlockResampler), run here on the encoder thread: the live recording then holds
+        # the interpolated stream the outputs show. Swapped by the engine at any time.
+        self.resample: Any = None
         self.frames_written = 0
         self.blocks_dropped = 0
         self.error: BaseException | None = None
@@ -199,7 +203,11 @@ class Recorder:
             rgba, record, when, ready = item
             try:
                 self._write_dropped(record.get("block"))
-                n = self._encode_block(self._to_host(rgba, ready), when)
+                frames = self._to_host(rgba, ready)
+                resample = self.resample
+                if resample is not None:
+                    frames = resample(frames)
+                n = self._encode_block(frames, when)
                 self._log.write_block({**record, "frames": n})
             except Exception as e:  # noqa: BLE001 - a failing disk must not kill the engine
                 self.error = e

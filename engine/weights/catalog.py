@@ -35,6 +35,8 @@ class ModelFile:
     filename: str  # path inside the repo
     size_hint: int = 0  # bytes, for messages before the hub is asked
     optional: bool = False  # absent from some revisions; missing is not an error
+    revision: str = "main"  # hub revision (a commit hash pins it)
+    sha256: str | None = None  # expected digest when known (checked after download)
 
     def path(self, models_dir: str | Path | None = None) -> Path:
         return resolve_models_dir(models_dir) / self.repo / self.filename
@@ -68,6 +70,14 @@ FILES: dict[str, ModelFile] = {
         ModelFile(
             "vace", "Kijai/WanVideo_comfy", "Wan2_1-VACE_module_14B_bf16.safetensors", 6_100_000_000
         ),
+        # Frame interpolation (engine/models/rife.py): Practical-RIFE v4.25 `flownet.pkl`,
+        # mirrored unchanged by Daydream (model card: licence MIT, "Mirror RIFE v4.25 from
+        # Practical-RIFE", commit 52c1970). Not needed by any preset: `dreamdeck download
+        # --rife` fetches it, `run --fps 30` uses it. The revision could not be resolved to
+        # a full commit hash offline, nor the file's sha256, so both stay unpinned here;
+        # `download` still checks the hub's LFS sha256 (its ETag). Pin them after a first
+        # download: `revision=<40 hex>`, `sha256=<sha256sum of the file>`.
+        ModelFile("rife", "daydreamlive/RIFE", "flownet.pkl", 22_700_000),
     )
 }
 # The UMT5 tokenizer folder as Wan's repos lay it out. transformers loads tokenizer.json;
@@ -179,7 +189,7 @@ def check_file(path: Path) -> str | None:
             _check_safetensors_header(path)
         except WeightsError as e:
             return str(e).removeprefix(f"{path}: ")
-    elif path.suffix in (".pth", ".pt"):
+    elif path.suffix in (".pth", ".pt", ".pkl"):
         # torch.save writes a zip whose directory sits at the end: a truncated download
         # has none. (Old pickle-only files are accepted if they start like a pickle.)
         if not zipfile.is_zipfile(path):

@@ -127,7 +127,8 @@ def plan(
             p.have = p.size
             out.append(p)
             continue
-        url = hf_hub_url(f.repo, f.filename, revision=revision, endpoint=ep)
+        rev = f.revision if f.revision != "main" else revision
+        url = hf_hub_url(f.repo, f.filename, revision=rev, endpoint=ep)
         try:
             meta = get_hf_file_metadata(url, token=token, endpoint=ep, timeout=10)
         except Exception as e:
@@ -227,6 +228,14 @@ def fetch(
             raise DownloadError(
                 f"{p.file.repo}/{p.file.filename}: sha256 {digest} does not match the hub's {p.etag};"
                 " the partial file was removed, run again"
+            )
+    if verify and p.file.sha256:
+        digest = _sha256(p.partial)
+        if digest != p.file.sha256:
+            p.partial.unlink()
+            raise DownloadError(
+                f"{p.file.repo}/{p.file.filename}: sha256 {digest} is not the pinned"
+                f" {p.file.sha256}; the partial file was removed"
             )
     os.replace(p.partial, p.dest)
     why = check_file(p.dest)
