@@ -105,6 +105,14 @@ class Engine:
         if recorder is not None and "record" in self.registry:
             self.registry.set("record", True)
         self._unsubscribe = self.registry.subscribe(self._on_change)
+        for sink in getattr(frame_path, "sinks", ()):
+            if hasattr(sink, "on_problem"):  # an output that lost its target says so
+                sink.on_problem = self._output_problem
+
+    def _output_problem(self, message: str) -> None:
+        """An output's problem (the ring unlinked by a reader...), from its thread: shown as
+        the engine's last error (/dd/status/last_error); the output logs it itself."""
+        self.driver.last_error = message
 
     def _on_change(self, change: Change) -> None:
         if change.path == "pause":
