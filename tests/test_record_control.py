@@ -5,10 +5,12 @@ matches its control log; a folder that cannot be written is reported and turns i
 from __future__ import annotations
 
 import av
+import pytest
 from helpers import wait_for
 
 from engine.runtime.control_log import log_path_for, read_control_log
 from engine.runtime.engine import tiny_engine
+from engine.runtime.registry import ControlError
 
 
 def frames_in(path) -> int:
@@ -48,7 +50,8 @@ def test_unwritable_folder_is_reported_and_record_turns_off(tmp_path):
     blocker.write_text("not a folder")
     eng = tiny_engine(record_dir=blocker / "rec", status_interval=None)
     try:
-        eng.registry.set("record", True)
+        with pytest.raises(ControlError, match="cannot record into"):  # /dd/error over OSC
+            eng.registry.set("record", True)
         assert eng.recorder is None and eng.registry.get("record") is False
         assert "record" in eng.status()["last_error"]
     finally:

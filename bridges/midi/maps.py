@@ -56,6 +56,10 @@ class MapError(ValueError):
         self.problems = problems
 
 
+class MapFileError(MapError):
+    """The file cannot be read as a map at all (missing, unreadable, not UTF-8 text)."""
+
+
 # -- a YAML loader that keeps line numbers ---------------------------------------------
 class _Dict(dict):
     line = 0
@@ -144,7 +148,14 @@ def load_map(path: str | Path, registry: Registry) -> MidiMap:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise MapError([f"{path}: cannot read: {e.strerror or e}"]) from None
+        raise MapFileError([f"{path}: cannot read: {e.strerror or e}"]) from None
+    except UnicodeDecodeError as e:
+        raise MapFileError(
+            [
+                f"{path}: not a MIDI map (YAML text): byte 0x{e.object[e.start]:02x} at offset"
+                f" {e.start} is not UTF-8"
+            ]
+        ) from None
     return parse_map(text, registry, str(path))
 
 

@@ -49,16 +49,17 @@ def _ports(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from bridges.midi.maps import MapError, load_map, resolve_map_path
+    from bridges.midi.maps import MapError, MapFileError, load_map, resolve_map_path
     from engine.runtime.controls import make_registry
 
     registry = make_registry()
-    bad = 0
+    bad = unreadable = 0
     for f in args.files:
         try:
             m = load_map(resolve_map_path(f), registry)
         except MapError as e:
             bad += 1
+            unreadable += isinstance(e, MapFileError)  # not a map at all: a usage error
             for line in e.problems:
                 print(line, file=sys.stderr)
             continue
@@ -67,7 +68,7 @@ def _check(args: argparse.Namespace) -> int:
             f"{m.file}: ok: {len(m.bindings)} mappings ({fb} with feedback), "
             f"{len(m.presets)} presets, device /{m.device}/"
         )
-    return 1 if bad else 0
+    return 2 if unreadable else 1 if bad else 0
 
 
 def _ask_target(registry, prompt_for: str) -> str | None:

@@ -555,10 +555,20 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
     )
 
     stop = threading.Event()
+    from engine.runtime.shutdown import ShutdownWatchdog, install_test_hang
+
+    install_test_hang(engine)  # DREAMDECK_TEST_HANG: tests only
+
+    def _abandon_parts() -> list[tuple[str, Any]]:
+        rec = engine.recorder  # the one in use now (/dd/record may have swapped it)
+        return [(n, p.close) for n, p in (("recording", rec), ("outputs", frame_path)) if p]
+
+    watchdog = ShutdownWatchdog(_abandon_parts)
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("%s: stopping", signal.Signals(signum).name)
         stop.set()
+        watchdog.arm()  # the orderly stop below gets a few seconds, then it is forced
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     closers: list[Any] = []
@@ -581,6 +591,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
             except Exception:  # noqa: BLE001
                 log.exception("closing a bridge failed")
         engine.stop()
+        took = watchdog.done()
+        if took is not None:
+            log.info("shutdown: finished %.2f s after the signal", took)
         for s, h in previous.items():
             signal.signal(s, h)
     _log_peak_memory(pipeline.device, engine)

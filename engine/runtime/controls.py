@@ -303,7 +303,8 @@ def check_source_spec(spec: Any, assets_dir: str | None) -> str:
 
     Only the form is checked here (sources that are not there yet are fine: the input
     waits for them and says so), except `file:` paths, which come over the network and
-    must name a file inside the assets folder."""
+    must name a file inside the assets folder, and `camera:` devices, which must be real
+    video-capture devices (camera_input.py says why)."""
     if not isinstance(spec, str):
         raise ValueError(f"expected a source like shm:NAME, got {type(spec).__name__}")
     s = spec.strip()
@@ -321,6 +322,10 @@ def check_source_spec(spec: Any, assets_dir: str | None) -> str:
         _valid_name(arg)  # ValueError names the problem
     if kind == "file":
         _check_asset(arg, assets_dir, "video file")
+    if kind == "camera":
+        from engine.runtime.inputs.camera_input import resolve_camera
+
+        resolve_camera(arg)  # only real capture devices (InputError is a ValueError)
     return f"{kind}:{arg}"
 
 

@@ -17,7 +17,9 @@ time from a block's start to its frames, so beat-quantised changes land on the b
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import tempfile
 import threading
 import time
 from collections import deque
@@ -95,6 +97,12 @@ class Engine:
         self._stopped = False
         # the preset's values for controls whose registry defaults are fixed (seed, ...)
         self.registry.set_many(preset.control_defaults())
+        if "record" in self.registry:
+            # `/dd/record 1` into a folder that cannot be written is refused as it arrives
+            # (the sender gets /dd/error with the reason and /dd/record 0), not accepted and
+            # then silently dropped.
+            p = self.registry.param("record")
+            self.registry.declare(dataclasses.replace(p, validate=self._check_record), replace=True)
         if recorder is not None and "record" in self.registry:
             self.registry.set("record", True)
         self._unsubscribe = self.registry.subscribe(self._on_change)
@@ -110,6 +118,14 @@ class Engine:
                     "output/speed": out["speed"],
                 }
             )
+        for sink in getattr(frame_path, "sinks", ()):
+            if hasattr(sink, "on_problem"):  # an output that lost its target says so
+                sink.on_problem = self._output_problem
+
+    def _output_problem(self, message: str) -> None:
+        """An output's problem (the ring unlinked by a reader...), from its thread: shown as
+        the engine's last error (/dd/status/last_error); the output logs it itself."""
+        self.driver.last_error = message
 
     def _on_change(self, change: Change) -> None:
         if change.path == "pause":
@@ -169,6 +185,19 @@ class Engine:
             return (rate or NATIVE_FPS) / fps
 
         return BlockResampler(twin, step)
+
+    def _check_record(self, value: Any) -> Any:
+        """The `record` parameter's check: turning it on needs a folder we can write."""
+        if value is True and self.recorder is None:
+            try:
+                check_writable_folder(self.record_dir)
+            except OSError as e:
+                reason = f"cannot record into {self.record_dir}: {e.strerror or e}"
+                self.driver.last_error = f"record: {reason}"
+                log.error("record: %s", reason)
+                self.registry.echo("record")  # the sender's toggle goes back to 0
+                raise ValueError(reason) from None
+        return value
 
     def _record(self, on: bool) -> None:
         """Start a new recording (a dated file in `record_dir`) or finalise the current one.
@@ -431,6 +460,12 @@ def _lora_check(pipeline: Any) -> Callable[[str], Any] | None:
     """The header check of `lora/{n}/file` values (engine.runtime.lora_loader)."""
     loader = getattr(pipeline, "lora_loader", None)
     return loader.check if loader is not None else None
+def check_writable_folder(folder: Path) -> None:
+    """Make `folder` if needed and create (and delete) a file in it: the only test that also
+    holds for root, read-only file systems and full disks. Raises OSError."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+        pass
 
 
 def tiny_engine(*, height: int = 64, width: int = 64, **engine_kwargs: Any) -> Engine:

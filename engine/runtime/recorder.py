@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import logging
 import queue
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -76,21 +77,28 @@ class Recorder:
             )
         except (OSError, av.FFmpegError) as e:
             raise RecorderError(f"{self.path}: cannot open for writing: {e}") from None
-        rate = Fraction(fps).limit_denominator(1001) if fps else Fraction(int(NATIVE_FPS))
-        self._stream = self._container.add_stream("libx264", rate=rate)
-        self._stream.width, self._stream.height = width, height
-        self._stream.pix_fmt = "yuv420p"
-        self._stream.options = {
-            "tune": "zerolatency",
-            "preset": "veryfast",
-            "crf": str(crf),
-            "threads": "1",
-        }
-        self._stream.codec_context.time_base = TIME_BASE
-        self._log = ControlLogWriter(
-            self.log_path,
-            {"width": width, "height": height, "fps": fps or NATIVE_FPS, **(header or {})},
-        )
+        try:
+            rate = Fraction(fps).limit_denominator(1001) if fps else Fraction(int(NATIVE_FPS))
+            self._stream = self._container.add_stream("libx264", rate=rate)
+            self._stream.width, self._stream.height = width, height
+            self._stream.pix_fmt = "yuv420p"
+            self._stream.options = {
+                "tune": "zerolatency",
+                "preset": "veryfast",
+                "crf": str(crf),
+                "threads": "1",
+            }
+            self._stream.codec_context.time_base = TIME_BASE
+            self._log = ControlLogWriter(
+                self.log_path,
+                {"width": width, "height": height, "fps": fps or NATIVE_FPS, **(header or {})},
+            )
+        except (OSError, av.FFmpegError) as e:
+            # e.g. the control log next to it cannot be created: nothing half-made is left
+            self._container.close()
+            self.path.unlink(missing_ok=True)
+            what = getattr(e, "filename", None) or self.path
+            raise RecorderError(f"{what}: cannot open for writing: {e.strerror or e}") from None
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_blocks))
         # records of dropped blocks, written in block order by the encoder thread
         self._dropped: collections.deque = collections.deque(maxlen=4096)
@@ -127,6 +135,13 @@ class Recorder:
             raise RecorderError(f"{path}: the recording must be an .mp4 file")
         if not path.parent.is_dir():
             raise RecorderError(f"{path}: folder {path.parent} does not exist")
+        try:  # a real write: permission bits say nothing for root or a read-only mount
+            with tempfile.TemporaryFile(dir=path.parent):
+                pass
+        except OSError as e:
+            raise RecorderError(
+                f"{path}: folder {path.parent} cannot be written: {e.strerror or e}"
+            ) from None
 
     # -- generation side ----------------------------------------------------------------
     def submit(

@@ -306,6 +306,7 @@ class Registry:
         self._seq = 0
         self._lock = threading.RLock()
         self._listeners: list[Callable[[Change], None]] = []
+        self._notifying = threading.local()  # per thread: changes waiting for delivery
         self._last: BlockControls | None = None
         self.clock = clock
         self.lookahead = 0.0  # seconds; set from the measured pipeline latency
@@ -314,8 +315,16 @@ class Registry:
             self.declare(p)
 
     # -- declaration -------------------------------------------------------------------
-    def declare(self, param: Param) -> None:
+    def declare(self, param: Param, *, replace: bool = False) -> None:
+        """Add a parameter. `replace` swaps one already declared for a copy with, say, a
+        check of the owner's (the engine checks that a recording can start, so a refusal
+        is a /dd/error with the reason); its current value is kept."""
         with self._lock:
+            if replace:
+                if param.path not in self._params:
+                    raise ValueError(f"parameter {param.path!r} is not declared")
+                self._params[param.path] = param
+                return
             if param.path in self._params:
                 raise ValueError(f"parameter {param.path!r} declared twice")
             if param.stateful:
@@ -520,17 +529,39 @@ class Registry:
 
         return unsubscribe
 
+    def echo(self, path: str) -> None:
+        """Tell the listeners the value in effect again, unchanged: a controller whose change
+        was refused (its toggle already shows the new state) is set back."""
+        p = self.param(path)
+        if p.stateful:
+            self._notify([Change(p.path, self.applied(p.path), None)])
+
     def _notify(self, changes: list[Change]) -> None:
+        """Every listener sees every change, in the order the changes happened. A listener
+        that changes a value itself (the engine turning `record` back off when a recording
+        cannot start) has that change delivered after the current one has reached all
+        listeners, so the last value a listener sees is the value in effect."""
         if not changes:
             return
-        with self._lock:
-            listeners = list(self._listeners)
-        for c in changes:
-            for fn in listeners:
-                try:
-                    fn(c)
-                except Exception:  # noqa: BLE001 - a listener must not break the loop
-                    log.exception("control listener failed on %s", c.path)
+        queue = getattr(self._notifying, "queue", None)
+        if queue is not None:  # inside a listener on this thread: deliver after this one
+            queue.extend(changes)
+            return
+        queue = self._notifying.queue = list(changes)
+        try:
+            with self._lock:
+                listeners = list(self._listeners)
+            i = 0
+            while i < len(queue):
+                c = queue[i]
+                i += 1
+                for fn in listeners:
+                    try:
+                        fn(c)
+                    except Exception:  # noqa: BLE001 - a listener must not break the loop
+                        log.exception("control listener failed on %s", c.path)
+        finally:
+            self._notifying.queue = None
 
     # -- reference ---------------------------------------------------------------------
     def describe(self) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ import secrets
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,6 +166,33 @@ def _unlink_name(name: str) -> None:
         pass
 
 
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory (names are files there)
+
+
+def _remove_empty_dir(name: str) -> None:
+    """A directory where the segment belongs (a mistake that disables the output for good):
+    removed when empty, else a RingError that says what to do."""
+    path = os.path.join(SHM_DIR, name)
+    try:
+        os.rmdir(path)
+    except OSError as e:
+        raise RingError(
+            f"shared-memory name {name!r} is taken by the directory {path}"
+            f" ({e.strerror or e}); remove it or pick another name"
+        ) from None
+
+
+def _name_identity(name: str) -> tuple[int, int] | None:
+    """(device, inode) of the object under `name` on Linux, None where names are not files."""
+    if not os.path.isdir(SHM_DIR):
+        return None
+    try:
+        st = os.stat(os.path.join(SHM_DIR, name))
+    except OSError:
+        return (-1, -1)
+    return (st.st_dev, st.st_ino)
+
+
 def _read_header(buf) -> dict:
     if bytes(buf[0:4]) != MAGIC:
         raise RingError("not a dreamdeck ring (bad magic) or not initialised yet")
@@ -209,6 +237,8 @@ class ShmRingWriter:
         self._seg: _Segment | None = None
         self._pixels: list[np.ndarray] = []
         self._pending: tuple[int, int] | None = None  # a size waiting for its segment (Windows)
+        self._segment_id = 0
+        self._identity: tuple[int, int] | None = None
         if width or height:
             self.resize(width, height)
 
@@ -240,6 +270,8 @@ class ShmRingWriter:
         )  # fmt: skip
         buf[0:4] = MAGIC  # last: a reader seeing the magic sees a complete header
         self._seg, self._stride = seg, stride
+        self._segment_id = _HDR.unpack_from(buf, 4)[14]
+        self._identity = _name_identity(self.name)
         self.width, self.height = width, height
         self._pixels = [
             np.frombuffer(
@@ -257,18 +289,35 @@ class ShmRingWriter:
                 raise  # still held by a reader; resize() retries later
         # POSIX: a segment left by an earlier writer (crashed, or another process).
         # Tell its readers to move on, continue its generation count, then replace it.
+        # Anything else under the name (a stray file, a directory) is never written to.
         try:
             old = _Segment(self.name, track=False)
             try:
-                self.generation = max(self.generation, _read_header(old.buf)["generation"])
+                if old.size >= HEADER_SIZE:
+                    self.generation = max(self.generation, _read_header(old.buf)["generation"])
+                    _set_flag(old.buf, FLAG_SUPERSEDED)
             except RingError:
                 pass
-            _set_flag(old.buf, FLAG_SUPERSEDED)
-            old.close()
-        except (FileNotFoundError, ValueError):
+            finally:
+                old.close()
+        except (OSError, ValueError):
             pass
-        _unlink_name(self.name)
-        return _Segment(self.name, create=True, size=size, track=self.track)
+        try:
+            _unlink_name(self.name)
+        except IsADirectoryError:
+            _remove_empty_dir(self.name)
+        except OSError as e:
+            raise RingError(
+                f"shared-memory name {self.name!r} is taken and cannot be freed"
+                f" ({e.strerror or e}); remove it or pick another name"
+            ) from None
+        try:
+            return _Segment(self.name, create=True, size=size, track=self.track)
+        except FileExistsError:
+            raise RingError(
+                f"shared-memory name {self.name!r} is taken by something that is not a ring"
+                " and cannot be removed; remove it or pick another name"
+            ) from None
 
     def _retire(self, flag: int) -> None:
         seg, self._seg = self._seg, None
@@ -277,6 +326,8 @@ class ShmRingWriter:
             return
         _set_flag(seg.buf, flag)
         seg.close()
+        if _name_identity(self.name) not in (None, self._identity):
+            return  # the name is gone or holds something else now: not ours to remove
         try:
             seg.unlink()
         except FileNotFoundError:
@@ -286,6 +337,35 @@ class ShmRingWriter:
         """Mark the ring closed and remove its name. Readers keep their mapping."""
         self._retire(FLAG_CLOSED)
         self._pending = None
+
+    def lost(self) -> str | None:
+        """Why readers can no longer find this ring under its name, or None when they can.
+
+        The name can vanish under a live writer: a reader that unlinks it (Python's
+        `SharedMemory` does so on `unlink()`, and its resource tracker at the reader's
+        exit before 3.13), or someone replacing it. The mapping keeps working, so nothing
+        fails: frames just go nowhere. Cheap (one stat on Linux); call it about once a
+        second and `resize` to publish again."""
+        if self._seg is None or os.name == "nt":
+            return None  # Windows: a name lives as long as any handle, ours included
+        ident = _name_identity(self.name)
+        if ident is not None:
+            if ident == self._identity:
+                return None
+            return "removed by another process" if ident == (-1, -1) else "replaced"
+        try:  # macOS: no files for names; ask the segment under the name who it is
+            seg = _Segment(self.name, track=False)
+        except (OSError, ValueError):
+            return "removed by another process"
+        try:
+            same = seg.size >= HEADER_SIZE and _read_header(seg.buf)["segment_id"] == (
+                self._segment_id
+            )
+        except RingError:
+            same = False
+        finally:
+            seg.close()
+        return None if same else "replaced"
 
     # -- frames -------------------------------------------------------------------------
     def write(
@@ -473,26 +553,97 @@ class ShmRingSink:
     ``send`` is one memcpy into shared memory, so it runs inline on the publisher thread.
     ``meta`` is duck-typed (``block``, ``index``, ``timestamp``) to keep this module free
     of engine imports.
+
+    The ring must not vanish silently: about once a second ``send`` checks that readers
+    can still find it under its name (`ShmRingWriter.lost`) and publishes it again when
+    not; a ring that cannot be published (the name taken by a directory or another user's
+    file) is retried once a second instead of disabling the output for the run. Each
+    problem is logged once, kept in ``problem`` and passed to ``on_problem`` (the engine
+    shows it as its last error on ``/dd/status``).
     """
 
-    def __init__(self, name: str = "dreamdeck", *, slots: int = 3):
+    check_s = 1.0
+
+    def __init__(
+        self,
+        name: str = "dreamdeck",
+        *,
+        slots: int = 3,
+        on_problem: Callable[[str], None] | None = None,
+    ):
         self.name = f"shm:{_valid_name(name)}"
         self._ring_name = name
         self._slots = slots
         self.writer: ShmRingWriter | None = None
+        self.on_problem = on_problem
+        self.problem: str | None = None  # what is wrong now; None while publishing
+        self.recreated = 0  # times the ring was published again after losing its name
+        self._next_check = 0.0
+        self._next_retry = 0.0
+
+    @property
+    def published(self) -> bool:
+        return self.writer is not None and self.writer._seg is not None
 
     def open(self, width: int, height: int) -> None:
-        if self.writer is None:
-            self.writer = ShmRingWriter(self._ring_name, width, height, slots=self._slots)
-        elif (width, height) != (self.writer.width, self.writer.height):
-            self.writer.resize(width, height)
+        try:
+            if self.writer is None:
+                self.writer = ShmRingWriter(self._ring_name, width, height, slots=self._slots)
+            elif (width, height) != (self.writer.width, self.writer.height) or not self.published:
+                self.writer.resize(width, height)
+        except (OSError, RingError) as e:
+            self._report(f"{self.name}: cannot publish the ring: {e}; retrying every second")
+            return
+        self._next_check = time.monotonic() + self.check_s
+        if self.problem is not None and self.published:
+            _log().warning("%s: publishing again", self.name)
+            self.problem = None
 
     def send(self, rgba: np.ndarray, meta) -> None:
-        if self.writer is None:
-            self.open(rgba.shape[1], rgba.shape[0])
+        now = time.monotonic()
+        h, w = rgba.shape[:2]
+        if not self.published:
+            if now < self._next_retry:
+                return  # dropped: nothing to publish into yet
+            self._next_retry = now + self.check_s
+            self.open(w, h)
+            if not self.published:
+                return
+        elif now >= self._next_check:
+            self._next_check = now + self.check_s
+            why = self.writer.lost()
+            if why is not None:
+                self._report(f"{self.name}: the ring was {why}; published it again")
+                self.recreated += 1
+                self._republish(w, h)
+                if not self.published:
+                    return
         self.writer.write(rgba, block=meta.block, index=meta.index, timestamp=meta.timestamp)
+
+    def _republish(self, width: int, height: int) -> None:
+        try:
+            self.writer.resize(width, height)
+        except (OSError, RingError) as e:
+            self._report(f"{self.name}: cannot publish the ring: {e}; retrying every second")
+            self._next_retry = time.monotonic() + self.check_s
+
+    def _report(self, message: str) -> None:
+        if message != self.problem:
+            _log().error("%s", message)
+        self.problem = message
+        if self.on_problem is not None:
+            try:
+                self.on_problem(message)
+            except Exception:  # noqa: BLE001 - reporting must not stop the output
+                _log().exception("on_problem failed")
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _log():
+    import logging
+
+    return logging.getLogger("engine.runtime.shm_ring")
