@@ -224,6 +224,9 @@ class Modulation:
     def _beat_now(self, values: Mapping[str, Any], now: float) -> float:
         if self.beat_at is not None:
             return float(self.beat_at(now))
+        grid = getattr(self.registry, "tempo_grid", None)
+        if grid is not None:
+            return float(grid.beat_at(now))
         bpm = float(values.get("tempo/bpm", 120.0))
         if self._beat is None:
             beat = 0.0
