@@ -174,7 +174,7 @@ class Analyzer:
         return out
 
     def _hop(self, chunk: np.ndarray) -> Frame | None:
-        n, h = self.n_fft, self.hop
+        h = self.hop
         self._buf[:-h] = self._buf[h:]
         self._buf[-h:] = chunk
         self._hops += 1

@@ -141,7 +141,9 @@ def decode_file(path: str | Path) -> tuple[np.ndarray, int, int]:
                 raise AudioSourceError(f"{p}: no audio stream in the file")
             st = c.streams.audio[0]
             rate = int(st.codec_context.sample_rate or st.rate or 0)
-            channels = int(st.codec_context.channels or 0) if hasattr(st.codec_context, "channels") else 0
+            channels = (
+                int(st.codec_context.channels or 0) if hasattr(st.codec_context, "channels") else 0
+            )
             channels = channels or len(st.layout.channels)
             resampler = av.AudioResampler(format="fltp", layout=st.layout.name, rate=rate)
             for frame in c.decode(st):

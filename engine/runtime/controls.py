@@ -518,6 +518,7 @@ def mod_params(all_params: Callable[[], list[Param]]) -> list[Param]:
                 unit="s",
             ),
         ]
+
     def load(name: str, get: Callable[[str], Any]) -> dict[str, Any]:
         from engine.runtime.modulation import ModPresetError, preset_path, read_preset
 

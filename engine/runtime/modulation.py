@@ -105,7 +105,9 @@ def parse_source(spec: Any) -> Source:
     if parts[0] == "midi":
         nums = parts[2:] if len(parts) >= 3 and parts[1] == "cc" else None
         if nums is None or len(nums) not in (1, 2) or not all(n.isdigit() for n in nums):
-            raise ValueError(f"{spec[:60]!r}: MIDI sources are midi/cc/<0-127> or midi/cc/<1-16>/<n>")
+            raise ValueError(
+                f"{spec[:60]!r}: MIDI sources are midi/cc/<0-127> or midi/cc/<1-16>/<n>"
+            )
         cc = int(nums[-1])
         if cc > 127 or (len(nums) == 2 and not 1 <= int(nums[0]) <= 16):
             raise ValueError(f"{spec[:60]!r}: channel 1..16, controller 0..127")
@@ -259,7 +261,9 @@ class Modulation:
                 self._slots[n - 1] = st = _SlotState(config=config)
             s = self._source_value(n, st, src, g, frames, latest, beat)
             sources[f"{n}"] = s
-            m = float(g("offset")) + float(g("depth")) * (s if src.counter else curve(g("curve"), s))
+            m = float(g("offset")) + float(g("depth")) * (
+                s if src.counter else curve(g("curve"), s)
+            )
             sm = float(g("smoothing"))
             st.out = m if st.out is None or sm <= 0 else sm * st.out + (1 - sm) * m
             sums[target] = sums.get(target, 0.0) + st.out
@@ -419,10 +423,14 @@ def parse_preset(
         raise ModPresetError([f"{file}:1: a modulation preset is a mapping with slots:"])
     for k in doc:
         if k not in ("name", "description", "slots"):
-            problems.append(f"{file}:{doc.lines.get(k, 1)}: unknown key {k!r} (name, description, slots)")
+            problems.append(
+                f"{file}:{doc.lines.get(k, 1)}: unknown key {k!r} (name, description, slots)"
+            )
     slots = doc.get("slots")
     if not isinstance(slots, list) or not slots:
-        problems.append(f"{file}:{doc.lines.get('slots', doc.line)}: slots: must be a non-empty list")
+        problems.append(
+            f"{file}:{doc.lines.get('slots', doc.line)}: slots: must be a non-empty list"
+        )
         raise ModPresetError(problems)
     if len(slots) > SLOTS:
         problems.append(f"{file}:{slots.line}: {len(slots)} slots, at most {SLOTS}")
