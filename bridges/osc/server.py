@@ -343,4 +343,6 @@ _OUTGOING_PREFIXES = ("/dd/status/audio/", "/dd/status/mod/")  # meters: one add
 
 def _outgoing(address: str) -> bool:
     return address in _OUTGOING or address.startswith(_OUTGOING_PREFIXES)
+
+
 _STATUS = frozenset(b.address for b in addresses.STATUS_ADDRESSES)
