@@ -17,7 +17,8 @@ Conventions:
   then mean the same thing for every band and every track).
 - Onsets: positive log-magnitude flux per band, picked causally one hop late (a peak is
   a peak once the next hop is lower) over an adaptive threshold (median + 4 x MAD of the
-  last 0.6 s plus a floor), at most one per 50 ms per band.
+  last 0.6 s plus a floor), at most one per 50 ms per band, and only in bands within
+  20 dB of the loudest band at that moment (leakage of a loud neighbour is no attack).
 - Tempo: autocorrelation of the full-band onset envelope over 60..200 BPM; of two
   candidates an octave apart, the faster wins when it has at least 70 % of the slower
   one's support (a click track at 174 is 174, not 87). Offline, beats come from dynamic
@@ -41,7 +42,9 @@ MAX_HOP_SECONDS = 0.012
 MIN_BPM, MAX_BPM = 60.0, 200.0
 DB_FLOOR = -60.0
 ONSET_GAP_S = 0.05
+MIN_STRENGTH = 0.3  # periodicity below this is no beat (white noise measures about 0.16)
 THRESH_WINDOW_S = 0.6
+DOMINANCE = 20.0 / -DB_FLOOR  # 20 dB on the 0..1 level scale
 
 
 class AnalysisError(ValueError):
@@ -206,7 +209,9 @@ class Analyzer:
         )
         last, self._last = self._last, frame
         if last is not None:
-            last.onsets |= onsets
+            # a band's onset needs the band within 20 dB of the loudest one: the window's
+            # leakage from a loud neighbour is not an attack of its own
+            last.onsets |= onsets & (last.bands >= last.bands.max() - DOMINANCE)
             last.onset = last.onset or onset
         # Frames go out one hop late so their onset flags are final.
         return last
@@ -234,6 +239,13 @@ def tempo_period(
     lo = max(2, math.floor(60.0 * fps / max_bpm))
     hi = math.ceil(60.0 * fps / min_bpm)
     if env.size < 2 * hi + 2 or not np.any(env > 0):
+        return None
+    # high-pass: minus a 0.5 s moving average, so a step (silence -> noise) or a slow
+    # swell is not mistaken for a periodicity; attacks stand out, level does not
+    w = max(3, round(0.5 * fps))
+    trend = np.convolve(np.pad(env, (w // 2, w - 1 - w // 2), mode="edge"), np.ones(w) / w, "valid")
+    env = np.maximum(env - trend, 0.0)
+    if not np.any(env > 0):
         return None
     ac = _autocorr(env)
     if ac[0] <= 0:
@@ -338,7 +350,7 @@ def analyze(
     env = np.array([f.envelope for f in frames])
     tempo, conf, beats = None, 0.0, []
     tp = tempo_period(env, a.fps)
-    if tp is not None and tp[1] > 0.1:
+    if tp is not None and tp[1] >= MIN_STRENGTH:
         period, conf = tp
         idx = track_beats(env, period)
         beat_t = np.array([frames[i].time for i in idx])
@@ -388,7 +400,7 @@ class BeatTracker:
     beats are then predicted one period ahead and reported as the stream reaches them.
     Not locked (no beats) while the periodicity is weak: silence and noise have no beat."""
 
-    def __init__(self, fps: float, *, history_s: float = 6.0, min_strength: float = 0.15):
+    def __init__(self, fps: float, *, history_s: float = 6.0, min_strength: float = MIN_STRENGTH):
         self.fps = fps
         self.env: deque[float] = deque(maxlen=int(history_s * fps))
         self.min_strength = min_strength
