@@ -97,18 +97,24 @@ class AudioInput:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_bpm_shown = 0.0
+        self._last_error: str | None = None
 
     # -- status -----------------------------------------------------------------------------
     def _status(self, state: str, error: str | None = None) -> None:
-        self.state = state
-        self.bank.status["audio"] = state
-        if error is not None:
+        if error is not None and error == self._last_error:
+            log.debug("audio: %s (again)", error)  # a retry failing the same way: said once
+        elif error is not None:  # reported before the state shows (readers poll the state)
+            self._last_error = error
             log.error("audio: %s", error)
             if self.on_error is not None:
                 try:
                     self.on_error(error)
                 except Exception:  # noqa: BLE001 - reporting must not stop the input
                     log.exception("audio error report failed")
+        if error is None:
+            self._last_error = None
+        self.state = state
+        self.bank.status["audio"] = state
 
     def start(self) -> AudioInput:
         self._thread = threading.Thread(target=self._run, name="dreamdeck-audio", daemon=True)
