@@ -94,32 +94,40 @@ class Frame:
     envelope: float  # full-band onset strength (the beat tracker's input)
 
 
-class _Picker:
-    """Causal peak picking for one onset-strength series."""
+class _Pickers:
+    """Causal peak picking for several onset-strength series at once (the bands and the
+    full band): one vectorised median per hop instead of one per series."""
 
-    def __init__(self, window: int, gap: int, floor: float):
-        self.hist: deque[float] = deque(maxlen=window)
+    def __init__(self, series: int, window: int, gap: int, floor: float):
+        self.hist = np.zeros((series, window))
+        self.filled = 0
+        self.pos = 0
         self.gap = gap
         self.floor = floor
-        self.prev2 = 0.0
-        self.prev = 0.0
-        self.since = gap
+        self.prev2 = np.zeros(series)
+        self.prev = np.zeros(series)
+        self.since = np.full(series, gap)
+        self.thr: np.ndarray | None = None  # recomputed every 4 hops: it moves slowly
 
-    def push(self, x: float) -> bool:
-        """Feed the newest value; True when the previous one was an onset."""
+    def push(self, x: np.ndarray) -> np.ndarray:
+        """Feed the newest values; True where the previous value was an onset."""
         cand = self.prev
-        hit = False
         self.since += 1
-        if self.hist:
-            h = np.fromiter(self.hist, float)
-            med = float(np.median(h))
-            mad = float(np.median(np.abs(h - med)))
-            thr = med + 4.0 * mad + self.floor
-            if cand > self.prev2 and cand >= x and cand > thr and self.since > self.gap:
-                hit = True
-                self.since = 0
-        self.hist.append(cand)
-        self.prev2, self.prev = self.prev, x
+        hit = np.zeros(cand.shape, bool)
+        if self.filled:
+            if self.thr is None or self.pos % 4 == 0:
+                h = self.hist[:, : self.filled]
+                med = np.median(h, axis=1)
+                mad = np.median(np.abs(h - med[:, None]), axis=1)
+                self.thr = med + 4.0 * mad + self.floor
+            thr = self.thr
+            hit = (cand > self.prev2) & (cand >= x) & (cand > thr) & (self.since > self.gap)
+            self.since[hit] = 0
+        w = self.hist.shape[1]
+        self.hist[:, self.pos] = cand
+        self.pos = (self.pos + 1) % w
+        self.filled = min(self.filled + 1, w)
+        self.prev2, self.prev = self.prev, x.copy()
         return hit
 
 
@@ -138,13 +146,17 @@ class Analyzer:
         self._scale = float(self.window.sum() / 2)  # peak bin of a full-scale sine
         freqs = np.fft.rfftfreq(n, 1.0 / self.rate)
         edges = (*self.bands, self.rate / 2 + 1)
-        self._band_bins = []
+        starts, ends = [], []
         for lo, hi in zip(edges, edges[1:], strict=False):
             idx = np.nonzero((freqs >= lo) & (freqs < hi))[0]
             if idx.size == 0:  # a band narrower than a bin: take the nearest bin
                 idx = np.array([int(np.argmin(np.abs(freqs - lo)))])
-            self._band_bins.append(idx)
-        self._all_bins = np.nonzero(freqs >= self.bands[0])[0]
+            starts.append(int(idx[0]))
+            ends.append(int(idx[-1]) + 1)
+        # bands are contiguous bin ranges: sums are differences of one cumulative sum
+        self._starts, self._ends = np.array(starts), np.array(ends)
+        self._nbins = self._ends - self._starts
+        self._first = int(np.nonzero(freqs >= self.bands[0])[0][0])
         self._buf = np.zeros(n, np.float64)
         self._pending = np.zeros(0, np.float64)
         self._prev_log: np.ndarray | None = None
@@ -152,8 +164,7 @@ class Analyzer:
         fps = self.rate / self.hop
         window = max(4, round(THRESH_WINDOW_S * fps))
         gap = max(1, round(ONSET_GAP_S * fps))
-        self._pickers = [_Picker(window, gap, 0.02) for _ in self.bands]
-        self._full = _Picker(window, gap, 0.02)
+        self._pickers = _Pickers(len(self.bands) + 1, window, gap, 0.02)  # bands + full
         self._last: Frame | None = None
 
     @property
@@ -165,40 +176,47 @@ class Analyzer:
         if x.size and not np.all(np.isfinite(x)):
             x = np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
         data = np.concatenate([self._pending, x]) if self._pending.size else x
+        h, n = self.hop, self.n_fft
+        k = data.size // h
+        self._pending = data[k * h :].copy()
+        if k == 0:
+            return []
+        # every hop of this call at once: k windows over (last window's tail + new samples)
+        stream = np.concatenate([self._buf[h:], data[: k * h]])
+        self._buf = stream[-n:].copy()
+        windows = np.lib.stride_tricks.sliding_window_view(stream, n)[::h]
+        mag = np.abs(np.fft.rfft(windows * self.window, axis=1)) / self._scale
+        chunks = data[: k * h].reshape(k, h)
+        rms = np.sqrt(np.mean(chunks * chunks, axis=1))
+        level = np.clip((20 * np.log10(rms + 1e-12) - DB_FLOOR) / -DB_FLOOR, 0.0, 1.0)
+        zero = np.zeros((k, 1))
+        cp = np.concatenate([zero, np.cumsum(mag * mag, axis=1)], axis=1)
+        band_power = cp[:, self._ends] - cp[:, self._starts]
+        bands = np.clip((10 * np.log10(band_power + 1e-12) - DB_FLOOR) / -DB_FLOOR, 0.0, 1.0)
+        lg = np.log1p(1000.0 * mag)
+        prev = np.concatenate(
+            [(lg[:1] if self._prev_log is None else self._prev_log[None]), lg[:-1]]
+        )
+        self._prev_log = lg[-1].copy()
+        cd = np.concatenate([zero, np.cumsum(np.maximum(lg - prev, 0.0), axis=1)], axis=1)
+        flux = (cd[:, self._ends] - cd[:, self._starts]) / self._nbins
+        env = (cd[:, -1] - cd[:, self._first]) / (cd.shape[1] - 1 - self._first)
         out = []
-        h = self.hop
-        i = 0
-        while i + h <= data.size:
-            f = self._hop(data[i : i + h])
+        for j in range(k):
+            f = self._hop(float(rms[j]), float(level[j]), bands[j], flux[j], float(env[j]))
             if f is not None:
                 out.append(f)
-            i += h
-        self._pending = data[i:].copy()
         return out
 
-    def _hop(self, chunk: np.ndarray) -> Frame | None:
-        h = self.hop
-        self._buf[:-h] = self._buf[h:]
-        self._buf[-h:] = chunk
+    def _hop(
+        self, rms: float, level: float, bands: np.ndarray, flux: np.ndarray, env: float
+    ) -> Frame | None:
         self._hops += 1
-        mag = np.abs(np.fft.rfft(self._buf * self.window)) / self._scale
-        rms = float(np.sqrt(np.mean(chunk * chunk)))
-        level = _db01(20 * math.log10(rms + 1e-12))
-        power = mag * mag
-        bands = np.array([_db01(10 * math.log10(power[b].sum() + 1e-12)) for b in self._band_bins])
-        lg = np.log1p(1000.0 * mag)
-        if self._prev_log is None:
-            diff = np.zeros_like(lg)
-        else:
-            diff = np.maximum(lg - self._prev_log, 0.0)
-        self._prev_log = lg
-        flux = np.array([diff[b].mean() for b in self._band_bins])
-        env = float(diff[self._all_bins].mean())
         # a picker reports the hop before the one just fed: mark it on the previous frame
-        onsets = np.array([p.push(float(f)) for p, f in zip(self._pickers, flux, strict=True)])
-        onset = self._full.push(env)
+        hits = self._pickers.push(np.append(flux, env))
+        onsets, onset = hits[:-1], bool(hits[-1])
         frame = Frame(
-            time=(self._hops - 1) * h / self.rate,
+            time=(self._hops - 1) * self.hop / self.rate,
             rms=rms,
             level=level,
             bands=bands,

@@ -26,7 +26,7 @@ from bridges.audio.sources import AudioSourceError
 
 log = logging.getLogger(__name__)
 
-READ_S = 0.02  # seconds of audio per read
+READ_S = 0.05  # seconds of audio per read: analysed in one batch (cheaper than hop by hop)
 RETRY_S = 1.0
 
 
