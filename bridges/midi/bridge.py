@@ -64,7 +64,14 @@ class MidiBridge:
 
     @staticmethod
     def _handler(router: Router):
+        bank = getattr(getattr(router.registry, "modulator", None), "bank", None)
+
         def on_message(name: str, msg: Any, t: float) -> None:
+            if bank is not None and getattr(msg, "type", None) == "control_change":
+                # every CC is also a modulation source (midi/cc/<n>, midi/cc/<ch>/<n>), 0..1
+                v = msg.value / 127.0
+                bank.set(f"midi/cc/{msg.control}", v)
+                bank.set(f"midi/cc/{msg.channel + 1}/{msg.control}", v)
             router.handle(msg)
 
         return on_message

@@ -83,6 +83,26 @@ BRIDGE_ADDRESSES: tuple[BridgeAddress, ...] = (
         " block that failed and restarted the stream); not sent while there is none",
         "last_error",
     ),
+    BridgeAddress(
+        "/dd/status/audio",
+        "s",
+        "out",
+        "Audio input state (--audio): the source and live, ended, lost (why) or waiting",
+    ),
+    BridgeAddress(
+        "/dd/status/audio/{feature}",
+        "f",
+        "out",
+        "Live audio values, about 20 a second while audio runs: rms, level, low, lowmid,"
+        " highmid, high (0..1), onset/<band> and beat (0/1), count/<band> and beats"
+        " (counters), bpm",
+    ),
+    BridgeAddress(
+        "/dd/status/mod/{n}",
+        "f",
+        "out",
+        "Source value of each active modulation slot at the last block",
+    ),
 )
 STATUS_ADDRESSES = tuple(b for b in BRIDGE_ADDRESSES if b.status_key)
 

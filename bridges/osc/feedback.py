@@ -65,6 +65,9 @@ class Feedback:
         self._unsubscribe: Callable[[], None] | None = None
         self.sent = 0
         self.limiter = RateLimitedLog()
+        self.meter_interval = 0.05  # live source values (audio meters), when there are any
+        self._meter_stop = threading.Event()
+        self._meter_thread: threading.Thread | None = None
 
     # -- targets -----------------------------------------------------------------------
     def saw_sender(self, host: str) -> None:
@@ -150,6 +153,43 @@ class Feedback:
             if args is not None:
                 self.send(b.address, args, target)
 
+    def send_meters(self, target: Target | None = None) -> int:
+        """The modulation layer's live sources on ``/dd/status/audio/*`` (levels, bands,
+        onsets, counters, tempo), the audio input's state on ``/dd/status/audio`` and each
+        active slot's source value on ``/dd/status/mod/{n}``. Returns messages sent."""
+        mod = getattr(self.registry, "modulator", None)
+        bank = getattr(mod, "bank", None)
+        if bank is None:
+            return 0
+        sent = 0
+        for k, v in sorted(bank.latest().items()):
+            if k.startswith("audio/"):
+                self.send(f"/dd/status/{k}", [float(v)], target)
+                sent += 1
+        state = bank.status.get("audio")
+        if state:
+            self.send("/dd/status/audio", [state], target)
+            sent += 1
+        for n, v in sorted(getattr(mod, "sources", {}).items()):
+            self.send(f"/dd/status/mod/{n}", [float(v)], target)
+            sent += 1
+        return sent
+
+    def _meter_loop(self) -> None:
+        """Meters at about 20 Hz, only while a source is writing (nothing when idle)."""
+        bank = getattr(getattr(self.registry, "modulator", None), "bank", None)
+        seen = (-1, "")
+        while bank is not None and not self._meter_stop.wait(self.meter_interval):
+            mark = (bank.pushed, bank.status.get("audio", ""))
+            target = self.target
+            if mark == seen or target is None:
+                continue
+            seen = mark
+            try:
+                self.send_meters(target)
+            except Exception:  # noqa: BLE001 - meters must never stop
+                log.exception("OSC meters failed")
+
     # -- the registry listener and the sender thread ----------------------------------
     def _on_change(self, change: Change) -> None:
         with self._cond:
@@ -160,6 +200,10 @@ class Feedback:
         self._unsubscribe = self.registry.subscribe(self._on_change)
         self._thread = threading.Thread(target=self._run, name="osc-feedback", daemon=True)
         self._thread.start()
+        self._meter_thread = threading.Thread(
+            target=self._meter_loop, name="osc-meters", daemon=True
+        )
+        self._meter_thread.start()
 
     def close(self) -> None:
         self.limiter.flush(force=True)
@@ -170,6 +214,9 @@ class Feedback:
             self._cond.notify()
         if self._thread:
             self._thread.join(timeout=2)
+        self._meter_stop.set()
+        if self._meter_thread:
+            self._meter_thread.join(timeout=2)
 
     def _run(self) -> None:
         import time

@@ -261,7 +261,7 @@ class OscBridge:
                 except Exception as e:  # noqa: BLE001 - a query failing is answered too
                     self._internal_error(addresses.GET, e)
                 continue
-            if m.address in _OUTGOING:
+            if _outgoing(m.address):
                 continue  # our own feedback looped back: ignore, never answer (no echo storm)
             inputs += 1
             try:
@@ -286,7 +286,7 @@ class OscBridge:
             errors = [
                 (m.address, f"timetag {ahead:.0f} s ahead, more than {MAX_AHEAD:.0f}")
                 for m in messages
-                if m.address not in _OUTGOING and m.address != addresses.GET
+                if not _outgoing(m.address) and m.address != addresses.GET
             ]
         tail = f" (bundle of {inputs} messages not applied)" if inputs > 1 else ""
         if errors:
@@ -380,4 +380,11 @@ def path_or(address: str) -> str:
 
 
 _OUTGOING = frozenset(b.address for b in addresses.BRIDGE_ADDRESSES if b.direction == "out")
+_OUTGOING_PREFIXES = ("/dd/status/audio/", "/dd/status/mod/")  # meters: one address per source
+
+
+def _outgoing(address: str) -> bool:
+    return address in _OUTGOING or address.startswith(_OUTGOING_PREFIXES)
+
+
 _STATUS = frozenset(b.address for b in addresses.STATUS_ADDRESSES)

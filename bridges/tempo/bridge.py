@@ -47,6 +47,7 @@ class TempoBridge:
         self._echo = threading.local()  # set while we write the followed tempo back
         self._shown = (registry.get("tempo/bpm"), 0.0)  # (value, monotonic time)
         registry.quantizer = make_quantizer(registry, self.grid)
+        registry.tempo_grid = self.grid  # LFOs and the audio beat tracker use the same grid
         self._unsubscribe = registry.subscribe(self._on_change)
         self.beats = BeatActions(registry, self.grid) if beat_actions else None
         self._closers: list[Any] = []
@@ -120,6 +121,8 @@ class TempoBridge:
         self._unsubscribe()
         if self.registry.quantizer is not None:
             self.registry.quantizer = None
+        if getattr(self.registry, "tempo_grid", None) is self.grid:
+            self.registry.tempo_grid = None
         if self.beats is not None:
             self.beats.close()
         for c in self._closers:

@@ -39,11 +39,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         " interpolated with RIFE, deterministically (needs `dreamdeck download --rife`)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--audio",
+        metavar="TRACK",
+        help="drive the modulations with this audio file at the video clock, and mux it into"
+        " the mp4 (with a control log, the recorded values are replayed instead)",
+    )
+    p.add_argument(
+        "--mod", metavar="FILE", help="modulation preset (YAML file, or a name in presets/mod)"
+    )
     p.set_defaults(func=render)
 
 
 def render(args: argparse.Namespace) -> int:
-    from bridges.timeline import FPS, TimelineError, load_show
+    from bridges.timeline import FPS, TimelineError, first_frame, load_show
     from engine.runtime.presets import available_presets
     from engine.runtime.recorder import Recorder, RecorderError
 
@@ -126,6 +135,15 @@ def render(args: argparse.Namespace) -> int:
         for path, flag in (("steps", args.steps), ("seed", args.seed), ("decoder", args.decoder))
         if flag is not None
     )
+    if show.kind == "control-log":
+        # the log holds the values the blocks used, modulations included: replay them as
+        # they are, with no modulation on top
+        skip = skip | {p.path for p in registry if p.path.startswith("mod/")}
+    try:
+        track = _audio_and_mod(args, registry)
+    except UsageError:
+        pipeline.close()
+        raise
     driver = BlockDriver(pipeline, sync_prompts=True)
     blocks = show.blocks if args.blocks is None else min(show.blocks, args.blocks)
     try:
@@ -159,7 +177,14 @@ def render(args: argparse.Namespace) -> int:
         progress = tqdm.tqdm(
             total=blocks, desc="render", unit="block", disable=args.no_progress, file=sys.stderr
         )
-        for result in play_show(show, driver, registry, blocks=blocks, skip=skip):
+        before = None
+        if track is not None:
+            bank = registry.modulator.bank
+
+            def before(b: int) -> None:  # the audio of block b's own span of video time
+                track.feed_until(bank, first_frame(b + 1) / FPS)
+
+        for result in play_show(show, driver, registry, blocks=blocks, skip=skip, before=before):
             rgba = result.rgba
             if resample is not None:
                 rgba = resample(rgba.cpu().numpy() if hasattr(rgba, "cpu") else rgba)
@@ -173,6 +198,15 @@ def render(args: argparse.Namespace) -> int:
     if recorder.error is not None:
         print(f"dreamdeck render: writing {out} failed: {recorder.error}", file=sys.stderr)
         return 1
+    if track is not None:
+        from bridges.audio.offline import mux_audio
+        from bridges.audio.sources import AudioSourceError
+
+        try:
+            mux_audio(out, track.path)
+        except AudioSourceError as e:
+            print(f"dreamdeck render: {e}", file=sys.stderr)
+            return 1
     print(
         f"rendered {frames} frames ({blocks} blocks, {frames / (out_fps or FPS):.2f} s) to {out}"
         f" + {recorder.log_path}",
@@ -181,12 +215,56 @@ def render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audio_and_mod(args: argparse.Namespace, registry):
+    """--mod into the registry, --audio analysed (its beats become the LFOs' grid).
+    Returns the track driver or None. Errors are usage errors naming the file."""
+    from pathlib import Path as _Path
+
+    from engine.runtime.controls import mod_targets
+    from engine.runtime.modulation import ModPresetError, preset_path, read_preset
+
+    if args.mod:
+        params = list(registry)
+        try:
+            path = _Path(args.mod) if _Path(args.mod).is_file() else preset_path(args.mod)
+            registry.set_many(
+                read_preset(path, {p.path: p for p in params}, lambda: mod_targets(params))
+            )
+        except ModPresetError as e:
+            raise UsageError("--mod: " + "\n  ".join(e.problems)) from None
+    if not args.audio:
+        return None
+    from bridges.audio.offline import TrackDriver
+    from bridges.audio.sources import AudioSourceError
+
+    try:
+        track = TrackDriver(args.audio)
+    except (AudioSourceError, ValueError) as e:
+        raise UsageError(f"--audio: {e}") from None
+    registry.modulator.beat_at = track.beat_at
+    log.info(
+        "audio %s: %.1f s, %s BPM, %d beats",
+        args.audio,
+        track.duration,
+        "no tempo found, 120" if track.summary.tempo is None else f"{track.summary.tempo:.1f}",
+        len(track.beats),
+    )
+    return track
+
+
 def play_show(
-    show, driver, registry, *, blocks: int | None = None, skip: frozenset[str] = frozenset()
+    show,
+    driver,
+    registry,
+    *,
+    blocks: int | None = None,
+    skip: frozenset[str] = frozenset(),
+    before=None,
 ):
     """Yield the `BlockResult` of every block of `show`: its changes applied through the
     registry, then the block made by `driver` (synchronously). Control logs replay the
-    prompt targets where the recorded engine started them."""
+    prompt targets where the recorded engine started them. `before(b)`, when given, runs
+    before block b's controls are taken (render --audio feeds the block's audio there)."""
     from bridges.timeline import FPS, first_frame
     from engine.runtime.registry import ControlError
 
@@ -204,6 +282,8 @@ def play_show(
                     registry.set_many([item])
                 except ControlError as e:
                     log.warning("block %d: %s refused: %s", b, item[0], e)
+        if before is not None:
+            before(b)
         controls = registry.begin_block(b, now=first_frame(b) / FPS)
         loras = show.records[b].get("lora") if replay and b < len(show.records) else None
         yield driver.step(controls, prompt=show.prompt_at(b), replay=replay, loras=loras)

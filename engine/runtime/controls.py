@@ -195,6 +195,7 @@ def standard_params(
     params += vace_params(assets_dir)
     params += lora_params(assets_dir, lora_check)
     params += output_params()
+    params += mod_params(lambda: params)  # the list as finally built: its numeric targets
     return params
 
 
@@ -493,7 +494,154 @@ def lora_params(
             ),
         ]
     return params
+# -- modulation slots: owned by the audio helper (engine/runtime/modulation.py) -------------
+def mod_targets(params: list[Param]) -> list[str]:
+    """Paths a modulation may move: numeric, stateful, applied per block, not mod/* itself."""
+    return [
+        p.path
+        for p in params
+        if p.type in ("float", "int")
+        and p.stateful
+        and p.applies == "block"
+        and not p.path.startswith("mod/")
+    ]
+
+
+def mod_params(all_params: Callable[[], list[Param]]) -> list[Param]:
+    """Sixteen modulation slots (engine/runtime/modulation.py says what they do), and
+    loading a preset from presets/mod by name. `all_params` gives every declared parameter
+    (for the targets and their ranges)."""
+    from engine.runtime import modulation as mod
+
+    def targets() -> list[str]:
+        return mod_targets(all_params())
+
+    def check_source(v: str) -> str:
+        return mod.parse_source(v).spec
+
+    def check_target(v: str) -> str:
+        t = v.strip().lower()
+        if t.startswith("/dd/"):
+            t = t[4:]
+        if t in ("", "off", "none"):
+            return ""
+        if t not in targets():
+            raise ValueError(
+                f"{v[:60]!r} is not a numeric parameter applied per block"
+                " (e.g. prompt/1/weight, kv_bias, seed, vace/scale)"
+            )
+        return t
+
+    params: list[Param] = []
+    for n in range(1, mod.SLOTS + 1):
+        params += [
+            Param(
+                f"mod/{n}/source",
+                "str",
+                "",
+                f"Modulation {n} source: lfo/sine|triangle|saw|square|sh, random,"
+                " audio/<feature>, midi/cc/<n>; empty = off",
+                validate=check_source,
+                max_len=64,
+            ),
+            Param(
+                f"mod/{n}/target",
+                "str",
+                "",
+                f"Modulation {n} target: a numeric parameter path (prompt/1/weight, kv_bias, ...)",
+                validate=check_target,
+                max_len=64,
+            ),
+            Param(
+                f"mod/{n}/depth",
+                "float",
+                0.0,
+                f"Modulation {n} depth, in the target's units (added: base + offset + depth x source)",
+                range=(-(2.0**31), 2.0**31),
+            ),
+            Param(
+                f"mod/{n}/offset",
+                "float",
+                0.0,
+                f"Modulation {n} offset, in the target's units",
+                range=(-(2.0**31), 2.0**31),
+            ),
+            Param(
+                f"mod/{n}/curve",
+                "str",
+                "linear",
+                f"Modulation {n} curve on the source (sign kept): " + ", ".join(mod.CURVES),
+                choices=mod.CURVES,
+            ),
+            Param(
+                f"mod/{n}/smoothing",
+                "float",
+                0.0,
+                f"Modulation {n} smoothing per block (0 = none, 0.9 = slow)",
+                range=(0.0, 0.99),
+            ),
+            Param(
+                f"mod/{n}/rate",
+                "float",
+                4.0,
+                f"Modulation {n} LFO / random walk cycle length, in beats (4 = one bar)",
+                range=(1 / 16, 1024.0),
+                unit="beats",
+            ),
+            Param(
+                f"mod/{n}/phase",
+                "float",
+                0.0,
+                f"Modulation {n} LFO phase, in cycles",
+                range=(0.0, 1.0),
+            ),
+            Param(
+                f"mod/{n}/attack",
+                "float",
+                0.005,
+                f"Modulation {n} envelope attack on audio sources",
+                range=(0.0, 10.0),
+                unit="s",
+            ),
+            Param(
+                f"mod/{n}/release",
+                "float",
+                0.25,
+                f"Modulation {n} envelope release on audio sources",
+                range=(0.0, 10.0),
+                unit="s",
+            ),
+        ]
+
+    def load(name: str, get: Callable[[str], Any]) -> dict[str, Any]:
+        from engine.runtime.modulation import ModPresetError, preset_path, read_preset
+
+        try:
+            return read_preset(
+                preset_path(name.strip()), {p.path: p for p in all_params()}, targets
+            )
+        except ModPresetError as e:
+            raise ControlError("mod/load", str(e)) from None
+
+    def clear(_: Any, get: Callable[[str], Any]) -> dict[str, Any]:
+        return {p.path: p.default for p in params}
+
+    return params + [
+        Param(
+            "mod/load",
+            "str",
+            description="Load a modulation preset from presets/mod by name (its slots; the"
+            " others off)",
+            expand=load,
+            max_len=64,
+        ),
+        Param("mod/clear", "trigger", description="Switch every modulation slot off", expand=clear),
+    ]
 
 
 def make_registry(**kwargs: Any) -> Registry:
-    return Registry(standard_params(**kwargs))
+    from engine.runtime.modulation import Modulation
+
+    registry = Registry(standard_params(**kwargs))
+    registry.modulator = Modulation(registry)  # base + modulation, once per block
+    return registry

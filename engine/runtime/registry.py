@@ -311,6 +311,12 @@ class Registry:
         self.clock = clock
         self.lookahead = 0.0  # seconds; set from the measured pipeline latency
         self.quantizer: Callable[[], float | None] | None = None
+        # The modulation layer (engine/runtime/modulation.py), installed by make_registry:
+        # (base values, now, block) -> the modulated values of the paths it moves. Called
+        # once per block inside begin_block; the base values are never overwritten.
+        self.modulator: Callable[[Mapping[str, Any], float, int], Mapping[str, Any]] | None = None
+        self.tempo_grid: Any = None  # the tempo bridge's BeatGrid, when one runs
+        self._modulated: frozenset[str] = frozenset()
         for p in params:
             self.declare(p)
 
@@ -499,17 +505,43 @@ class Registry:
                 if self._values[k] != v or k in changed:
                     self._values[k] = v
                     changed[k] = v
+            values = dict(self._values)
+            notify = dict(changed)
+            if self.modulator is not None or self._modulated:
+                values, changed = self._modulate(values, changed, now, block)
             controls = BlockControls(
                 block=block,
                 time=now,
-                values=dict(self._values),
+                values=values,
                 changed=changed,
                 events=tuple(sorted(events)),
                 received=received,
             )
             self._last = controls
-        self._notify([Change(k, v, block) for k, v in changed.items()])
+        self._notify([Change(k, v, block) for k, v in notify.items()])
         return controls
+
+    def _modulate(
+        self, values: dict[str, Any], changed: dict[str, Any], now: float, block: int
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Base values + modulation for this block. ``changed`` then holds the values the
+        block uses that differ from the last block's (so the block driver and the control
+        log see the modulated values); listeners still hear only base changes."""
+        mods: Mapping[str, Any] = {}
+        if self.modulator is not None:
+            try:
+                mods = self.modulator(values, now, block)
+            except Exception:  # noqa: BLE001 - a modulation bug must not stop the stream
+                log.exception("modulation failed at block %d; base values used", block)
+        prev = self._last.values if self._last is not None else None
+        out = dict(values)
+        out.update(mods)
+        eff = {k: out[k] for k in changed}
+        for k in self._modulated.union(mods):
+            if prev is None or prev.get(k) != out[k]:
+                eff[k] = out[k]
+        self._modulated = frozenset(mods)
+        return out, eff
 
     def pending_count(self) -> int:
         with self._lock:
