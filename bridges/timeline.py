@@ -111,6 +111,9 @@ class Show:
     kv_bias: float | None = None
     segments: list[Segment] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)  # control logs
+    # control logs of recordings started mid-show: the first `lead_in` records are the
+    # history before the recording (run to rebuild the stream's state, not output)
+    lead_in: int = 0
     header: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys, kept
 
@@ -194,18 +197,23 @@ def _load_control_log(path: Path) -> Show:
         raise TimelineError(str(e)) from None
     if not clog.blocks:
         raise TimelineError(f"{path}: control log without blocks")
+    why = clog.reproducible()
+    if why is not None:
+        raise TimelineError(f"{path}: cannot be replayed exactly: {why}")
     h = clog.header
-    first = clog.blocks[0]["values"]
+    records = clog.preamble + clog.blocks
+    first = records[0]["values"]
     return Show(
         path=path,
         kind="control-log",
         blocks=len(clog.blocks),
+        lead_in=len(clog.preamble),
         height=h.get("height"),
         width=h.get("width"),
         seed=first.get("seed"),
         steps=first.get("steps"),
         kv_bias=first.get("kv_bias"),
-        records=clog.blocks,
+        records=records,
         header=h,
     )
 

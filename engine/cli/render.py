@@ -138,12 +138,14 @@ def play_show(
 ):
     """Yield the `BlockResult` of every block of `show`: its changes applied through the
     registry, then the block made by `driver` (synchronously). Control logs replay the
-    prompt targets where the recorded engine started them."""
+    prompt targets where the recorded engine started them; the history of a recording
+    started mid-show (`show.lead_in` blocks) is run first and not yielded."""
     from bridges.timeline import FPS, first_frame
     from engine.runtime.registry import ControlError
 
     replay = show.kind == "control-log"
-    for b in range(show.blocks if blocks is None else blocks):
+    lead = show.lead_in
+    for b in range(lead + (show.blocks if blocks is None else blocks)):
         changes, events = show.changes_at(b, skip=skip, known=registry)
         # Immediate controls (pause, tempo, ...) steer a live show, not its frames.
         items = [(k, v) for k, v in changes.items() if registry.param(k).applies != "immediate"]
@@ -157,4 +159,6 @@ def play_show(
                 except ControlError as e:
                     log.warning("block %d: %s refused: %s", b, item[0], e)
         controls = registry.begin_block(b, now=first_frame(b) / FPS)
-        yield driver.step(controls, prompt=show.prompt_at(b), replay=replay)
+        result = driver.step(controls, prompt=show.prompt_at(b), replay=replay)
+        if b >= lead:
+            yield result

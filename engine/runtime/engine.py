@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from engine.runtime.block_driver import BlockDriver, BlockResult
+from engine.runtime.control_log import HISTORY_COMPLETE, ControlHistory
 from engine.runtime.controls import make_registry
 from engine.runtime.registry import Change, Registry
 
@@ -55,6 +56,7 @@ class Engine:
         status_interval: float | None = 1.0,
         on_block: Callable[[BlockResult], None] | None = None,
         phases: Any = None,
+        record_clock: str = "wall",
     ):
         preset = pipeline.preset
         self.phases = phases  # engine.runtime.startup.Phases from the launch, or None
@@ -73,6 +75,13 @@ class Engine:
             if record_dir
             else (recorder.path.parent if recorder is not None else Path("recordings"))
         )
+        if record_clock not in ("wall", "model"):
+            raise ValueError(f"record_clock must be 'wall' or 'model', got {record_clock!r}")
+        self.record_clock = record_clock  # for recordings /dd/record starts (see Recorder)
+        # every block since the stream last started afresh: a recording that starts later
+        # carries it, so `render` can replay it exactly (control_log.py)
+        self.history = ControlHistory()
+        self._recorder_started: Any = None  # the recorder whose first block went out
         self.max_blocks = max_blocks
         self.duration = duration
         self.status_interval = status_interval
@@ -108,7 +117,7 @@ class Engine:
         """Start a new recording (a dated file in `record_dir`) or finalise the current one.
         Runs on the sender's thread; the generation thread only ever sees a swapped
         reference, and finalising happens on a thread of its own."""
-        from engine.runtime.recorder import Recorder, RecorderError
+        from engine.runtime.recorder import NATIVE_FPS, Recorder, RecorderError
 
         with self._cond:
             current = self.recorder
@@ -124,7 +133,7 @@ class Engine:
                     path,
                     width=self.preset.width,
                     height=self.preset.height,
-                    fps=None,
+                    fps=None if self.record_clock == "wall" else NATIVE_FPS,
                     header={"model": self.preset.model, "preset": self.preset.name, "mode": "live"},
                 )
             except (RecorderError, OSError) as e:
@@ -324,7 +333,14 @@ class Engine:
             self.frame_path.submit_block(result.rgba, result.block)
         recorder = self.recorder  # swapped by /dd/record from another thread
         if recorder is not None:
-            recorder.submit(result.rgba, result.record)
+            history = None
+            if recorder is not self._recorder_started:
+                # its first block: the blocks before it since the last clean one go first
+                # (none needed when this block is clean itself)
+                self._recorder_started = recorder
+                history = ([], HISTORY_COMPLETE) if result.clean else self.history.preamble()
+            recorder.submit(result.rgba, result.record, history=history)
+        self.history.add(result.record, clean=result.clean, rest_prompt=result.rest_prompt)
         if result.rgba.is_cuda:
             # The one host sync per block, on purpose: it keeps the CPU from queuing blocks
             # ahead of the GPU (a control applied at begin_block must not wait behind
