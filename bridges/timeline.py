@@ -2,9 +2,16 @@
 
 Two kinds of show file:
 
-- Daydream timelines, version 2.0 (streaming-model.md §7): segments of weighted prompts
-  (weights 0..100) on a time axis in seconds of output video, plus settings (resolution,
-  seed, denoising steps, ...). Unknown keys are kept (``Show.extra``) with a warning.
+- Daydream Scope's exported timelines, versions 2.0 and 2.1: ``{"version", "prompts":
+  [segments], "settings": {...}}``, where a segment is ``{"startTime", "endTime",
+  "prompts": [{"text", "weight" 0..100}], "transitionSteps",
+  "temporalInterpolationMethod"}`` on a time axis in seconds of output video, and the
+  settings hold ``pipelineId``, ``resolution`` {height, width}, ``seed``,
+  ``denoisingSteps``, ``kvCacheAttentionBias``, ``quantization`` (null or
+  ``"fp8_e4m3fn"``) and, from 2.1, ``loras`` ([{path, scale, mergeMode}]). Scope makes
+  them for several pipelines; one made for another pipeline than Krea Realtime renders
+  here with a warning (prompts and timing carry over, the picture will not). Unknown keys
+  are kept (``Show.extra``) with a warning.
 - Our control logs (``*.controls.jsonl``, engine/runtime/control_log.py): the controls
   every block of a recorded show used, replayed block for block.
 
@@ -40,17 +47,21 @@ SEGMENT_KEYS = {"startTime", "endTime", "prompts", "transitionSteps", "temporalI
 # Known keys that do not steer a text-to-video render here (chunk indices are derived from
 # times; noise/cache/quantisation settings belong to Daydream's own pipeline or to V2V).
 SEGMENT_IGNORED = {"startChunk", "endChunk", "initCache", "softCut"}
-SETTINGS_KEYS = {"resolution", "seed", "denoisingSteps", "kvCacheAttentionBias"}
-SETTINGS_IGNORED = {
+SETTINGS_KEYS = {
+    "resolution",
+    "seed",
+    "denoisingSteps",
+    "kvCacheAttentionBias",
     "pipelineId",
-    "inputMode",
-    "noiseScale",
-    "noiseController",
-    "manageCache",
     "quantization",
     "loras",
     "loraMergeStrategy",
 }
+SETTINGS_IGNORED = {"inputMode", "noiseScale", "noiseController", "manageCache"}
+VERSIONS = ("2.0", "2.1")
+KREA_PIPELINE = "krea-realtime-video"
+QUANTIZATION = {"fp8_e4m3fn": "fp8"}  # Scope's name -> ours (preset `fp8`)
+MAX_LORAS = 16
 TOP_KEYS = {"prompts", "settings", "version"}
 TOP_IGNORED = {"exportedAt", "recording", "recordingDuration"}
 METHODS = ("linear", "slerp")
@@ -109,6 +120,11 @@ class Show:
     seed: int | None = None
     steps: list[int] | None = None
     kv_bias: float | None = None
+    quantization: str | None = None  # "fp8" (weights in float8) or None
+    # [{"path", "scale", "merge_mode"?}] as the file gives them (loaded by the LoRA code)
+    loras: list[dict[str, Any]] = field(default_factory=list)
+    lora_merge: str | None = None
+    pipeline: str | None = None  # the Scope pipeline the timeline was made for
     segments: list[Segment] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)  # control logs
     # control logs of recordings started mid-show: the first `lead_in` records are the
@@ -264,8 +280,8 @@ def parse_timeline(data: Any, path: str | Path = "<timeline>") -> Show:
         raise err("version", 'missing (expected "2.0")')
     if not isinstance(version, str) or not version.startswith("2."):
         raise err("version", f"{version!r} is not a version 2 timeline")
-    if version != "2.0":
-        log.warning("%s: timeline version %s, read as 2.0", path, version)
+    if version not in VERSIONS:
+        log.warning("%s: timeline version %s, read as %s", path, version, VERSIONS[-1])
     _unknown(data, TOP_KEYS, TOP_IGNORED, "", path, extra)
 
     settings = data.get("settings", {})
@@ -307,6 +323,31 @@ def parse_timeline(data: Any, path: str | Path = "<timeline>") -> Show:
             lo=0.01,
             hi=1.0,
         )
+
+    pipeline = settings.get("pipelineId")
+    if pipeline is not None and not isinstance(pipeline, str):
+        raise err("settings.pipelineId", f"expected a string, got {pipeline!r}")
+    if pipeline is not None and pipeline != KREA_PIPELINE:
+        log.warning(
+            "%s: this timeline was made for Scope's %r pipeline, not %r: dreamdeck renders"
+            " its prompts and timing with Krea Realtime, so the picture will differ",
+            path,
+            pipeline,
+            KREA_PIPELINE,
+        )
+    quantization = None
+    if settings.get("quantization") is not None:
+        q = settings["quantization"]
+        if q not in QUANTIZATION:
+            raise err(
+                "settings.quantization",
+                f"{q!r} is not one of null, {', '.join(map(repr, QUANTIZATION))}",
+            )
+        quantization = QUANTIZATION[q]
+    loras = _loras(settings.get("loras"), path)
+    merge = settings.get("loraMergeStrategy")
+    if merge is not None and not isinstance(merge, str):
+        raise err("settings.loraMergeStrategy", f"expected a string, got {merge!r}")
 
     prompts = data.get("prompts")
     if not isinstance(prompts, list) or not prompts:
@@ -386,6 +427,40 @@ def parse_timeline(data: Any, path: str | Path = "<timeline>") -> Show:
         seed=seed,
         steps=steps,
         kv_bias=kv_bias,
+        quantization=quantization,
+        loras=loras,
+        lora_merge=merge,
+        pipeline=pipeline,
         segments=segments,
         extra=extra,
     )
+
+
+def _loras(raw: Any, path: Path) -> list[dict[str, Any]]:
+    """settings.loras: [{"path": str, "scale": number, "mergeMode"?: str}] (Scope also
+    writes an "id"; it is not needed). Checked here, loaded by the LoRA code."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise TimelineError(f"{path}: settings.loras: expected a list")
+    if len(raw) > MAX_LORAS:
+        raise TimelineError(f"{path}: settings.loras: {len(raw)} LoRAs, at most {MAX_LORAS}")
+    out = []
+    for i, item in enumerate(raw):
+        where = f"{path}: settings.loras[{i}]"
+        if not isinstance(item, dict):
+            raise TimelineError(f'{where}: expected {{"path": ..., "scale": ...}}')
+        lora_path = item.get("path")
+        if not isinstance(lora_path, str) or not lora_path.strip() or "\x00" in lora_path:
+            raise TimelineError(f"{where}.path: missing or not a file name")
+        lora = {
+            "path": lora_path,
+            "scale": _num(item.get("scale", 1.0), f"{where}.scale", lo=-10, hi=10),
+        }
+        mode = item.get("mergeMode")
+        if mode is not None:
+            if not isinstance(mode, str):
+                raise TimelineError(f"{where}.mergeMode: expected a string, got {mode!r}")
+            lora["merge_mode"] = mode
+        out.append(lora)
+    return out

@@ -66,6 +66,8 @@ def render(args: argparse.Namespace) -> int:
         kv_bias=show.kv_bias,
     )
 
+    preset = _with_quantization(preset, show)
+
     import tqdm
 
     from engine.runtime.block_driver import BlockDriver
@@ -131,6 +133,22 @@ def render(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _with_quantization(preset, show):
+    """A timeline's ``quantization: fp8_e4m3fn`` turns on the preset's float8 weights, where
+    they can run (a CUDA GPU); elsewhere it is said and ignored."""
+    if getattr(show, "quantization", None) != "fp8" or preset.fp8:
+        return preset
+    import torch
+
+    if preset.device == "cpu" or (preset.device == "auto" and not torch.cuda.is_available()):
+        log.warning(
+            "%s: quantization fp8_e4m3fn ignored: float8 weights need a CUDA GPU", show.path
+        )
+        return preset
+    log.info("%s: quantization fp8_e4m3fn: transformer weights in float8", show.path)
+    return preset.replace(fp8=True)
 
 
 def play_show(
