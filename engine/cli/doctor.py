@@ -169,7 +169,7 @@ def diagnose(args) -> dict[str, Any]:
     )
     files = []
     for f in [*catalog.FILES.values(), *catalog.TOKENIZER_FILES]:
-        p = f.path(root)
+        p = f.find(root)  # the models folder, or the Hugging Face cache
         why = catalog.check_file(p)
         files.append(
             {
