@@ -333,10 +333,15 @@ class BlockDriver:
         )
 
     def warmup(
-        self, values: Mapping[str, Any], blocks: int, stop: Callable[[], bool] = lambda: False
+        self,
+        values: Mapping[str, Any],
+        blocks: int,
+        stop: Callable[[], bool] = lambda: False,
+        on_block: Callable[[], None] | None = None,
     ) -> None:
         """Run `blocks` throwaway blocks (compile, allocator, cuDNN autotune) and restart the
-        stream. Uses the cache directly, so the mixer's state is untouched."""
+        stream. Uses the cache directly, so the mixer's state is untouched. `on_block` is
+        called after each (a progress bar: the first can take minutes to compile)."""
         if blocks <= 0:
             return
         from engine.stream.session import BlockInputs
@@ -367,4 +372,6 @@ class BlockDriver:
                     video=video,
                 )
             )
+            if on_block is not None:
+                on_block()
         session.reset()

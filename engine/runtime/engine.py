@@ -31,6 +31,7 @@ from engine.runtime.block_driver import BlockDriver, BlockResult
 from engine.runtime.control_log import HISTORY_COMPLETE, ControlHistory
 from engine.runtime.controls import make_registry
 from engine.runtime.registry import Change, Registry
+from engine.runtime.startup import ready_line
 
 log = logging.getLogger(__name__)
 
@@ -273,9 +274,19 @@ class Engine:
     def _run(self) -> None:
         try:
             t_warm = time.perf_counter()
-            self.driver.warmup(
-                self.registry.snapshot(), self.preset.warmup_blocks, self._stop.is_set
-            )
+            bar = None
+            if self.phases is not None and self.preset.warmup_blocks > 0:
+                bar = self.phases.bar("warm-up (compile, autotune)", self.preset.warmup_blocks)
+            try:
+                self.driver.warmup(
+                    self.registry.snapshot(),
+                    self.preset.warmup_blocks,
+                    self._stop.is_set,
+                    on_block=None if bar is None else bar.update,
+                )
+            finally:
+                if bar is not None:
+                    bar.close()
             if self.phases is not None:
                 self.phases.add(
                     f"compile + warm-up ({self.preset.warmup_blocks} blocks)",
@@ -359,10 +370,12 @@ class Engine:
             if self.frames_out == 0 and self.phases is not None:
                 self.phases.add("first block", dt)
                 log.info(
-                    "ready: first frames %.1f s after launch (%s)",
+                    "start-up: first frames %.1f s after launch (%s)",
                     self.phases.elapsed(),
                     ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.times.items()),
                 )
+                attn = getattr(getattr(self.pipeline.model, "attn", None), "backend", None)
+                log.info("%s", ready_line(self.phases.elapsed(), self.pipeline.device, attn))
             self.frames_out += result.frames
             self._rate.append((time.monotonic(), self.frames_out))
             self.block += 1
