@@ -2,9 +2,16 @@
 
 Two kinds of show file:
 
-- Daydream timelines, version 2.0 (streaming-model.md §7): segments of weighted prompts
-  (weights 0..100) on a time axis in seconds of output video, plus settings (resolution,
-  seed, denoising steps, ...). Unknown keys are kept (``Show.extra``) with a warning.
+- Daydream Scope's exported timelines, versions 2.0 and 2.1: ``{"version", "prompts":
+  [segments], "settings": {...}}``, where a segment is ``{"startTime", "endTime",
+  "prompts": [{"text", "weight" 0..100}], "transitionSteps",
+  "temporalInterpolationMethod"}`` on a time axis in seconds of output video, and the
+  settings hold ``pipelineId``, ``resolution`` {height, width}, ``seed``,
+  ``denoisingSteps``, ``kvCacheAttentionBias``, ``quantization`` (null or
+  ``"fp8_e4m3fn"``) and, from 2.1, ``loras`` ([{path, scale, mergeMode}]). Scope makes
+  them for several pipelines; one made for another pipeline than Krea Realtime renders
+  here with a warning (prompts and timing carry over, the picture will not). Unknown keys
+  are kept (``Show.extra``) with a warning.
 - Our control logs (``*.controls.jsonl``, engine/runtime/control_log.py): the controls
   every block of a recorded show used, replayed block for block.
 
@@ -47,16 +54,14 @@ SETTINGS_KEYS = {
     "kvCacheAttentionBias",
     "loras",  # v2.1: [{"path": ..., "scale": ...}]: loaded into lora/1.. at block 0
     "loraMergeStrategy",  # v2.1: how Daydream fixes strengths; ours stay live (read, noted)
-}
-MAX_LORAS = 4
-SETTINGS_IGNORED = {
     "pipelineId",
-    "inputMode",
-    "noiseScale",
-    "noiseController",
-    "manageCache",
     "quantization",
 }
+SETTINGS_IGNORED = {"inputMode", "noiseScale", "noiseController", "manageCache"}
+VERSIONS = ("2.0", "2.1")
+KREA_PIPELINE = "krea-realtime-video"
+QUANTIZATION = {"fp8_e4m3fn": "fp8"}  # Scope's name -> ours (preset `fp8`)
+MAX_LORAS = 4  # the engine's LoRA slots
 TOP_KEYS = {"prompts", "settings", "version"}
 TOP_IGNORED = {"exportedAt", "recording", "recordingDuration"}
 METHODS = ("linear", "slerp")
@@ -115,9 +120,14 @@ class Show:
     seed: int | None = None
     steps: list[int] | None = None
     kv_bias: float | None = None
+    quantization: str | None = None  # "fp8" (weights in float8) or None
+    pipeline: str | None = None  # the Scope pipeline the timeline was made for
     segments: list[Segment] = field(default_factory=list)
     loras: list[tuple[str, float]] = field(default_factory=list)  # (file, scale), v2.1
     records: list[dict[str, Any]] = field(default_factory=list)  # control logs
+    # control logs of recordings started mid-show: the first `lead_in` records are the
+    # history before the recording (run to rebuild the stream's state, not output)
+    lead_in: int = 0
     header: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys, kept
 
@@ -204,18 +214,23 @@ def _load_control_log(path: Path) -> Show:
         raise TimelineError(str(e)) from None
     if not clog.blocks:
         raise TimelineError(f"{path}: control log without blocks")
+    why = clog.reproducible()
+    if why is not None:
+        raise TimelineError(f"{path}: cannot be replayed exactly: {why}")
     h = clog.header
-    first = clog.blocks[0]["values"]
+    records = clog.preamble + clog.blocks
+    first = records[0]["values"]
     return Show(
         path=path,
         kind="control-log",
         blocks=len(clog.blocks),
+        lead_in=len(clog.preamble),
         height=h.get("height"),
         width=h.get("width"),
         seed=first.get("seed"),
         steps=first.get("steps"),
         kv_bias=first.get("kv_bias"),
-        records=clog.blocks,
+        records=records,
         header=h,
     )
 
@@ -266,8 +281,8 @@ def parse_timeline(data: Any, path: str | Path = "<timeline>") -> Show:
         raise err("version", 'missing (expected "2.0")')
     if not isinstance(version, str) or not version.startswith("2."):
         raise err("version", f"{version!r} is not a version 2 timeline")
-    if version not in ("2.0", "2.1"):
-        log.warning("%s: timeline version %s, read as 2.0", path, version)
+    if version not in VERSIONS:
+        log.warning("%s: timeline version %s, read as %s", path, version, VERSIONS[-1])
     _unknown(data, TOP_KEYS, TOP_IGNORED, "", path, extra)
 
     settings = data.get("settings", {})
@@ -310,6 +325,26 @@ def parse_timeline(data: Any, path: str | Path = "<timeline>") -> Show:
             hi=1.0,
         )
 
+    pipeline = settings.get("pipelineId")
+    if pipeline is not None and not isinstance(pipeline, str):
+        raise err("settings.pipelineId", f"expected a string, got {pipeline!r}")
+    if pipeline is not None and pipeline != KREA_PIPELINE:
+        log.warning(
+            "%s: this timeline was made for Scope's %r pipeline, not %r: dreamdeck renders"
+            " its prompts and timing with Krea Realtime, so the picture will differ",
+            path,
+            pipeline,
+            KREA_PIPELINE,
+        )
+    quantization = None
+    if settings.get("quantization") is not None:
+        q = settings["quantization"]
+        if q not in QUANTIZATION:
+            raise err(
+                "settings.quantization",
+                f"{q!r} is not one of null, {', '.join(map(repr, QUANTIZATION))}",
+            )
+        quantization = QUANTIZATION[q]
     loras = _loras(settings, path, err)
 
     prompts = data.get("prompts")
@@ -390,6 +425,8 @@ def parse_timeline(data: Any, path: str | Path = "<timeline>") -> Show:
         seed=seed,
         steps=steps,
         kv_bias=kv_bias,
+        quantization=quantization,
+        pipeline=pipeline,
         segments=segments,
         loras=loras,
         extra=extra,

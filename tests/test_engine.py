@@ -121,16 +121,23 @@ def test_decoder_reload_between_blocks():
 
 
 def test_prompt_change_is_recorded_where_the_mixer_starts_it():
+    # Live, the new prompt starts when its encoding is ready: on a loaded machine that may
+    # be many blocks later, so the engine runs until it started (or a generous bound)
+    # rather than for a fixed number of blocks.
     def on_block(r, engine):
         if r.block == 1:
             engine.registry.set("prompt", "a red cube on a table")
+        if r.block > 0 and "prompt" in r.record:
+            engine.max_blocks = r.block + 1  # seen it: stop after this block
 
-    _, results = run_engine(5, on_block)
+    _, results = run_engine(400, on_block)
     assert results[0].record["prompt"] == prompt_target(results[0].controls.values)
-    started = [b for b in range(5) if "prompt" in results[b].record]
-    assert started[0] == 0 and len(started) == 2
+    started = [b for b in sorted(results) if "prompt" in results[b].record]
+    assert started[0] == 0 and len(started) == 2, started
     assert started[1] >= 2  # at or after the block the change was made for
     assert results[started[1]].record["prompt"]["prompts"] == [["a red cube on a table", 1.0]]
+    # until it started, the blocks kept the old text (one embedding: the same key)
+    assert "prompt/1/text" in results[2].controls.changed
 
 
 def test_pause_holds_the_stream_and_status_reports():
@@ -183,59 +190,55 @@ class StallableSink:
         pass
 
 
-def stalled_vs_free(phase_len: int = 8, phases: int = 6) -> tuple[float, float, int, int]:
-    """Median block time with the consumer reading and with it stuck, alternating phases
-    in one run (so machine load hits both alike). Returns (free, stalled, frames the
-    sink took, blocks the frame path dropped)."""
-    sink = StallableSink()
-    path = FramePath([sink], Pacer(fps=float("inf")))
-    stamps: list[float] = []
+class TimedFramePath(FramePath):
+    """The real frame path, timing each `submit_block` call (the generation thread's only
+    contact with the consumers)."""
 
-    def on_block(r):
-        stamps.append(time.perf_counter())
-        stalled = (len(stamps) // phase_len) % 2 == 1
-        (sink.stalled.set if stalled else sink.stalled.clear)()
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.submit_s: list[float] = []
 
-    engine = Engine(
-        tiny_pipeline(),
-        frame_path=path,
-        max_blocks=phase_len * phases + 1,
-        status_interval=None,
-        on_block=on_block,
-    )
-    engine.start()
-    try:
-        assert engine.join(120)
-        assert engine.error is None
-    finally:
-        sink.released.set()
-        engine.stop()
-    by_phase: dict[bool, list[float]] = {False: [], True: []}
-    for i, d in enumerate(np.diff(stamps), start=1):  # block i's duration
-        if i % phase_len in (0, 1):
-            continue  # the blocks around a switch
-        by_phase[(i // phase_len) % 2 == 1].append(d)
-    return (
-        statistics.median(by_phase[False]),
-        statistics.median(by_phase[True]),
-        sink.sent,
-        path.stats.dropped_blocks,
-    )
+    def submit_block(self, rgba, block_index):
+        t = time.perf_counter()
+        try:
+            return super().submit_block(rgba, block_index)
+        finally:
+            self.submit_s.append(time.perf_counter() - t)
 
 
 @pytest.mark.timeout(180)
 def test_a_stalled_consumer_does_not_slow_generation():
-    # Two shared CPU cores make single timings noisy; a consumer that really slowed
-    # generation (a blocking send, a lock) would fail every attempt by far more than 5%.
-    ratios = []
-    for _ in range(3):
-        free, stalled, sent, dropped = stalled_vs_free()
-        assert sent > 0
-        assert dropped > 0  # while the consumer is stuck, the latest block wins
-        ratios.append(stalled / free)
-        if abs(ratios[-1] - 1) < 0.05:
-            break
-    assert abs(ratios[-1] - 1) < 0.05, ratios
+    # Behaviour, not wall-clock ratios between runs: with the consumer stuck for good after
+    # its first frame, the engine still makes every block (a blocking hand-off would hang
+    # it), the frame path drops the blocks nobody reads (latest wins), and handing a block
+    # over costs the generation thread a small part of the block it just made, measured in
+    # the same run under the same load.
+    sink = StallableSink()
+    path = TimedFramePath([sink], Pacer(fps=float("inf")))
+    stamps: list[float] = []
+    blocks = 24
+
+    def on_block(r):
+        stamps.append(time.perf_counter())
+        if r.block == 0:
+            sink.stalled.set()
+
+    engine = Engine(
+        tiny_pipeline(), frame_path=path, max_blocks=blocks, status_interval=None, on_block=on_block
+    )
+    engine.start()
+    try:
+        assert engine.join(150), "a stuck consumer stopped generation"
+        assert engine.error is None
+        assert engine.block == blocks and len(stamps) == blocks
+        assert sink.sent <= 2  # it really was stuck (the frame it was sending, at most one more)
+        assert path.stats.dropped_blocks >= blocks - 6  # pending replaced, pool reclaimed
+    finally:
+        sink.released.set()
+        engine.stop()
+    block_s = statistics.median(np.diff(stamps))
+    submit_s = statistics.median(path.submit_s[1:])
+    assert submit_s < 0.25 * block_s, (submit_s, block_s)
 
 
 def test_warm_up_leaves_the_show_unchanged():

@@ -111,3 +111,36 @@ def test_link_peers_agree_on_tempo():
     finally:
         a.close()
         b.close()
+
+
+def test_link_start_stop_gates_quantised_changes_like_midi_start_stop():
+    """Two real Link peers with start/stop sync: until the session is seen playing the grid
+    runs (a session without shared transport must not lose quantisation); then stop in one
+    peer stops the other's grid (no boundary: changes go out at the next block), play
+    starts it again."""
+    pytest.importorskip("aalink", reason="aalink (the `link` extra) is not installed")
+    from bridges.tempo.link import LinkTempo, wait_for
+
+    a_grid, b_grid = BeatGrid(120.0), BeatGrid(120.0)
+    a, b = LinkTempo(a_grid, 120.0), LinkTempo(b_grid, 120.0)
+    try:
+        try:
+            a.start()
+            b.start()
+        except Exception as e:  # noqa: BLE001
+            pytest.skip(f"Ableton Link cannot run here: {e}")
+        if not wait_for(lambda: a.peers >= 1 and b.peers >= 1, 5.0):
+            pytest.skip("Link peers did not find each other (no multicast on loopback here)")
+        assert b.playing is None and b_grid.running  # no transport seen: not gated
+        assert b_grid.next_boundary("bar") is not None
+        a.set_playing(True)
+        assert wait_for(lambda: b.playing is True, 3.0)
+        assert b_grid.running and b_grid.next_boundary("beat") is not None
+        a.set_playing(False)
+        assert wait_for(lambda: b.playing is False and not b_grid.running, 3.0)
+        assert b_grid.next_boundary("bar") is None  # like MIDI Stop: no grid to land on
+        a.set_playing(True)
+        assert wait_for(lambda: b_grid.running, 3.0)
+    finally:
+        a.close()
+        b.close()

@@ -24,6 +24,7 @@ from engine.runtime.engine import Engine
 from engine.runtime.pipeline import build_pipeline
 from engine.runtime.presets import Vace, load_preset
 from engine.runtime.registry import ControlError
+from engine.runtime.shm_ring import ShmRingReader
 
 HOLD_S = 0.3
 PRESET = load_preset("tiny").replace(
@@ -53,11 +54,19 @@ def test_writer_process_drives_vace_falls_back_within_a_block_and_recovers():
     w = start_writer(name)
     preset = PRESET.replace(vace=Vace(enabled=True, hold_s=HOLD_S, source=f"shm:{name}"))
     log: list[tuple[int, float, dict, torch.Tensor | None]] = []
+    spans: list[float] = []  # the span each block's input covered (the driver's estimate)
 
     def on_block(r):
         keep = r.rgba.clone() if len(log) < 64 else None
         log.append((r.block, r.controls.time, r.record["input"], keep))
+        spans.append(engine.driver._block_s or 0.0)
 
+    # The writer is a separate Python process: on a loaded machine it may take seconds to
+    # start. Wait for its first frame, so the first VACE block comes within the 64 kept.
+    with ShmRingReader(name) as reader:
+        assert wait_for(lambda: reader.read() is not None, 60), (
+            w.stderr.read1().decode() if w.poll() else "the writer wrote no frame"
+        )
     engine = Engine(build_pipeline(preset), status_interval=None, on_block=on_block)
     engine.start()
     try:
@@ -76,11 +85,11 @@ def test_writer_process_drives_vace_falls_back_within_a_block_and_recovers():
 
         # V2V on the same input, then with the motion-adaptive strength
         engine.registry.set_many({"v2v/enabled": True, "v2v/strength": 0.3})
-        assert wait_for(lambda: log[-1][2]["v2v_strength"] == 0.3, 10)
+        assert wait_for(lambda: log[-1][2]["v2v_strength"] == 0.3, 30)
         engine.registry.set("v2v/auto", True)
-        assert wait_for(lambda: log[-1][2]["v2v_strength"] not in (None, 0.3), 10)
+        assert wait_for(lambda: log[-1][2]["v2v_strength"] not in (None, 0.3), 30)
         engine.registry.set("v2v/enabled", False)
-        assert wait_for(lambda: log[-1][2]["v2v_strength"] is None, 10)
+        assert wait_for(lambda: log[-1][2]["v2v_strength"] is None, 30)
 
         # a grab takes the input's current frame as reference image 2
         engine.registry.set("vace/ref/2/grab", 1)
@@ -90,19 +99,30 @@ def test_writer_process_drives_vace_falls_back_within_a_block_and_recovers():
         assert wait_for(lambda: engine.pipeline.vace.refs.count == 0, 10)
 
         # kill the writer: every block that starts more than its span after the last frame
-        # is no longer live (holding, then text only after hold_s), and status says so
+        # is no longer live (holding, then text only after hold_s), and status says so.
+        # Each block is judged by the span the engine used for it (recorded per block), not
+        # a span measured before the kill: on a loaded machine block times wander.
         n_before = len(log)
-        span = float(np.median(np.diff([e[1] for e in log[-8:]])))  # time between blocks
         w.kill()
         w.wait()
         killed = time.time()
-        assert wait_for(lambda: "text only" in str(engine.status()["vace_input"]), 10)
-        dead = killed + max(span, STALE_S) + span  # one block after the freshness window
-        assert wait_for(lambda: sum(e[1] > dead for e in log[n_before:]) >= 2, 10)
-        after = [e for e in log[n_before:] if e[1] > killed]
-        assert all(e[2]["state"] != "live" for e in after if e[1] > dead)
-        assert {"holding", "text_only"} <= {e[2]["state"] for e in after}
-        assert all(not e[2]["vace"] for e in after if e[2]["state"] == "text_only")
+        assert wait_for(lambda: "text only" in str(engine.status()["vace_input"]), 30)
+        # (status changes as the block starts; its log entry comes when it is done)
+        assert wait_for(lambda: any(e[2]["state"] == "text_only" for e in log[n_before:]), 30)
+        n_after = len(log)
+        after = [(e, spans[i]) for i, e in enumerate(log[n_before:n_after], n_before)]
+        after = [(e, s) for e, s in after if e[1] > killed]
+        stale = [e for e, s in after if e[1] > killed + max(s, STALE_S) + 0.05]
+        assert stale and all(e[2]["state"] != "live" for e in stale)
+        # live, then holding, then text only, never back: a block longer than hold_s (a
+        # loaded machine) may go from live to text only directly, as the rule says
+        order = {"live": 0, "holding": 1, "text_only": 2}
+        ranks = [order[e[2]["state"]] for e, _ in after]
+        assert ranks == sorted(ranks) and ranks[-1] == 2, ranks
+        starts = [killed] + [e[1] for e, _ in after]
+        if max(np.diff(starts)) < HOLD_S / 2:  # blocks shorter than the holding window
+            assert 1 in ranks, ranks  # ... so one of them started in it and held
+        assert all(not e[2]["vace"] for e, _ in after if e[2]["state"] == "text_only")
 
         # restart it (same ring name): the input recovers and VACE acts again
         n_dead = len(log)

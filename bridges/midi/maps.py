@@ -38,8 +38,9 @@ from bridges.midi.messages import (
     Binding,
 )
 from engine.runtime.registry import ControlError, Registry, coerce
+from engine.shipped import shipped_dir
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "presets" / "midi"
+PRESET_DIR = shipped_dir("presets/midi")  # the checkout's presets/midi, or the wheel's
 TOP_KEYS = ("device", "output", "channel", "presets", "mappings", "name", "notes")
 MAPPING_KEYS = (
     "cc", "nrpn", "note", "channel", "target", "action", "preset", "mode", "encoding",

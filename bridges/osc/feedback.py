@@ -2,6 +2,11 @@
 
 Values are echoed on their own address so a TouchDesigner OSC In CHOP (or a motorised
 surface) shows what the engine really uses, whoever changed it (OSC, MIDI, a timeline).
+A CHOP can only hold numbers: the state, prompt texts and errors are strings, so a
+second, numbers-only target (``--osc-feedback-numeric HOST:PORT``) gets every feedback
+message whose arguments are all numbers, for an OSC In CHOP; the main target keeps
+everything, for an OSC In DAT. When the bridge closes (the engine shuts down) the last
+message is ``/dd/status/state "stopped"``.
 The registry calls our listener on the generation thread, so the listener only records
 the latest value per path (bounded by the number of parameters, never a queue) and a
 sender thread does the network I/O. Errors and query answers are sent at once by the
@@ -23,6 +28,7 @@ from engine.runtime.registry import Change, ControlError, Registry
 log = logging.getLogger(__name__)
 
 Target = tuple[str, int]
+STATE_ADDRESS = next(b.address for b in addresses.STATUS_ADDRESSES if b.status_key == "state")
 
 
 class Feedback:
@@ -43,6 +49,7 @@ class Feedback:
         status: Callable[[], dict[str, Any]] | None = None,
         status_interval: float = 1.0,
         retarget_interval: float = 0.0,
+        numeric: Target | None = None,
     ):
         self.sock = sock
         # Beyond loopback, a new last sender gets the whole state, and UDP senders can be
@@ -50,6 +57,7 @@ class Feedback:
         # cannot turn the engine into a stream of full-state dumps at victims.
         self.retarget_interval = retarget_interval
         self._retargeted = float("-inf")
+        self.numeric = numeric if enabled else None  # numbers-only target (OSC In CHOP)
         self.registry = registry
         self.fixed = target
         self.port = port
@@ -60,7 +68,7 @@ class Feedback:
         self._dirty: dict[str, Any] = {}
         self._cond = threading.Condition()
         self._stop = False
-        self._synced: Target | None = None
+        self._synced: tuple[Target | None, Target | None] | None = None
         self._thread: threading.Thread | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self.sent = 0
@@ -106,10 +114,19 @@ class Feedback:
         return (host, self.port)
 
     # -- sending -----------------------------------------------------------------------
-    def send(self, address: str, args: list[Any], target: Target | None = None) -> None:
+    def send(
+        self, address: str, args: list[Any], target: Target | None = None, *, flow: bool = False
+    ) -> None:
+        """`flow`: part of the running feedback (values, status), which the numbers-only
+        target also gets when every argument is a number; query answers and errors are not."""
+        if flow and self.numeric is not None and args and all(_is_number(a) for a in args):
+            self._sendto(address, args, self.numeric)
         target = target or self.target
         if target is None:
             return
+        self._sendto(address, args, target)
+
+    def _sendto(self, address: str, args: list[Any], target: Target) -> None:
         try:
             self.sock.sendto(encode_message(address, args), target)
             self.sent += 1
@@ -126,19 +143,25 @@ class Feedback:
         self.limiter.log(f"OSC {address}: {message}")
         self.send(addresses.WARNING, [address, message], target)
 
-    def send_value(self, path: str, target: Target | None = None, applied: bool = False) -> None:
+    def send_value(
+        self, path: str, target: Target | None = None, applied: bool = False, flow: bool = False
+    ) -> None:
         """The value on its address: the latest (staged or applied, what a query asks
         for), or with ``applied`` the one in effect (what an echo reports)."""
         p = self.registry.param(path)
         value = self.registry.applied(path) if applied else self.registry.get(path)
-        self.send(p.address, addresses.value_to_args(p, value), target)
+        self.send(p.address, addresses.value_to_args(p, value), target, flow=flow)
 
-    def send_all(self, target: Target | None = None, applied: bool = False) -> None:
+    def send_all(
+        self, target: Target | None = None, applied: bool = False, flow: bool = False
+    ) -> None:
         for p in self.registry:
             if p.stateful:
-                self.send_value(p.path, target, applied)
+                self.send_value(p.path, target, applied, flow)
 
-    def send_status(self, target: Target | None = None, only: str | None = None) -> None:
+    def send_status(
+        self, target: Target | None = None, only: str | None = None, flow: bool = False
+    ) -> None:
         if self.status is None:
             return
         try:
@@ -151,7 +174,7 @@ class Feedback:
                 continue
             args = addresses.status_args(st.get(b.status_key))
             if args is not None:
-                self.send(b.address, args, target)
+                self.send(b.address, args, target, flow=flow)
 
     def send_meters(self, target: Target | None = None) -> int:
         """The modulation layer's live sources on ``/dd/status/audio/*`` (levels, bands,
@@ -206,6 +229,8 @@ class Feedback:
         self._meter_thread.start()
 
     def close(self) -> None:
+        """Stop, and say so: the bridge closes when the engine shuts down, and a controller
+        showing "running" for a stopped engine would mislead the operator."""
         self.limiter.flush(force=True)
         if self._unsubscribe:
             self._unsubscribe()
@@ -217,6 +242,7 @@ class Feedback:
         self._meter_stop.set()
         if self._meter_thread:
             self._meter_thread.join(timeout=2)
+        self.send(STATE_ADDRESS, ["stopped"], flow=True)
 
     def _run(self) -> None:
         import time
@@ -227,7 +253,7 @@ class Feedback:
                 while (
                     not self._stop
                     and not self._dirty
-                    and self.target == self._synced
+                    and (self.target, self.numeric) == self._synced
                     and time.monotonic() < next_status
                 ):
                     self._cond.wait(max(0.0, next_status - time.monotonic()))
@@ -235,23 +261,29 @@ class Feedback:
                     return
                 dirty, self._dirty = self._dirty, {}
                 target = self.target
-                resync = target is not None and target != self._synced
-                self._synced = target
+                key = (target, self.numeric)
+                resync = (target is not None or self.numeric is not None) and key != self._synced
+                self._synced = key
             try:
                 if resync:  # a new target: everything in effect (staged values follow)
-                    self.send_all(target, applied=True)
+                    self.send_all(target, applied=True, flow=True)
                 else:
                     for path, value in dirty.items():
                         p = self.registry.param(path)
-                        self.send(p.address, addresses.value_to_args(p, value), target)
+                        args = addresses.value_to_args(p, value)
+                        self.send(p.address, args, target, flow=True)
                 if time.monotonic() >= next_status:
                     next_status = time.monotonic() + self.status_interval
-                    self.send_status(target)
+                    self.send_status(target, flow=True)
                 self.limiter.flush()  # a flood's summary, once its window is over
             except ControlError:
                 log.exception("feedback for an unknown parameter")
             except Exception:  # noqa: BLE001 - feedback must never stop
                 log.exception("OSC feedback failed")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float))  # (booleans go out as 0/1)
 
 
 class RateLimitedLog:

@@ -62,6 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="feedback port on the last sender's host (default 9139)",
     )
     g.add_argument(
+        "--osc-feedback-numeric",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="also send the feedback whose arguments are all numbers here (values, fps,"
+        " latency...): for a TouchDesigner OSC In CHOP, which cannot hold the strings"
+        " (state, prompts, errors) the main feedback target gets",
+    )
+    g.add_argument(
         "--no-osc-feedback", action="store_true", help="send no feedback, errors or status"
     )
     g.add_argument(
@@ -98,6 +106,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         feedback=args.osc_feedback,
         feedback_port=args.osc_feedback_port,
         feedback_enabled=not args.no_osc_feedback,
+        feedback_numeric=args.osc_feedback_numeric,
         allow=args.osc_allow or frozenset(),
         oscquery_port=None if args.no_oscquery else args.oscquery_port,
         zeroconf=not args.no_zeroconf,

@@ -37,6 +37,7 @@ class OscConfig:
     feedback: Target | None = None  # fixed feedback target; None: the last sender's host
     feedback_port: int = 9139
     feedback_enabled: bool = True
+    feedback_numeric: Target | None = None  # numbers-only feedback (an OSC In CHOP)
     allow: frozenset[str] = field(default_factory=frozenset)  # empty: everyone may send
     status_interval: float = 1.0
     oscquery_port: int | None = 9138  # None: no OSCQuery service; 0: any free port
@@ -124,6 +125,7 @@ class OscBridge:
             status=self.status,
             status_interval=cfg.status_interval,
             retarget_interval=0.0 if _is_loopback(cfg.host) or cfg.allow else RETARGET_INTERVAL,
+            numeric=cfg.feedback_numeric,
         )
         self.feedback.start()
         self._thread = threading.Thread(target=self._loop, name="osc-receiver", daemon=True)

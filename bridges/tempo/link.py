@@ -7,6 +7,12 @@ change) and `set_tempo`, which proposes a tempo to the whole Link session.
 
 Link aligns phase modulo its quantum (4 beats here: one bar of 4/4), so bars line up
 with Ableton and other peers; 2- and 4-bar phrases count from Link's beat 0.
+
+Start/stop: with Link's start/stop sync on, play and stop in Ableton (or any peer that
+shares its transport) gate beat-quantised changes the way MIDI Start/Stop does: while
+the session is stopped there is no grid to land on and they go out at the next block.
+A session where no peer shares its transport reads as "stopped" forever, so the gate
+closes only once the session has been seen playing: until then the grid runs.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ class LinkTempo:
         self._error: BaseException | None = None
         self.peers = 0
         self.tempo: float | None = None
+        self.playing: bool | None = None  # the session's transport, once seen playing
         self._thread = threading.Thread(target=self._run, name="dreamdeck-link", daemon=True)
 
     def start(self, timeout: float = 5.0) -> LinkTempo:
@@ -82,6 +89,7 @@ class LinkTempo:
         self._loop = asyncio.get_running_loop()
         link = self._aalink.Link(self._bpm0)
         link.quantum = self.quantum
+        link.start_stop_sync_enabled = True
         link.enabled = True
         self._link = link
         self._ready.set()
@@ -100,7 +108,12 @@ class LinkTempo:
             log.info("Ableton Link: %d peer(s)", peers)
             self.peers = peers
         self.grid.sync(bpm, beat, now, "link")
-        self.grid.running = True
+        playing = bool(link.playing)
+        if playing or self.playing is not None:  # the session shares its transport
+            if playing != self.playing:
+                log.info("Ableton Link: %s", "playing" if playing else "stopped")
+            self.playing = playing
+        self.grid.running = self.playing is not False
         if self.tempo is None or abs(bpm - self.tempo) > 1e-3:
             self.tempo = bpm
             if self.on_tempo is not None:
@@ -114,6 +127,17 @@ class LinkTempo:
 
         def apply() -> None:
             link.tempo = float(bpm)
+
+        loop.call_soon_threadsafe(apply)
+
+    def set_playing(self, playing: bool) -> None:
+        """Start or stop the Link session's transport (peers with start/stop sync follow)."""
+        loop, link = self._loop, self._link
+        if loop is None or link is None:
+            return
+
+        def apply() -> None:
+            link.playing = bool(playing)
 
         loop.call_soon_threadsafe(apply)
 

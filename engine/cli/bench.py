@@ -23,6 +23,15 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 STEADY_FRAMES = 12  # RGB frames out of a steady block (the first block gives 9)
 
 
+def kv_cache_name(cache) -> str:
+    """The context K/V cache's element type as the flags name them: fp8, or the model dtype
+    (bf16, fp16, fp32) that ``--kv-cache bf16`` stands for."""
+    if getattr(cache, "fp8", False):
+        return "fp8"
+    dtype = str(cache[0].k.dtype).removeprefix("torch.")
+    return {v: k for k, v in DTYPES.items()}.get(dtype, dtype)
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "bench",
@@ -495,7 +504,8 @@ def measure(
             "compile_mode": args.compile_mode,
             "fp8": args.fp8_scaling if args.fp8 else False,
             "fused_qkv": not args.no_fuse_qkv,
-            "kv_cache": args.kv_cache,
+            # what the cache really holds: --kv-cache bf16 means "the model dtype"
+            "kv_cache": kv_cache_name(session.cache),
             "kv_cache_gb": session.cache.nbytes / 2**30,
             "decoder": decoder_kind,
             "anchor": session.anchor_source,

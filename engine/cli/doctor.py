@@ -169,7 +169,7 @@ def diagnose(args) -> dict[str, Any]:
     )
     files = []
     for f in [*catalog.FILES.values(), *catalog.TOKENIZER_FILES]:
-        p = f.path(root)
+        p = f.find(root)  # the models folder, or the Hugging Face cache
         why = catalog.check_file(p)
         files.append(
             {
@@ -289,6 +289,18 @@ def diagnose(args) -> dict[str, Any]:
     return report
 
 
+def _why_optional(f: dict[str, Any], preset: bool) -> str:
+    """Why a missing file is no problem, if it is not: a new user reading "missing" next to
+    a 6 GB VACE module should not think the install is broken."""
+    if f["required"]:
+        return ""
+    if f["role"] == "vace":
+        return " (optional: only for VACE, --vace)"
+    if f["optional"]:
+        return " (optional)"
+    return " (optional: not used by this preset)" if preset else ""
+
+
 def _human(r: dict[str, Any]) -> str:
     lines = [f"models folder: {r['models_dir']} ({r['disk_free_gb']:.1f} GB free)"]
     if r["preset"]:
@@ -302,7 +314,7 @@ def _human(r: dict[str, Any]) -> str:
         elif f["present"]:
             state = f"BAD     {f['problem']}"
         else:
-            state = "missing" + (" (optional)" if f["optional"] else "")
+            state = "missing" + _why_optional(f, bool(r["preset"]))
         mark = "*" if f["required"] else " "
         lines.append(f" {mark} {state:30} {f['repo']}/{f['filename']}")
     if r["preset"]:

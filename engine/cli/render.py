@@ -92,6 +92,8 @@ def render(args: argparse.Namespace) -> int:
         kv_bias=show.kv_bias,
     )
 
+    preset = _with_quantization(preset, show)
+
     import tqdm
 
     from engine.runtime.block_driver import BlockDriver
@@ -252,6 +254,22 @@ def _audio_and_mod(args: argparse.Namespace, registry):
     return track
 
 
+def _with_quantization(preset, show):
+    """A timeline's ``quantization: fp8_e4m3fn`` turns on the preset's float8 weights, where
+    they can run (a CUDA GPU); elsewhere it is said and ignored."""
+    if getattr(show, "quantization", None) != "fp8" or preset.fp8:
+        return preset
+    import torch
+
+    if preset.device == "cpu" or (preset.device == "auto" and not torch.cuda.is_available()):
+        log.warning(
+            "%s: quantization fp8_e4m3fn ignored: float8 weights need a CUDA GPU", show.path
+        )
+        return preset
+    log.info("%s: quantization fp8_e4m3fn: transformer weights in float8", show.path)
+    return preset.replace(fp8=True)
+
+
 def play_show(
     show,
     driver,
@@ -263,13 +281,16 @@ def play_show(
 ):
     """Yield the `BlockResult` of every block of `show`: its changes applied through the
     registry, then the block made by `driver` (synchronously). Control logs replay the
-    prompt targets where the recorded engine started them. `before(b)`, when given, runs
-    before block b's controls are taken (render --audio feeds the block's audio there)."""
+    prompt targets where the recorded engine started them; the history of a recording
+    started mid-show (`show.lead_in` blocks) is run first and not yielded. `before(b)`, when
+    given, runs before block b's controls are taken (render --audio feeds the block's audio
+    there)."""
     from bridges.timeline import FPS, first_frame
     from engine.runtime.registry import ControlError
 
     replay = show.kind == "control-log"
-    for b in range(show.blocks if blocks is None else blocks):
+    lead = show.lead_in
+    for b in range(lead + (show.blocks if blocks is None else blocks)):
         changes, events = show.changes_at(b, skip=skip, known=registry)
         # Immediate controls (pause, tempo, ...) steer a live show, not its frames.
         items = [(k, v) for k, v in changes.items() if registry.param(k).applies != "immediate"]
@@ -286,4 +307,6 @@ def play_show(
             before(b)
         controls = registry.begin_block(b, now=first_frame(b) / FPS)
         loras = show.records[b].get("lora") if replay and b < len(show.records) else None
-        yield driver.step(controls, prompt=show.prompt_at(b), replay=replay, loras=loras)
+        result = driver.step(controls, prompt=show.prompt_at(b), replay=replay, loras=loras)
+        if b >= lead:
+            yield result

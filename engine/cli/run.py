@@ -241,6 +241,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--record", metavar="FILE.mp4", help="record H.264 + the control log (FILE.controls.jsonl)"
     )
+    g.add_argument(
+        "--record-clock",
+        choices=("wall", "model"),
+        default="wall",
+        help="time stamps of recordings: wall (default) plays back as the audience saw it, at"
+        " the generation rate; model gives one frame every 1/16 s of video, as `dreamdeck"
+        " render` makes it (written in the control log's header)",
+    )
     p.add_argument(
         "--record-dir",
         metavar="DIR",
@@ -485,7 +493,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
     record = Path(args.record) if args.record else None
 
     from engine.runtime.engine import Engine
-    from engine.runtime.recorder import Recorder, RecorderError
+    from engine.runtime.recorder import NATIVE_FPS, Recorder, RecorderError
     from engine.runtime.sinks import SinkError, make_sinks
 
     try:
@@ -519,7 +527,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
                 record,
                 width=preset.width,
                 height=preset.height,
-                fps=None,  # live time stamps: the file plays back the way the show ran
+                # wall: live time stamps, the file plays back the way the show ran
+                fps=None if args.record_clock == "wall" else NATIVE_FPS,
                 header={"model": preset.model, "preset": preset.name, "mode": "live"},
             )
         except RecorderError as e:
@@ -534,6 +543,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
         max_blocks=args.blocks,
         duration=args.duration,
         phases=phases,
+        record_clock=args.record_clock,
     )
     if preset.vace.enabled or preset.vace.source != "none":
         log.info(

@@ -54,6 +54,11 @@ class BlockResult:
     rgba: torch.Tensor  # uint8 [T, H, W, 4] on the pipeline's device
     record: dict[str, Any]  # the control-log line for this block
     timings: dict[str, float]
+    # True when the stream and the prompt mixer start afresh at this block (a reset, and no
+    # transition carried over), so a replay may begin here: see ControlHistory.
+    clean: bool = False
+    # the mixer target at rest when this block began (what a replay starting here sets)
+    rest_prompt: dict[str, Any] | None = None
 
     @property
     def frames(self) -> int:
@@ -94,6 +99,7 @@ class BlockDriver:
         self._lora_asked: list[str | None] = [None] * LORA_SLOTS  # being read, not installed
         self._lora_started = False  # the first block waits for its LoRA files
         self._t_last: float | None = None
+        self._rest: dict[str, Any] | None = None  # the last target the mixer started
 
     def _fail(self, message: str, path: str | None = None, value: Any = None) -> None:
         """A control that could not be applied: say so, and set the registry back."""
@@ -354,7 +360,12 @@ class BlockDriver:
                     "block %d: every prompt slot is empty; keeping the current prompt",
                     controls.block,
                 )
+        fresh = self._text_key is None
+        moving = bool(getattr(pipeline.mixer, "in_transition", False))
+        rest = self._rest
         text, key, started = self._text_for_block()
+        if started is not None:
+            self._rest = started
         self._tick()
         video = self._input_video(values)
         inputs = BlockInputs(
@@ -370,10 +381,17 @@ class BlockDriver:
             raise RuntimeError("the stream session has no decoder attached")
         rgba = to_rgba8(out.frames)
         record = controls.to_json()
+        record["index"] = out.index
         if started is not None:
             record["prompt"] = started
         if lora_installed:
             record["lora"] = {str(n + 1): f for n, f in sorted(lora_installed.items())}
+        # A replay can start at this block when the stream starts here and the mixer's
+        # embedding does not depend on earlier blocks: at rest (no transition under way)
+        # and not moving away from an earlier target in this very block.
+        clean = out.index == 0 and (
+            fresh or (not moving and (started is None or int(started["blocks"]) == 0))
+        )
         if "video" in video:  # what the input gave this block (not replayable)
             record["input"] = {
                 "state": pipeline.live.fallback.state,
@@ -387,13 +405,20 @@ class BlockDriver:
             rgba=rgba,
             record=record,
             timings=out.timings,
+            clean=clean,
+            rest_prompt=None if rest is None else {**rest, "blocks": 0},
         )
 
     def warmup(
-        self, values: Mapping[str, Any], blocks: int, stop: Callable[[], bool] = lambda: False
+        self,
+        values: Mapping[str, Any],
+        blocks: int,
+        stop: Callable[[], bool] = lambda: False,
+        on_block: Callable[[], None] | None = None,
     ) -> None:
         """Run `blocks` throwaway blocks (compile, allocator, cuDNN autotune) and restart the
-        stream. Uses the cache directly, so the mixer's state is untouched."""
+        stream. Uses the cache directly, so the mixer's state is untouched. `on_block` is
+        called after each (a progress bar: the first can take minutes to compile)."""
         if blocks <= 0:
             return
         from engine.stream.session import BlockInputs
@@ -424,4 +449,6 @@ class BlockDriver:
                     video=video,
                 )
             )
+            if on_block is not None:
+                on_block()
         session.reset()

@@ -11,9 +11,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from engine.runtime.inputs.base import FIT_MODES
-from engine.runtime.inputs.live import KINDS as SOURCE_KINDS
-from engine.runtime.inputs.live import MASK_MODES
+from engine.runtime.input_names import FIT_MODES, MASK_MODES, SOURCE_KINDS
 from engine.runtime.registry import ControlError, Param, Registry
 from engine.stream.schedule import STEP_PRESETS, validate_steps
 

@@ -30,8 +30,10 @@ from typing import Any
 import torch
 
 from engine.runtime.block_driver import BlockDriver, BlockResult
+from engine.runtime.control_log import HISTORY_COMPLETE, ControlHistory
 from engine.runtime.controls import make_registry
 from engine.runtime.registry import Change, Registry
+from engine.runtime.startup import ready_line
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class Engine:
         status_interval: float | None = 1.0,
         on_block: Callable[[BlockResult], None] | None = None,
         phases: Any = None,
+        record_clock: str = "wall",
     ):
         preset = pipeline.preset
         self.phases = phases  # engine.runtime.startup.Phases from the launch, or None
@@ -76,6 +79,13 @@ class Engine:
             if record_dir
             else (recorder.path.parent if recorder is not None else Path("recordings"))
         )
+        if record_clock not in ("wall", "model"):
+            raise ValueError(f"record_clock must be 'wall' or 'model', got {record_clock!r}")
+        self.record_clock = record_clock  # for recordings /dd/record starts (see Recorder)
+        # every block since the stream last started afresh: a recording that starts later
+        # carries it, so `render` can replay it exactly (control_log.py)
+        self.history = ControlHistory()
+        self._recorder_started: Any = None  # the recorder whose first block went out
         self.max_blocks = max_blocks
         self.duration = duration
         self.status_interval = status_interval
@@ -203,7 +213,7 @@ class Engine:
         """Start a new recording (a dated file in `record_dir`) or finalise the current one.
         Runs on the sender's thread; the generation thread only ever sees a swapped
         reference, and finalising happens on a thread of its own."""
-        from engine.runtime.recorder import Recorder, RecorderError
+        from engine.runtime.recorder import NATIVE_FPS, Recorder, RecorderError
 
         with self._cond:
             current = self.recorder
@@ -219,7 +229,7 @@ class Engine:
                     path,
                     width=self.preset.width,
                     height=self.preset.height,
-                    fps=None,
+                    fps=None if self.record_clock == "wall" else NATIVE_FPS,
                     header={"model": self.preset.model, "preset": self.preset.name, "mode": "live"},
                 )
             except (RecorderError, OSError) as e:
@@ -365,9 +375,19 @@ class Engine:
     def _run(self) -> None:
         try:
             t_warm = time.perf_counter()
-            self.driver.warmup(
-                self.registry.snapshot(), self.preset.warmup_blocks, self._stop.is_set
-            )
+            bar = None
+            if self.phases is not None and self.preset.warmup_blocks > 0:
+                bar = self.phases.bar("warm-up (compile, autotune)", self.preset.warmup_blocks)
+            try:
+                self.driver.warmup(
+                    self.registry.snapshot(),
+                    self.preset.warmup_blocks,
+                    self._stop.is_set,
+                    on_block=None if bar is None else bar.update,
+                )
+            finally:
+                if bar is not None:
+                    bar.close()
             if self.phases is not None:
                 self.phases.add(
                     f"compile + warm-up ({self.preset.warmup_blocks} blocks)",
@@ -425,7 +445,14 @@ class Engine:
             self.frame_path.submit_block(result.rgba, result.block)
         recorder = self.recorder  # swapped by /dd/record from another thread
         if recorder is not None:
-            recorder.submit(result.rgba, result.record)
+            history = None
+            if recorder is not self._recorder_started:
+                # its first block: the blocks before it since the last clean one go first
+                # (none needed when this block is clean itself)
+                self._recorder_started = recorder
+                history = ([], HISTORY_COMPLETE) if result.clean else self.history.preamble()
+            recorder.submit(result.rgba, result.record, history=history)
+        self.history.add(result.record, clean=result.clean, rest_prompt=result.rest_prompt)
         if result.rgba.is_cuda:
             # The one host sync per block, on purpose: it keeps the CPU from queuing blocks
             # ahead of the GPU (a control applied at begin_block must not wait behind
@@ -444,10 +471,12 @@ class Engine:
             if self.frames_out == 0 and self.phases is not None:
                 self.phases.add("first block", dt)
                 log.info(
-                    "ready: first frames %.1f s after launch (%s)",
+                    "start-up: first frames %.1f s after launch (%s)",
                     self.phases.elapsed(),
                     ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.times.items()),
                 )
+                attn = getattr(getattr(self.pipeline.model, "attn", None), "backend", None)
+                log.info("%s", ready_line(self.phases.elapsed(), self.pipeline.device, attn))
             self.frames_out += result.frames
             self._rate.append((time.monotonic(), self.frames_out))
             self.block += 1

@@ -176,7 +176,16 @@ def build_pipeline(
     # Each block is fused (q/k/v as one GEMM) and, with fp8, quantised as soon as it is on
     # the device: the 14B never exists in bf16 on the GPU, so fp8 presets build on 24 GB.
     # The blocks hold all but a sliver of the FLOPs; embeddings and head stay in dtype.
-    prepare = block_preparer(fp8=preset.fp8)
+    prepared = block_preparer(fp8=preset.fp8)
+    blocks_bar = phases.bar(
+        f"{'making' if random_init else 'loading'} the transformer", cfg.layers, "block"
+    )
+
+    def prepare(block: Any) -> None:  # runs once per block as it lands: the progress
+        if prepared is not None:
+            prepared(block)
+        blocks_bar.update()
+
     with phases.phase("weights: transformer"):
         try:
             if random_init:
@@ -202,6 +211,8 @@ def build_pipeline(
                 )
         except AttentionError as e:
             raise PipelineError(f"preset {preset.name!r}: {e}") from None
+        finally:
+            blocks_bar.close()
     if preset.fp8:
         log.info("fp8: transformer blocks' linears quantised (e4m3, per-channel scales)")
     if preset.compile and device.type == "cuda":

@@ -20,7 +20,9 @@ from typing import Any, Literal
 
 import yaml
 
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets" / "engine"
+from engine.shipped import shipped_dir
+
+PRESETS_DIR = shipped_dir("presets/engine")  # the checkout's presets/engine, or the wheel's
 
 Model = Literal["14b", "1.3b", "tiny"]
 Decoder = Literal["wan", "tae"]

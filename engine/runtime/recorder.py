@@ -91,7 +91,15 @@ class Recorder:
             self._stream.codec_context.time_base = TIME_BASE
             self._log = ControlLogWriter(
                 self.log_path,
-                {"width": width, "height": height, "fps": fps or NATIVE_FPS, **(header or {})},
+                {
+                    "width": width,
+                    "height": height,
+                    "fps": fps or NATIVE_FPS,
+                    # wall: frames at the live output times (what the audience saw); model:
+                    # one frame every 1/fps s of video (what `render` makes)
+                    "clock": "model" if fps else "wall",
+                    **(header or {}),
+                },
             )
         except (OSError, av.FFmpegError) as e:
             # e.g. the control log next to it cannot be created: nothing half-made is left
@@ -102,6 +110,7 @@ class Recorder:
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_blocks))
         # records of dropped blocks, written in block order by the encoder thread
         self._dropped: collections.deque = collections.deque(maxlen=4096)
+        self._history: tuple[list[dict[str, Any]], str] | None = None
         self._lock = threading.Lock()
         self._pts = -1
         self._frame_index = 0
@@ -145,14 +154,25 @@ class Recorder:
 
     # -- generation side ----------------------------------------------------------------
     def submit(
-        self, rgba: Any, record: Mapping[str, Any], when: float | None = None, *, wait: bool = False
+        self,
+        rgba: Any,
+        record: Mapping[str, Any],
+        when: float | None = None,
+        *,
+        wait: bool = False,
+        history: tuple[list[dict[str, Any]], str] | None = None,
     ) -> bool:
         """Queue one block ([T,H,W,4] uint8, numpy or torch, any device) with its control
         record. Live (`wait` False) it never blocks and returns False when the block had to
-        be dropped; the offline render passes `wait` True and loses nothing."""
+        be dropped; the offline render passes `wait` True and loses nothing. `history`, with
+        the first block of a recording started mid-show, is (preamble records, status) from
+        `ControlHistory.preamble`: written before the block (see control_log.py)."""
         if self._closed:
             raise RecorderError(f"{self.path}: recorder is closed")
         when = time.time() if when is None else when
+        if history is not None:
+            with self._lock:
+                self._history = history
         item = (rgba, dict(record), when, _ready_event(rgba))
         if wait:
             self._queue.put(item)
@@ -171,6 +191,9 @@ class Recorder:
     def _write_dropped(self, before: int | None) -> None:
         """Log dropped blocks older than `before` (all when None), keeping block order."""
         with self._lock:
+            if self._history is not None:  # header and preamble before any block line
+                self._log.begin(*self._history)
+                self._history = None
             while self._dropped and (before is None or self._dropped[0].get("block", 0) < before):
                 self._log.write_block(self._dropped.popleft())
 

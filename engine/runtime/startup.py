@@ -11,7 +11,10 @@ whenever it looks up its caches, so setting them before the first compile is eno
 who set them already keeps theirs.
 
 `Phases` is a stopwatch with names: `run` logs each phase as it ends and `bench --json`
-reports them, so a slow start says where its time went.
+reports them, so a slow start says where its time went. It also hands out progress bars
+(`Phases.bar`) for the long steps: loading the transformer block by block (28 GB for the
+14B) and the warm-up blocks, where compilation happens. They are tqdm bars on stderr, as
+for downloads and renders, shown only on a terminal (a log file gets the phase lines).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,10 +36,21 @@ CACHE_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 class Phases:
     """Named wall-clock phases, in the order they ran. Times are seconds."""
 
-    def __init__(self, *, log_each: bool = True, t0: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        log_each: bool = True,
+        t0: float | None = None,
+        progress: Callable[[str, int, str], Any] | None = None,
+    ) -> None:
         self.t0 = time.perf_counter() if t0 is None else t0  # a perf_counter() reading
         self.times: dict[str, float] = {}
         self.log_each = log_each
+        self.progress = progress if progress is not None else terminal_bar
+
+    def bar(self, desc: str, total: int, unit: str = "block") -> Any:
+        """A progress bar (``update()``, ``close()``) for a step of `total` units."""
+        return self.progress(desc, total, unit)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -57,6 +71,43 @@ class Phases:
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in self.times.items()}
+
+
+def terminal_bar(desc: str, total: int, unit: str) -> Any:
+    """A tqdm bar on stderr, off when stderr is not a terminal (tqdm's ``disable=None``)."""
+    import sys
+
+    import tqdm
+
+    return tqdm.tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=None, leave=False)
+
+
+def ready_line(seconds: float, device: Any, attention: str | None) -> str:
+    """The one line that ends the start-up: time to the first frames, memory, backend."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        mem = (
+            f"GPU memory {torch.cuda.memory_allocated(idx) / 2**30:.1f} GB in use, peak"
+            f" {torch.cuda.max_memory_allocated(idx) / 2**30:.1f} GB"
+            f" ({torch.cuda.get_device_name(idx)})"
+        )
+    else:
+        mem = f"host memory peak {_peak_rss_gb():.1f} GB (CPU)"
+    return f"ready in {seconds:.1f} s: {mem}, attention {attention or '?'}"
+
+
+def _peak_rss_gb() -> float:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return float("nan")
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)  # bytes on macOS, KiB else
 
 
 def cache_key(preset_name: str, device: Any = None) -> str:

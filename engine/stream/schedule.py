@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from torch import Tensor
+if TYPE_CHECKING:  # annotations only: the step lists are checked without importing torch
+    from torch import Tensor
 
 # quality: the usual 4-step default. balanced: 3 steps, 3/4 of the cost (Krea's own
 # 4-step list [1000, 937, 833, 625] costs the same as quality, so it is not "balanced";

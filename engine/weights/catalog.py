@@ -9,6 +9,11 @@ fetches exactly what that preset needs.
 A preset is known here only by four keys: `model` ("14b" | "1.3b" | "tiny"), `decoder`
 ("wan" | "tae"), `vace` (bool) and `text_encoder` (placement). Callers may pass a dict, an
 `EnginePreset`, or a preset name.
+
+Files already in the Hugging Face cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
+``~/.cache/huggingface/hub``: where `huggingface-cli download` and diffusers put them) are
+used where they are, when the models folder lacks them and the cached copy checks out,
+so 28 GB that a user already has are neither downloaded nor copied again.
 """
 
 from __future__ import annotations
@@ -39,7 +44,18 @@ class ModelFile:
     sha256: str | None = None  # expected digest when known (checked after download)
 
     def path(self, models_dir: str | Path | None = None) -> Path:
+        """Where the file goes in the models folder (see `find` for where it is)."""
         return resolve_models_dir(models_dir) / self.repo / self.filename
+
+    def find(self, models_dir: str | Path | None = None) -> Path:
+        """Where the file is: the models folder's copy if there is one (whole or not: a
+        broken one is reported, not silently replaced), else a whole copy in the Hugging
+        Face cache, else the models folder path (missing)."""
+        own = self.path(models_dir)
+        if own.exists():
+            return own
+        cached = from_hf_cache(self)
+        return own if cached is None else cached
 
 
 @dataclass(frozen=True)
@@ -212,11 +228,43 @@ def check_file(path: Path) -> str | None:
     return None
 
 
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment on every call (as the hub
+    library does at import)."""
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface"
+    )
+    return Path(home).expanduser() / "hub"
+
+
+def from_hf_cache(f: ModelFile) -> Path | None:
+    """A whole copy of `f` in the Hugging Face cache (its main revision), or None. Reads
+    only the local cache: no network."""
+    cache = hf_cache_dir()
+    if not cache.is_dir():
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a dependency
+        return None
+    try:
+        hit = try_to_load_from_cache(f.repo, f.filename, cache_dir=str(cache))
+    except Exception:  # noqa: BLE001 - a damaged cache is simply not used
+        return None
+    if not isinstance(hit, str):
+        return None
+    path = Path(hit)
+    return path if check_file(path) is None else None
+
+
 def missing_files(preset_like: Any, models_dir: str | Path | None = None) -> list[Missing]:
     """Required files that are absent or fail the header check (optional ones skipped)."""
     out = []
     for f in required_files(preset_like):
-        p = f.path(models_dir)
+        p = f.find(models_dir)
         why = check_file(p)
         if why is not None and not (f.optional and why == "missing"):
             out.append(Missing(f, p, why))
@@ -227,7 +275,14 @@ def resolve_files(preset_like: Any, models_dir: str | Path | None = None) -> dic
     """role -> path for a preset's files; "tokenizer" maps to the tokenizer folder."""
     out: dict[str, Path] = {}
     for f in required_files(preset_like):
-        out[f.role] = f.path(models_dir).parent if f.role == "tokenizer" else f.path(models_dir)
+        p = f.find(models_dir)
+        if f.role == "tokenizer":
+            # one folder for the tokenizer files: where they are (an absent optional
+            # file must not point the folder back at an empty models folder)
+            if p.is_file() or "tokenizer" not in out:
+                out["tokenizer"] = p.parent
+            continue
+        out[f.role] = p
     return out
 
 

@@ -121,12 +121,13 @@ def plan(
     root = resolve_models_dir(models_dir)
     out = []
     for f in files:
-        p = Planned(f, root / f.repo / f.filename, None)
+        p = Planned(f, f.find(root), None)  # the Hugging Face cache's copy, if whole
         if check_file(p.dest) is None:
             p.done, p.size = True, p.dest.stat().st_size
             p.have = p.size
             out.append(p)
             continue
+        p.dest = root / f.repo / f.filename  # fetched into the models folder
         rev = f.revision if f.revision != "main" else revision
         url = hf_hub_url(f.repo, f.filename, revision=rev, endpoint=ep)
         try:

@@ -5,6 +5,10 @@ It needs only numpy and the standard library, both in TouchDesigner's Python. Th
 format is specified in dreamdeck's docs/shared-memory.md; this is an independent,
 self-contained reader of it.
 
+Needs a TouchDesigner build with Python 3.9 or newer (the file is checked for 3.9 syntax
+by dreamdeck's tests). Problems show on the operator: a warning while the ring does not
+exist yet, an error for a ring of another format version.
+
 The reading core (``RingReader``) is plain Python, usable and tested outside TD:
 
     reader = RingReader("dreamdeck")
@@ -82,7 +86,7 @@ def _header(buf):
         "row_bytes slot_stride generation flags write_seq writer_pid pixel_format "
         "segment_id created"
     ).split()
-    h = dict(zip(keys, f, strict=True))
+    h = dict(zip(keys, f))  # noqa: B905 - no strict= in Python 3.9 (older TD builds)
     if h["version"] != VERSION or h["pixel_format"] != b"RGBA":
         v, fmt = h["version"], h["pixel_format"]
         raise RuntimeError(f"dreamdeck ring: unsupported version {v} or format {fmt!r}")
@@ -100,6 +104,13 @@ class RingReader:
         self.last_seq = 0
         self._last_new = time.monotonic()
         self._last_check = 0.0
+        self.frame = None  # the last frame read (what a Script TOP shows until a new one)
+
+    def __reduce__(self):
+        # TouchDesigner pickles operator storage with the .toe: save the ring name only
+        # (as a plain string: the class lives in a DAT, not an importable module), no
+        # mapping and no frame; the next cook makes a new reader
+        return (str, (self.name,))
 
     def _attach(self):
         self.close()
@@ -107,7 +118,11 @@ class RingReader:
             m = _Mapping(self.name)
         except (FileNotFoundError, OSError, ValueError):
             return False
-        h = _header(m.buf)
+        try:
+            h = _header(m.buf)
+        except RuntimeError:
+            m.close()  # another version: say so (the caller shows it), keep nothing open
+            raise
         if h is None:
             m.close()
             return False
@@ -184,7 +199,25 @@ class RingReader:
 
 
 # ---- TouchDesigner Script TOP callbacks ------------------------------------------------
-_state = {"reader": None, "frame": None, "info": None}
+# State lives on each operator (``scriptOp.storage``), never in module globals: two Script
+# TOPs sharing this callbacks DAT each keep their own reader and last frame. The reader
+# pickles as its ring name only, so saving the .toe stores no frames and no mappings.
+
+_KEY = "dreamdeck"
+
+
+def _reader(scriptOp, name):
+    """This operator's reader of ring `name` (in its storage; a new one after a reload of
+    the .toe, a rename of the ring, or an edit of this DAT)."""
+    reader = scriptOp.storage.get(_KEY)
+    if isinstance(reader, str) or not hasattr(reader, "read"):
+        reader = None  # what a saved .toe brings back: the old ring name
+    if reader is not None and reader.name != name:
+        reader.close()
+        reader = None
+    if reader is None:
+        reader = scriptOp.storage[_KEY] = RingReader(name)
+    return reader
 
 
 def onSetupParameters(scriptOp):
@@ -194,31 +227,45 @@ def onSetupParameters(scriptOp):
     p[0].val = "dreamdeck"
     page.appendToggle("Active", label="Active")[0].val = True
     page.appendPulse("Reconnect", label="Reconnect")
-    # A parameter that changes every frame makes the TOP cook every frame.
-    p = page.appendFloat("Tick", label="Tick (cooks each frame)")
-    p[0].expr = "absTime.frame"
-    p[0].readOnly = True
+    if "CookLevel" not in globals():
+        # Builds without the cook-level callback: a parameter that changes every frame
+        # makes the TOP cook every frame.
+        p = page.appendFloat("Tick", label="Tick (cooks each frame)")
+        p[0].expr = "absTime.frame"
+        p[0].readOnly = True
+
+
+def onGetCookLevel(scriptOp):
+    """Cook every frame: new frames arrive from outside TouchDesigner, which no input or
+    parameter change would signal. (Called by builds that have Script OP cook levels.)"""
+    return CookLevel.ALWAYS  # noqa: F821 - TouchDesigner's global
 
 
 def onPulse(par):
-    if par.name == "Reconnect" and _state["reader"] is not None:
-        _state["reader"].close()
-        _state["reader"] = None
+    if par.name == "Reconnect":
+        reader = par.owner.storage.get(_KEY)
+        if hasattr(reader, "close"):
+            reader.close()  # reattaches at the next read, keeping the last frame
 
 
 def onCook(scriptOp):
     name = scriptOp.par.Ringname.eval() or "dreamdeck"
-    reader = _state["reader"]
-    if reader is None or reader.name != name:
-        if reader is not None:
-            reader.close()
-        reader = _state["reader"] = RingReader(name)
+    reader = _reader(scriptOp, name)
     if scriptOp.par.Active.eval():
-        # Read into a fresh array: TD copies it, and the previous one stays valid to
-        # show again while no new frame has arrived.
-        got = reader.read(flip=True)
+        try:
+            # Read into a fresh array: TD copies it, and the previous one stays valid to
+            # show again while no new frame has arrived.
+            got = reader.read(flip=True)
+        except RuntimeError as e:  # a ring of another version or pixel format
+            scriptOp.addError(f"{e}: use the dreamdeck_shm_top.py of the engine's version")
+            got = None
+        else:
+            if reader.map is None:
+                scriptOp.addWarning(
+                    f"dreamdeck: no ring {name!r} yet (start `dreamdeck run --shm {name}`)"
+                )
         if got is not None:
-            _state["info"], _state["frame"] = got
+            reader.frame = got[1]
             scriptOp.store("dreamdeck_info", got[0])
-    if _state["frame"] is not None:
-        scriptOp.copyNumpyArray(_state["frame"])
+    if reader.frame is not None:
+        scriptOp.copyNumpyArray(reader.frame)

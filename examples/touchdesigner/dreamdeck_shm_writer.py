@@ -1,10 +1,20 @@
 """TouchDesigner frames *into* dreamdeck: write a TOP into a shared-memory ring that the
 engine reads as a VACE control video (`/dd/vace/source shm:td_in`).
 
-Use in TouchDesigner: put this file in an Execute DAT (or a Text DAT that the Execute DAT
-imports), set ``SOURCE_TOP`` and ``RING_NAME`` below, and turn on "Frame End". Each frame
-the TOP's pixels go into the ring (one memcpy; the writer never waits for the engine).
-Its alpha channel can serve as the VACE mask (engine option ``mask=alpha``).
+Use in TouchDesigner: put this file in an Execute DAT and turn on "Frame End". On its
+first frame the DAT gets a *Dreamdeck* page of custom parameters: **Source TOP** (the TOP
+to send, default ``null_to_dreamdeck`` next to the DAT), **Ring Name** (``td_in``: the
+engine reads it as ``shm:td_in``), **Active** and **Clamp**. Settings live on the DAT and
+its state in the DAT's ``storage``, so several writers (one per ring) can share this file.
+The writer never waits for the engine. The TOP's alpha channel can serve as the VACE
+mask (engine option ``mask=alpha``).
+
+Cost on TouchDesigner's main thread: TOP.numpyArray gives float32 pixels; they are scaled
+and rounded in one reused float buffer (the flip to top-row-first folded into the first
+pass, no new arrays per frame) and cast straight into the ring's slot: two float passes
+(three with Clamp, which keeps out-of-range values of float TOPs from wrapping) and one
+write into shared memory, instead of four float passes, four new full-frame arrays and
+an extra copy. Feed it an 8-bit TOP at the engine's resolution to keep it cheap.
 
 It needs only numpy and the standard library (both in TD's Python). The byte layout is
 the one of dreamdeck's output ring (docs/shared-memory.md; reference code
@@ -159,6 +169,11 @@ class RingWriter:
         seg.unlink()
         seg.close()
 
+    def __reduce__(self):
+        # TouchDesigner pickles operator storage with the .toe: save the ring name only
+        # (a plain string: this class lives in a DAT), never the mapping
+        return (str, (self.name,))
+
     def write(self, rgba, timestamp=None, index=None):
         """Copy one frame in; returns its sequence number (0: dropped, ring being replaced)."""
         if (
@@ -169,6 +184,13 @@ class RingWriter:
         ):
             raise ValueError("frame must be a uint8 [H, W, 4] array")
         h, w = rgba.shape[:2]
+        return self.write_with(w, h, lambda px: np.copyto(px, rgba), timestamp, index)
+
+    def write_with(self, w, h, fill, timestamp=None, index=None):
+        """Like `write`, but `fill(pixels)` writes the frame straight into the slot's
+        uint8 [h, w, 4] view (no frame of its own in between)."""
+        if w < 1 or h < 1:
+            raise ValueError(f"frame size {w}x{h}: both must be at least 1")
         if self.seg is None or (w, h) != self.size:
             if not self._publish(w, h):
                 return 0
@@ -179,7 +201,7 @@ class RingWriter:
         _U64.pack_into(buf, base, seq)  # seq_begin: being written
         ts = time.time() if timestamp is None else float(timestamp)
         _SLOT_META.pack_into(buf, base + 16, ts, -1, seq if index is None else int(index), w, h)
-        np.copyto(self._pixels[slot], rgba)
+        fill(self._pixels[slot])
         _U64.pack_into(buf, base + 8, seq)  # seq_end: complete
         _U64.pack_into(buf, _OFF_WRITE_SEQ, seq)
         self.sequence = seq
@@ -189,34 +211,91 @@ class RingWriter:
         self._retire(FLAG_CLOSED)
 
 
-def top_to_rgba(top):
-    """A TOP's pixels as uint8 [H, W, 4], top row first (TD's origin is bottom-left)."""
+class FloatToRing:
+    """Float [0, 1] RGBA pixels (bottom row first, as TOP.numpyArray gives them) into a
+    ring slot as uint8, top row first, rounded: round(255 * x), reusing one buffer."""
+
+    def __init__(self):
+        self._f = None
+
+    def __reduce__(self):
+        return (str, ("",))  # the buffer is remade on the next frame, not saved
+
+    def convert(self, a, out, clamp=True):
+        """Write `a` (float32 [H, W, 4], bottom row first) into `out` (uint8 [H, W, 4])."""
+        if self._f is None or self._f.shape != a.shape:
+            self._f = np.empty(a.shape, np.float32)
+        f = self._f
+        np.multiply(a[::-1], 255.0, out=f)  # pass 1: scale (and flip, as it reads)
+        if clamp:
+            np.clip(f, 0.0, 255.0, out=f)  # only for float TOPs whose values leave 0..1
+        np.add(f, 0.5, out=f)  # pass 2: round half up (the cast below truncates)
+        np.copyto(out, f, casting="unsafe")  # into the ring: the one write it needs anyway
+        return out
+
+
+def top_to_rgba(top, clamp=True):
+    """A TOP's pixels as a new uint8 [H, W, 4] array, top row first (tests, other uses)."""
     a = top.numpyArray(delayed=True)  # float32 [H, W, 4] in 0..1, bottom row first
     if a is None:
         return None
-    return np.ascontiguousarray((np.clip(a[::-1], 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
+    return FloatToRing().convert(a, np.empty(a.shape, np.uint8), clamp)
+
+
+def write_top(writer, top, converter, clamp=True):
+    """One frame of `top` into `writer`'s ring without an intermediate uint8 frame.
+    Returns the sequence number (0: nothing written)."""
+    a = top.numpyArray(delayed=True)
+    if a is None:
+        return 0
+    return writer.write_with(a.shape[1], a.shape[0], lambda px: converter.convert(a, px, clamp))
 
 
 # ---- TouchDesigner Execute DAT callbacks ----------------------------------------------
-_writer = {"w": None}
+_KEY = "dreamdeck_writer"
+
+
+def setup_parameters(dat):
+    """The Dreamdeck page on this DAT (made once; the values are the user's after that)."""
+    if hasattr(dat.par, "Ringname"):
+        return
+    page = dat.appendCustomPage("Dreamdeck")
+    page.appendTOP("Sourcetop", label="Source TOP")[0].val = SOURCE_TOP
+    page.appendStr("Ringname", label="Ring Name")[0].val = RING_NAME
+    page.appendToggle("Active", label="Active")[0].val = True
+    page.appendToggle("Clamp", label="Clamp 0..1")[0].val = True
 
 
 def onFrameEnd(frame):
-    top = op(SOURCE_TOP)  # noqa: F821 - `op` is TouchDesigner's global
+    dat = me  # noqa: F821 - `me` is TouchDesigner's global: this Execute DAT
+    setup_parameters(dat)
+    st = dat.storage.get(_KEY)
+    if not isinstance(st, dict):
+        st = dat.storage[_KEY] = {}
+    if not hasattr(st.get("writer"), "write_with"):  # new, or strings from a saved .toe
+        st["writer"] = None
+    if not hasattr(st.get("converter"), "convert"):
+        st["converter"] = FloatToRing()
+    name = dat.par.Ringname.eval() or RING_NAME
+    w = st["writer"]
+    if w is not None and (w.name != name or not dat.par.Active.eval()):
+        w.close()
+        w = st["writer"] = None
+    if not dat.par.Active.eval():
+        return
+    top = dat.par.Sourcetop.eval()
     if top is None:
         return
-    rgba = top_to_rgba(top)
-    if rgba is None:
-        return
-    if _writer["w"] is None:
-        _writer["w"] = RingWriter(RING_NAME)
-    _writer["w"].write(rgba)
+    if w is None:
+        w = st["writer"] = RingWriter(name)
+    write_top(w, top, st["converter"], bool(dat.par.Clamp.eval()))
 
 
 def onExit():
-    if _writer["w"] is not None:
-        _writer["w"].close()
-        _writer["w"] = None
+    st = me.storage.get(_KEY)  # noqa: F821
+    if isinstance(st, dict) and hasattr(st.get("writer"), "close"):
+        st["writer"].close()
+        st["writer"] = None
 
 
 # ---- stand-alone test pattern ---------------------------------------------------------

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-log = logging.getLogger(__name__)
+from engine.runtime.input_names import FIT_MODES  # one list, shared with the controls
 
-FIT_MODES = ("fit", "fill", "stretch")
+log = logging.getLogger(__name__)
 
 
 class InputError(ValueError):

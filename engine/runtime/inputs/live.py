@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from engine.runtime.input_names import MASK_MODES, SOURCE_KINDS
 from engine.runtime.inputs.base import (
     FIT_MODES,
     InputError,
@@ -29,8 +30,7 @@ from engine.runtime.inputs.fallback import HOLDING, LIVE, TEXT_ONLY, InputFallba
 
 log = logging.getLogger(__name__)
 
-MASK_MODES = ("ones", "alpha", "inverse_alpha", "source")
-KINDS = ("shm", "file", "ndi", "spout", "camera")
+KINDS = SOURCE_KINDS  # the names are kept torch-free for the control registry
 
 
 def open_source(spec: str, *, assets_dir: str | os.PathLike | None = None) -> InputSource | None:
