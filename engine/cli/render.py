@@ -32,6 +32,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_preset_arguments(p)
     p.add_argument("--blocks", type=int, metavar="N", help="render at most N blocks")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--lenient",
+        action="store_true",
+        help="render even when changes in the file are refused (unknown controls, values out"
+        " of bounds), without them; by default that is an error (exit 2) before rendering",
+    )
     p.set_defaults(func=render)
 
 
@@ -71,19 +77,32 @@ def render(args: argparse.Namespace) -> int:
     from engine.runtime.block_driver import BlockDriver
     from engine.runtime.controls import make_registry
 
-    pipeline = build_or_explain(preset, args.models_dir, args.random_weights)
-    if pipeline is None:
-        return 1
-    registry = make_registry(default_prompt=preset.prompt, default_steps=preset.steps)
-    registry.set_many(preset.control_defaults())
+    def fresh_registry():
+        registry = make_registry(default_prompt=preset.prompt, default_steps=preset.steps)
+        registry.set_many(preset.control_defaults())
+        return registry
+
     # Flags beat the file: the paths they set are not replayed.
     skip = frozenset(
         path
         for path, flag in (("steps", args.steps), ("seed", args.seed), ("decoder", args.decoder))
         if flag is not None
     )
-    driver = BlockDriver(pipeline, sync_prompts=True)
     blocks = show.blocks if args.blocks is None else min(show.blocks, args.blocks)
+    # Every change of the file through a scratch registry first (no model): what would be
+    # refused stops the render here, before minutes of loading, unless --lenient.
+    refused = check_show(show, fresh_registry(), blocks=blocks, skip=skip)
+    if refused and not args.lenient:
+        b, path, reason = refused[0]
+        raise UsageError(
+            f"{show.path}: {len(refused)} change(s) would be refused, the first at block {b}:"
+            f" {path}: {reason[:300]}. Fix the file, or pass --lenient to render without them"
+        )
+    pipeline = build_or_explain(preset, args.models_dir, args.random_weights)
+    if pipeline is None:
+        return 1
+    registry = fresh_registry()
+    driver = BlockDriver(pipeline, sync_prompts=True)
     try:
         recorder = Recorder(
             out,
@@ -123,6 +142,8 @@ def render(args: argparse.Namespace) -> int:
     finally:
         recorder.close()
         pipeline.close()
+        assert show.warnings is not None
+        show.warnings.summarise()
     if recorder.error is not None:
         print(f"dreamdeck render: writing {out} failed: {recorder.error}", file=sys.stderr)
         return 1
@@ -139,22 +160,67 @@ def play_show(
     """Yield the `BlockResult` of every block of `show`: its changes applied through the
     registry, then the block made by `driver` (synchronously). Control logs replay the
     prompt targets where the recorded engine started them."""
-    from bridges.timeline import FPS, first_frame
-    from engine.runtime.registry import ControlError
 
     replay = show.kind == "control-log"
     for b in range(show.blocks if blocks is None else blocks):
-        changes, events = show.changes_at(b, skip=skip, known=registry)
-        # Immediate controls (pause, tempo, ...) steer a live show, not its frames.
-        items = [(k, v) for k, v in changes.items() if registry.param(k).applies != "immediate"]
-        items += [(e, 1) for e in events]
-        try:
-            registry.set_many(items)
-        except ControlError:  # apply what can be applied; report each refusal
-            for item in items:
-                try:
-                    registry.set_many([item])
-                except ControlError as e:
-                    log.warning("block %d: %s refused: %s", b, item[0], e)
-        controls = registry.begin_block(b, now=first_frame(b) / FPS)
+        controls = apply_block(show, registry, b, skip=skip)
         yield driver.step(controls, prompt=show.prompt_at(b), replay=replay)
+
+
+Refusal = tuple[int, str, str]  # (block, path, reason)
+
+
+def apply_block(
+    show, registry, b: int, *, skip: frozenset[str] = frozenset(), refused: list | None = None
+):
+    """Apply the file's changes for block `b` and begin it: what can be applied is, each
+    refusal is warned about (summarised per show) and appended to `refused`."""
+    from bridges.timeline import FPS, first_frame
+    from engine.runtime.registry import ControlError
+
+    changes, events = show.changes_at(b, skip=skip)
+    items = []
+    for k, v in changes.items():
+        if k not in registry:
+            _refuse(show, refused, b, k, "unknown control (skipped)")
+        elif registry.param(k).applies != "immediate":
+            # Immediate controls (pause, tempo, ...) steer a live show, not its frames.
+            items.append((k, v))
+    for e in events:
+        if e in registry:
+            items.append((e, 1))
+        else:
+            _refuse(show, refused, b, e, "unknown trigger (skipped)")
+    try:
+        registry.set_many(items)
+    except ControlError:  # apply what can be applied; report each refusal
+        for item in items:
+            try:
+                registry.set_many([item])
+            except ControlError as e:
+                _refuse(show, refused, b, item[0], e.reason)
+    return registry.begin_block(b, now=first_frame(b) / FPS)
+
+
+def _refuse(show, refused: list | None, b: int, path: str, reason: str) -> None:
+    show.warnings.warn(f"{path} refused", f"{show.path}: block {b}: {path} refused: {reason[:300]}")
+    if refused is not None:
+        refused.append((b, path, reason))
+
+
+def check_show(
+    show, registry, *, blocks: int | None = None, skip: frozenset[str] = frozenset()
+) -> list[Refusal]:
+    """Every change the show would make, through `registry` (a scratch one), without a
+    model: the refusals, in order. Cheap: registry work only."""
+    from bridges.timeline import ShowWarnings
+
+    refused: list[Refusal] = []
+    quiet = show.warnings
+    show.warnings = ShowWarnings(show.path, per_kind=0)  # counted here, logged by the render
+    try:
+        for b in range(show.blocks if blocks is None else blocks):
+            apply_block(show, registry, b, skip=skip, refused=refused)
+    finally:
+        show.warnings = quiet
+    return refused
