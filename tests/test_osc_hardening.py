@@ -182,3 +182,18 @@ def test_rate_limited_log_counts_repeats_and_summarises_at_the_window_end():
     assert len(lines) == 4 and "107 more messages" in lines[3] and "100x same" in lines[3]
     lim.log("same")  # a new window: logged again
     assert lines[-1] == "same" and lim.total_suppressed == 107 and lim.total_logged == 4
+
+
+def test_addresses_are_case_sensitive_with_a_hint(rig):
+    """OSC is case-sensitive, and so is dreamdeck (docs/osc.md says so): `/dd/SEED` is an
+    unknown address whose error points at the lower-case one; nothing changes."""
+    rig.send(encode_message("/dd/SEED", [5]))
+    reason = _error_for(rig, "/dd/SEED")
+    assert "case-sensitive" in reason and "/dd/seed?" in reason
+    rig.send(encode_message("/dd/Prompt/1/Weight", [0.5]))
+    assert "/dd/prompt/1/weight?" in _error_for(rig, "/dd/Prompt/1/Weight")
+    rig.send(encode_message("/dd/get", ["SEED"]))
+    assert "case-sensitive" in _error_for(rig, "/dd/get")
+    assert rig.reg.get("seed") == 42
+    rig.send(encode_message("/dd/seed", [5]))
+    rig.fb.wait(lambda a, args: a == "/dd/seed" and args == (5,), timeout=5)
