@@ -71,6 +71,7 @@ class ShowWarnings:
         self.per_kind = per_kind
         self.counts: dict[str, int] = {}
         self.examples: dict[str, str] = {}
+        self._summarised: dict[str, int] = {}
 
     def warn(self, kind: str, message: str) -> None:
         n = self.counts.get(kind, 0) + 1
@@ -85,11 +86,13 @@ class ShowWarnings:
         return sum(self.counts.values())
 
     def summarise(self) -> None:
+        """One line per kind for what was not logged since the last summary (parsing and
+        rendering each summarise; nothing is counted twice)."""
         for kind, n in self.counts.items():
-            if n > self.per_kind:
-                log.warning(
-                    "%s: %d more warnings like this: %s", self.path, n - self.per_kind, kind
-                )
+            unlogged = n - self.per_kind - self._summarised.get(kind, 0)
+            if unlogged > 0:
+                log.warning("%s: %d more warnings like this: %s", self.path, unlogged, kind)
+                self._summarised[kind] = self._summarised.get(kind, 0) + unlogged
 
 
 def first_frame(block: int) -> int:

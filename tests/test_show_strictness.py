@@ -98,6 +98,9 @@ def test_repeated_warnings_of_one_timeline_are_summarised(tmp_path, caplog):
     assert len(lines) <= 5, lines
     assert any(f"{n - 3} more warnings like this: unknown key prompts[].color" in t for t in lines)
     assert len(show.extra) == n and show.warnings.counts["unknown key prompts[].color"] == n
+    caplog.clear()
+    show.warnings.summarise()  # the render summarises again at its end: nothing new to say
+    assert not caplog.records
 
 
 def test_a_torn_last_line_of_a_control_log_is_reported(tmp_path, caplog):
