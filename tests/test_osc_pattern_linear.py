@@ -321,3 +321,15 @@ def test_the_56_byte_datagram_is_answered_and_the_engine_carries_on():
         loop.close()
         bridge.close()
         fb.close()
+
+
+def test_docs_state_the_bounds_the_code_enforces():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "osc.md").read_text()
+    flat = " ".join(doc.split())
+    assert (
+        f"at most {MAX_PATTERN} characters, {MAX_LEVELS} levels and {MAX_ALTERNATIVES} `{{...}}`"
+        " alternatives" in flat
+    )
+    assert "case-sensitive" in flat and "`/dd//weight`" in flat
