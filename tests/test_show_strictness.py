@@ -55,6 +55,7 @@ def test_render_refuses_a_timeline_whose_content_would_be_dropped(tmp_path, caps
     assert not out.exists()
 
 
+@pytest.mark.slow  # runs the tiny engine
 def test_lenient_renders_without_the_refused_content(tmp_path, caplog):
     show = _write(tmp_path, _timeline("a forest", "x" * 1_000_000, "fog"))
     out = tmp_path / "o.mp4"
@@ -154,6 +155,7 @@ def test_a_bad_midi_map_stops_run_at_start(tmp_path, capsys):
         assert "Traceback" not in err
 
 
+@pytest.mark.slow  # runs the tiny engine
 def test_midi_optional_starts_without_midi(tmp_path, caplog):
     bad = tmp_path / "bad.yaml"
     bad.write_text("device: x\nmappings:\n  - {cc: 1, target: nope/path}\n")
@@ -163,6 +165,7 @@ def test_midi_optional_starts_without_midi(tmp_path, caplog):
     assert any("MIDI disabled (--midi-optional)" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow  # runs the tiny engine
 def test_a_good_map_without_midi_is_an_error_unless_optional(capsys):
     """Where MIDI cannot work (no ALSA sequencer, no backend), asking for a map is an error
     at start, not a show that silently has no controller."""
