@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,40 @@ METHODS = ("linear", "slerp")
 
 class TimelineError(ValueError):
     """A show file that cannot be used: names the file and the JSON path (prompts[2].endTime)."""
+
+
+class ShowWarnings:
+    """Warnings about one show file, summarised: the first `per_kind` of each kind are
+    logged, the rest counted and reported in one line each by `summarise()`. One timeline
+    with thousands of segments carrying the same unknown key once wrote 9,865 lines."""
+
+    def __init__(self, path: Path | str, per_kind: int = 3):
+        self.path = path
+        self.per_kind = per_kind
+        self.counts: dict[str, int] = {}
+        self.examples: dict[str, str] = {}
+        self._summarised: dict[str, int] = {}
+
+    def warn(self, kind: str, message: str) -> None:
+        n = self.counts.get(kind, 0) + 1
+        self.counts[kind] = n
+        if n == 1:
+            self.examples[kind] = message
+        if n <= self.per_kind:
+            log.warning("%s", message)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summarise(self) -> None:
+        """One line per kind for what was not logged since the last summary (parsing and
+        rendering each summarise; nothing is counted twice)."""
+        for kind, n in self.counts.items():
+            unlogged = n - self.per_kind - self._summarised.get(kind, 0)
+            if unlogged > 0:
+                log.warning("%s: %d more warnings like this: %s", self.path, unlogged, kind)
+                self._summarised[kind] = self._summarised.get(kind, 0) + unlogged
 
 
 def first_frame(block: int) -> int:
@@ -130,6 +165,11 @@ class Show:
     lead_in: int = 0
     header: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys, kept
+    warnings: ShowWarnings | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.warnings is None:
+            self.warnings = ShowWarnings(self.path)
 
     def changes_at(
         self, block: int, *, skip: frozenset[str] = frozenset(), known: Any = None
@@ -147,7 +187,11 @@ class Show:
             if k in skip:
                 continue
             if known is not None and k not in known:
-                log.warning("%s: block %d: unknown control %r skipped", self.path, block, k)
+                assert self.warnings is not None
+                self.warnings.warn(
+                    f"unknown control {k!r} skipped",
+                    f"{self.path}: block {block}: unknown control {k!r} skipped",
+                )
                 continue
             out[k] = v
         return out, [e for e in events if known is None or e in known]
@@ -235,11 +279,18 @@ def _load_control_log(path: Path) -> Show:
     )
 
 
+def _bounds(lo: float | None, hi: float | None) -> str:
+    """'0..100', 'at least 0' or 'at most 8': never '0..None'."""
+    if lo is not None and hi is not None:
+        return f"outside {lo}..{hi}"
+    return f"below the minimum {lo}" if lo is not None else f"above the maximum {hi}"
+
+
 def _num(x: Any, where: str, *, lo: float | None = None, hi: float | None = None) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
         raise TimelineError(f"{where}: expected a number, got {x!r}")
     if (lo is not None and x < lo) or (hi is not None and x > hi):
-        raise TimelineError(f"{where}: {x} is outside {lo}..{hi}")
+        raise TimelineError(f"{where}: {x} is {_bounds(lo, hi)}")
     return float(x)
 
 
@@ -249,12 +300,21 @@ def _int(x: Any, where: str, *, lo: int | None = None, hi: int | None = None) ->
     if isinstance(x, bool) or not isinstance(x, int):
         raise TimelineError(f"{where}: expected an integer, got {x!r}")
     if (lo is not None and x < lo) or (hi is not None and x > hi):
-        raise TimelineError(f"{where}: {x} is outside {lo}..{hi}")
+        raise TimelineError(f"{where}: {x} is {_bounds(lo, hi)}")
     return x
 
 
+_INDEX = re.compile(r"\[\d+\]")
+
+
 def _unknown(
-    obj: Mapping[str, Any], known: set[str], ignored: set[str], where: str, file: Path, extra: dict
+    obj: Mapping[str, Any],
+    known: set[str],
+    ignored: set[str],
+    where: str,
+    file: Path,
+    extra: dict,
+    warnings: ShowWarnings | None = None,
 ) -> None:
     for k in obj:
         if k in known:
@@ -262,7 +322,12 @@ def _unknown(
         if k in ignored:
             log.debug("%s: %s%s: not used by dreamdeck", file, where, k)
             continue
-        log.warning("%s: %s%s: unknown key kept, not used", file, where, k)
+        message = f"{file}: {where}{k}: unknown key kept, not used"
+        if warnings is None:
+            log.warning("%s", message)
+        else:  # one kind per key, whatever the segment: prompts[].color
+            kind = _INDEX.sub("[]", where)
+            warnings.warn(f"unknown key {kind}{k}", message)
         extra[f"{where}{k}"] = obj[k]
 
 
@@ -276,6 +341,7 @@ def parse_timeline(data: Any, path: str | Path = "<timeline>") -> Show:
     if not isinstance(data, dict):
         raise TimelineError(f"{path}: expected a JSON object with prompts and settings")
     extra: dict[str, Any] = {}
+    warnings = ShowWarnings(path)
     version = data.get("version")
     if version is None:
         raise err("version", 'missing (expected "2.0")')
@@ -283,12 +349,12 @@ def parse_timeline(data: Any, path: str | Path = "<timeline>") -> Show:
         raise err("version", f"{version!r} is not a version 2 timeline")
     if version not in VERSIONS:
         log.warning("%s: timeline version %s, read as %s", path, version, VERSIONS[-1])
-    _unknown(data, TOP_KEYS, TOP_IGNORED, "", path, extra)
+    _unknown(data, TOP_KEYS, TOP_IGNORED, "", path, extra, warnings)
 
     settings = data.get("settings", {})
     if not isinstance(settings, dict):
         raise err("settings", "expected an object")
-    _unknown(settings, SETTINGS_KEYS, SETTINGS_IGNORED, "settings.", path, extra)
+    _unknown(settings, SETTINGS_KEYS, SETTINGS_IGNORED, "settings.", path, extra, warnings)
     height = width = seed = kv_bias = None
     steps = None
     if "resolution" in settings:
@@ -355,7 +421,7 @@ def parse_timeline(data: Any, path: str | Path = "<timeline>") -> Show:
         where = f"prompts[{i}]"
         if not isinstance(seg, dict):
             raise err(where, "expected an object")
-        _unknown(seg, SEGMENT_KEYS, SEGMENT_IGNORED, f"{where}.", path, extra)
+        _unknown(seg, SEGMENT_KEYS, SEGMENT_IGNORED, f"{where}.", path, extra, warnings)
         if "startTime" not in seg:
             raise err(f"{where}.startTime", "missing")
         start = _num(seg["startTime"], f"{path}: {where}.startTime", lo=0)
@@ -379,7 +445,7 @@ def parse_timeline(data: Any, path: str | Path = "<timeline>") -> Show:
             iw = f"{where}.prompts[{j}]"
             if not isinstance(item, dict):
                 raise err(iw, 'expected {"text": ..., "weight": 0..100}')
-            _unknown(item, {"text", "weight"}, set(), f"{iw}.", path, extra)
+            _unknown(item, {"text", "weight"}, set(), f"{iw}.", path, extra, warnings)
             text = item.get("text")
             if not isinstance(text, str) or not text.strip():
                 raise err(f"{iw}.text", "missing or empty")
@@ -407,14 +473,13 @@ def parse_timeline(data: Any, path: str | Path = "<timeline>") -> Show:
     by_block: dict[int, int] = {}
     for i, s in enumerate(segments):
         if s.block in by_block:
-            log.warning(
-                "%s: prompts[%d] and prompts[%d] start in the same block %d: the later one wins",
-                path,
-                by_block[s.block],
-                i,
-                s.block,
+            warnings.warn(
+                "segments starting in the same block (the later one wins)",
+                f"{path}: prompts[{by_block[s.block]}] and prompts[{i}] start in the same block"
+                f" {s.block}: the later one wins",
             )
         by_block[s.block] = i
+    warnings.summarise()  # what parsing found; render summarises what playing finds
     duration = max(s.end if s.end is not None else s.start for s in segments)
     return Show(
         path=path,
@@ -430,6 +495,7 @@ def parse_timeline(data: Any, path: str | Path = "<timeline>") -> Show:
         segments=segments,
         loras=loras,
         extra=extra,
+        warnings=warnings,
     )
 
 

@@ -236,6 +236,39 @@ def test_random_messages_each_applied_or_answered(rig):
     _check_each_applied_or_answered(rig, packets)
 
 
+# The class of input the fuzz missed (issue 14): pattern addresses as long as a datagram
+# allows, built from every pattern character, and JSON nested deeper than any parser likes.
+_pattern_addr = st.builds(
+    lambda body, slash: "/dd/" + body + ("/" if slash else ""),
+    st.text(alphabet="*?[]{}!-,/ab1e", min_size=1, max_size=400),
+    st.booleans(),
+).filter(lambda a: a not in _outgoing)
+_deep_json = st.builds(
+    lambda open_, close, inner: open_ * inner + close * inner,
+    st.sampled_from(["[", "{", '["', "[{"]),
+    st.sampled_from(["]", "}", '"]', "}]", ""]),
+    st.integers(1, 15000),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(_pattern_addr, st.lists(_arg, max_size=3))
+def test_hypothesis_patterns_each_answered_within_the_cpu_bound(rig, address, args):
+    """Pathological address patterns: each is applied or answered, and no datagram costs
+    the receiver thread more than a few milliseconds of CPU (the regex took seconds)."""
+    rig.bridge.stats.max_cpu_ms = 0.0  # this datagram's cost only
+    _check_each_applied_or_answered(rig, [_message(address, args)])
+    assert rig.bridge.stats.max_cpu_ms < 100, rig.bridge.stats  # the regex: seconds
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(st.sampled_from(["/dd/prompts", "/dd/steps", "/dd/prompt/1/text"]), _deep_json)
+def test_hypothesis_deep_json_each_answered(rig, address, text):
+    rig.bridge.stats.max_cpu_ms = 0.0
+    _check_each_applied_or_answered(rig, [_message(address, [("s", text)])])
+    assert rig.bridge.stats.max_cpu_ms < 100, rig.bridge.stats  # the regex: seconds
+
+
 def _norm(a):
     """Outer slashes are trimmed; case is kept, as OSC is case-sensitive (docs/osc.md)."""
     return "/dd/" + a[4:].strip("/") if a.startswith("/dd/") else a

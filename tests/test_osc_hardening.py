@@ -182,3 +182,56 @@ def test_rate_limited_log_counts_repeats_and_summarises_at_the_window_end():
     assert len(lines) == 4 and "107 more messages" in lines[3] and "100x same" in lines[3]
     lim.log("same")  # a new window: logged again
     assert lines[-1] == "same" and lim.total_suppressed == 107 and lim.total_logged == 4
+
+
+def test_addresses_are_case_sensitive_with_a_hint(rig):
+    """OSC is case-sensitive, and so is dreamdeck (docs/osc.md says so): `/dd/SEED` is an
+    unknown address whose error points at the lower-case one; nothing changes."""
+    rig.send(encode_message("/dd/SEED", [5]))
+    reason = _error_for(rig, "/dd/SEED")
+    assert "case-sensitive" in reason and "/dd/seed?" in reason
+    rig.send(encode_message("/dd/Prompt/1/Weight", [0.5]))
+    assert "/dd/prompt/1/weight?" in _error_for(rig, "/dd/Prompt/1/Weight")
+    rig.send(encode_message("/dd/get", ["SEED"]))
+    assert "case-sensitive" in _error_for(rig, "/dd/get")
+    assert rig.reg.get("seed") == 42
+    rig.send(encode_message("/dd/seed", [5]))
+    rig.fb.wait(lambda a, args: a == "/dd/seed" and args == (5,), timeout=5)
+
+
+def test_json_depth_check_agrees_with_the_parsed_depth():
+    """Property: random JSON (lists, objects, strings full of brackets and escapes) is
+    refused exactly when its real nesting, measured on the parsed value, exceeds the limit."""
+    import json
+    import random
+
+    from engine.runtime.registry import ControlError, _check_json_depth
+
+    rnd = random.Random(7)
+
+    def build(depth: int):
+        if depth == 0:
+            return rnd.choice(["[", "]{", '\\"[', "x", 1, None, ""])
+        kids = [build(depth - 1)] + [
+            build(rnd.randrange(min(depth, 3))) for _ in range(rnd.randrange(3))
+        ]
+        rnd.shuffle(kids)
+        return kids if rnd.random() < 0.5 else {f"k{i}[": k for i, k in enumerate(kids)}
+
+    def real_depth(v) -> int:
+        if isinstance(v, list):
+            return 1 + max((real_depth(x) for x in v), default=0)
+        if isinstance(v, dict):
+            return 1 + max((real_depth(x) for x in v.values()), default=0)
+        return 0
+
+    for _ in range(400):
+        value = build(rnd.randint(0, 24))
+        text = json.dumps(value)
+        deep = real_depth(value) > MAX_JSON_DEPTH
+        try:
+            _check_json_depth("prompts", text)
+            refused = False
+        except ControlError:
+            refused = True
+        assert refused == deep, (real_depth(value), text[:200])

@@ -133,6 +133,18 @@ def test_agrees_with_the_regex_reference_on_random_small_inputs():
     assert seen[True] > 1000 and seen[False] > 1000, seen  # both outcomes well exercised
 
 
+def test_cached_results_follow_the_registry():
+    """A repeated pattern is answered from the cache, and a parameter declared later is
+    matched too (the cache is dropped when the registry grows)."""
+    from engine.runtime.registry import Param
+
+    reg = make_registry()
+    first = addresses.match("/dd/prompt/*/weight", reg)
+    assert addresses.match("/dd/prompt/*/weight", reg) == first and len(first) == 8
+    reg.declare(Param("prompt/9/weight", "float", 0.0, "a late slot", range=(0.0, 1.0)))
+    assert [p.path for p in addresses.match("/dd/prompt/*/weight", reg)][-1] == "prompt/9/weight"
+
+
 def test_registry_matches_follow_the_documented_examples():
     reg = make_registry()
 
@@ -262,7 +274,8 @@ def test_cpu_per_pattern_stays_small_against_the_registry():
     patterns += ["/dd/" + "*" * 32, "/dd/" + "*{,a}" * 8 + "*", "///*//*//*", "/*/*/*//*/*/*"]
 
     def cpu(pattern: str) -> float:
-        compile_pattern.cache_clear()  # the compile is part of the cost
+        compile_pattern.cache_clear()  # the compile is part of the cost,
+        addresses._matches.clear()  # and so is the match (no cached result)
         t0 = time.thread_time()
         try:
             addresses.match(pattern, reg)
@@ -308,3 +321,15 @@ def test_the_56_byte_datagram_is_answered_and_the_engine_carries_on():
         loop.close()
         bridge.close()
         fb.close()
+
+
+def test_docs_state_the_bounds_the_code_enforces():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "osc.md").read_text()
+    flat = " ".join(doc.split())
+    assert (
+        f"at most {MAX_PATTERN} characters, {MAX_LEVELS} levels and {MAX_ALTERNATIVES} `{{...}}`"
+        " alternatives" in flat
+    )
+    assert "case-sensitive" in flat and "`/dd//weight`" in flat

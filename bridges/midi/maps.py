@@ -170,6 +170,35 @@ def parse_map(text: str, registry: Registry, file: str = "<map>") -> MidiMap:
     return m
 
 
+def duplicates(m: MidiMap) -> tuple[list[str], list[str]]:
+    """(problems, notes) about repeated mappings. The same control mapped the same way
+    twice is a problem: it fires twice (a relative encoder moves double, a toggle flips
+    back). One control driving several targets can be meant, so it is only noted."""
+    problems: list[str] = []
+    notes: list[str] = []
+    same: dict[tuple[Any, ...], Binding] = {}
+    control: dict[tuple[Any, ...], Binding] = {}
+    for b in m.bindings:
+        ctl = (b.kind, b.number, b.lsb, b.channel)
+        key = (*ctl, b.target, b.action, b.preset, b.mode, repr(b.value))
+        what = f"{b.kind} {b.number}" + (f"/{b.lsb}" if b.lsb is not None else "")
+        if key in same:
+            problems.append(
+                f"{b.source}: duplicate of the mapping at {same[key].source} ({what} ->"
+                f" {b.target or b.action})"
+            )
+            continue
+        same[key] = b
+        if ctl in control:
+            notes.append(
+                f"{b.source}: {what} also drives {control[ctl].target or control[ctl].action}"
+                f" (mapped at {control[ctl].source})"
+            )
+        else:
+            control[ctl] = b
+    return problems, notes
+
+
 class _Validator:
     def __init__(self, file: str, registry: Registry):
         self.file = file

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,17 +132,34 @@ def is_pattern(address: str) -> bool:
     return has_pattern(address)
 
 
+MATCH_CACHE = 256  # patterns remembered per registry: controllers repeat a few all show long
+_matches: weakref.WeakKeyDictionary[Registry, tuple[int, dict[str, tuple[str, ...]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def match(pattern: str, registry: Registry) -> list[Param]:
     """The parameters whose addresses an OSC address pattern matches, in registry order.
     Linear in the pattern and the addresses (`bridges.osc.pattern`); raises ControlError
-    for a malformed or too costly pattern."""
-    try:
-        compiled = compile_pattern(pattern)
-    except PatternError as e:
-        raise ControlError(pattern[:128], e.reason) from None
-    params = list(registry)
-    hits = set(filter_addresses(compiled, [p.address for p in params]))
-    return [p for p in params if p.address in hits]
+    for a malformed or too costly pattern. Results are cached per registry (until a
+    parameter is declared), so `/dd/prompt/*/weight` at 60 Hz costs a lookup."""
+    size, cache = _matches.get(registry, (-1, {}))
+    if size != len(registry):
+        cache = {}
+        _matches[registry] = (len(registry), cache)
+    paths = cache.get(pattern)
+    if paths is None:
+        try:
+            compiled = compile_pattern(pattern)
+        except PatternError as e:
+            raise ControlError(pattern[:128], e.reason) from None
+        params = list(registry)
+        hits = set(filter_addresses(compiled, [p.address for p in params]))
+        paths = tuple(p.path for p in params if p.address in hits)
+        if len(cache) >= MATCH_CACHE:
+            cache.pop(next(iter(cache)))  # the oldest
+        cache[pattern] = paths
+    return [registry.param(p) for p in paths]
 
 
 def type_tag(param: Param, value: Any = None) -> str:

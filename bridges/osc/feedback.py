@@ -358,6 +358,3 @@ class RateLimitedLog:
             )
         self._start, self._seen, self._logged, self._suppressed = now, {}, 0, 0
         return summary
-
-
-_RateLimitedLog = RateLimitedLog  # the old private name

@@ -374,8 +374,8 @@ class OscQueryService:
         self.announce = announce_addresses(self.host) if self.use_zeroconf else []
         if self.use_zeroconf and not self.announce:
             log.info(
-                "OSCQuery not announced on zeroconf: OSC listens on %s, which no other machine"
-                " can reach",
+                "OSCQuery not announced on zeroconf: OSC listens on %s, no address another"
+                " machine can reach (--osc-host 0.0.0.0 or this machine's address for that)",
                 self.host,
             )
         if self.announce:

@@ -54,6 +54,7 @@ class Stats:
     applied: int = 0  # messages whose changes were taken
     rejected: int = 0  # messages answered on /dd/error
     refused: int = 0  # datagrams from senders outside the allowlist (not answered)
+    max_cpu_ms: float = 0.0  # the most CPU time one datagram took the receiver thread
 
 
 def _is_loopback(host: str) -> bool:
@@ -195,10 +196,14 @@ class OscBridge:
                 continue  # e.g. Windows' ICMP 'connection reset' on UDP: not ours to die of
             if self._stop.is_set():
                 return
+            t0 = time.thread_time()
             try:
                 self.handle_datagram(data, addr)
             except Exception as e:  # noqa: BLE001 - the receiver never dies of a packet
                 self._internal_error("?", e)
+            cpu_ms = (time.thread_time() - t0) * 1000.0
+            if cpu_ms > self.stats.max_cpu_ms:  # watched by tests and the soak run
+                self.stats.max_cpu_ms = cpu_ms
 
     def handle_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
         """Decode one datagram and apply it. Public so tests and replays can drive it."""

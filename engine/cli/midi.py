@@ -49,7 +49,7 @@ def _ports(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from bridges.midi.maps import MapError, MapFileError, load_map, resolve_map_path
+    from bridges.midi.maps import MapError, MapFileError, duplicates, load_map, resolve_map_path
     from engine.runtime.controls import make_registry
 
     registry = make_registry()
@@ -60,8 +60,14 @@ def _check(args: argparse.Namespace) -> int:
         except MapError as e:
             bad += 1
             unreadable += isinstance(e, MapFileError)  # not a map at all: a usage error
-            for line in e.problems:
-                print(line, file=sys.stderr)
+            _print_some(e.problems)
+            continue
+        problems, notes = duplicates(m)
+        _print_some(notes, "note: ")
+        if problems:
+            bad += 1
+            _print_some(problems)
+            print(f"{m.file}: {len(problems)} duplicate mappings", file=sys.stderr)
             continue
         fb = sum(b.feedback is not None for b in m.bindings)
         print(
@@ -69,6 +75,15 @@ def _check(args: argparse.Namespace) -> int:
             f"{len(m.presets)} presets, device /{m.device}/"
         )
     return 2 if unreadable else 1 if bad else 0
+
+
+def _print_some(lines: list[str], prefix: str = "", limit: int = 20) -> None:
+    """The first `limit` lines, then a count: a map with 25,000 bad lines must not print
+    25,000 lines."""
+    for line in lines[:limit]:
+        print(prefix + line, file=sys.stderr)
+    if len(lines) > limit:
+        print(f"{prefix}... and {len(lines) - limit} more like these", file=sys.stderr)
 
 
 def _ask_target(registry, prompt_for: str) -> str | None:

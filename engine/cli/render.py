@@ -48,6 +48,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--mod", metavar="FILE", help="modulation preset (YAML file, or a name in presets/mod)"
     )
+    p.add_argument(
+        "--lenient",
+        action="store_true",
+        help="render even when changes in the file are refused (unknown controls, values out"
+        " of bounds), without them; by default that is an error (exit 2) before rendering",
+    )
     p.set_defaults(func=render)
 
 
@@ -99,6 +105,36 @@ def render(args: argparse.Namespace) -> int:
     from engine.runtime.block_driver import BlockDriver
     from engine.runtime.controls import make_registry
 
+    def fresh_registry(lora_check=None):
+        registry = make_registry(
+            default_prompt=preset.prompt,
+            default_steps=preset.steps,
+            assets_dir=preset.vace.assets_dir,
+            lora_check=lora_check,
+        )
+        registry.set_many(preset.control_defaults())
+        return registry
+
+    # Flags beat the file: the paths they set are not replayed.
+    skip = frozenset(
+        path
+        for path, flag in (("steps", args.steps), ("seed", args.seed), ("decoder", args.decoder))
+        if flag is not None
+    )
+    if show.kind == "control-log":
+        # the log holds the values the blocks used, modulations included: replay them as
+        # they are, with no modulation on top
+        skip = skip | {p.path for p in fresh_registry() if p.path.startswith("mod/")}
+    blocks = show.blocks if args.blocks is None else min(show.blocks, args.blocks)
+    # Every change of the file through a scratch registry first (no model): what would be
+    # refused stops the render here, before minutes of loading, unless --lenient.
+    refused = check_show(show, fresh_registry(), blocks=blocks, skip=skip)
+    if refused and not args.lenient:
+        b, path, reason = refused[0]
+        raise UsageError(
+            f"{show.path}: {len(refused)} change(s) would be refused, the first at block {b}:"
+            f" {path}: {reason[:300]}. Fix the file, or pass --lenient to render without them"
+        )
     pipeline = build_or_explain(preset, args.models_dir, args.random_weights)
     if pipeline is None:
         return 1
@@ -124,30 +160,13 @@ def render(args: argparse.Namespace) -> int:
         resample = BlockResampler(interp, FPS / out_fps)
     from engine.runtime.engine import _lora_check
 
-    registry = make_registry(
-        default_prompt=preset.prompt,
-        default_steps=preset.steps,
-        assets_dir=preset.vace.assets_dir,
-        lora_check=_lora_check(pipeline),
-    )
-    registry.set_many(preset.control_defaults())
-    # Flags beat the file: the paths they set are not replayed.
-    skip = frozenset(
-        path
-        for path, flag in (("steps", args.steps), ("seed", args.seed), ("decoder", args.decoder))
-        if flag is not None
-    )
-    if show.kind == "control-log":
-        # the log holds the values the blocks used, modulations included: replay them as
-        # they are, with no modulation on top
-        skip = skip | {p.path for p in registry if p.path.startswith("mod/")}
+    registry = fresh_registry(_lora_check(pipeline))
     try:
         track = _audio_and_mod(args, registry)
     except UsageError:
         pipeline.close()
         raise
     driver = BlockDriver(pipeline, sync_prompts=True)
-    blocks = show.blocks if args.blocks is None else min(show.blocks, args.blocks)
     try:
         recorder = Recorder(
             out,
@@ -197,6 +216,8 @@ def render(args: argparse.Namespace) -> int:
     finally:
         recorder.close()
         pipeline.close()
+        assert show.warnings is not None
+        show.warnings.summarise()
     if recorder.error is not None:
         print(f"dreamdeck render: writing {out} failed: {recorder.error}", file=sys.stderr)
         return 1
@@ -285,28 +306,78 @@ def play_show(
     started mid-show (`show.lead_in` blocks) is run first and not yielded. `before(b)`, when
     given, runs before block b's controls are taken (render --audio feeds the block's audio
     there)."""
-    from bridges.timeline import FPS, first_frame
-    from engine.runtime.registry import ControlError
-
     replay = show.kind == "control-log"
     lead = show.lead_in
     for b in range(lead + (show.blocks if blocks is None else blocks)):
-        changes, events = show.changes_at(b, skip=skip, known=registry)
-        # Immediate controls (pause, tempo, ...) steer a live show, not its frames.
-        items = [(k, v) for k, v in changes.items() if registry.param(k).applies != "immediate"]
-        items += [(e, 1) for e in events]
-        try:
-            registry.set_many(items)
-        except ControlError:  # apply what can be applied; report each refusal
-            for item in items:
-                try:
-                    registry.set_many([item])
-                except ControlError as e:
-                    log.warning("block %d: %s refused: %s", b, item[0], e)
-        if before is not None:
-            before(b)
-        controls = registry.begin_block(b, now=first_frame(b) / FPS)
+        controls = apply_block(show, registry, b, skip=skip, before=before)
         loras = show.records[b].get("lora") if replay and b < len(show.records) else None
         result = driver.step(controls, prompt=show.prompt_at(b), replay=replay, loras=loras)
         if b >= lead:
             yield result
+
+
+Refusal = tuple[int, str, str]  # (block, path, reason)
+
+
+def apply_block(
+    show,
+    registry,
+    b: int,
+    *,
+    skip: frozenset[str] = frozenset(),
+    refused: list | None = None,
+    before=None,
+):
+    """Apply the file's changes for block `b` and begin it: what can be applied is, each
+    refusal is warned about (summarised per show) and appended to `refused`."""
+    from bridges.timeline import FPS, first_frame
+    from engine.runtime.registry import ControlError
+
+    changes, events = show.changes_at(b, skip=skip)
+    items = []
+    for k, v in changes.items():
+        if k not in registry:
+            _refuse(show, refused, b, k, "unknown control (skipped)")
+        elif registry.param(k).applies != "immediate":
+            # Immediate controls (pause, tempo, ...) steer a live show, not its frames.
+            items.append((k, v))
+    for e in events:
+        if e in registry:
+            items.append((e, 1))
+        else:
+            _refuse(show, refused, b, e, "unknown trigger (skipped)")
+    try:
+        registry.set_many(items)
+    except ControlError:  # apply what can be applied; report each refusal
+        for item in items:
+            try:
+                registry.set_many([item])
+            except ControlError as e:
+                _refuse(show, refused, b, item[0], e.reason)
+    if before is not None:
+        before(b)
+    return registry.begin_block(b, now=first_frame(b) / FPS)
+
+
+def _refuse(show, refused: list | None, b: int, path: str, reason: str) -> None:
+    show.warnings.warn(f"{path} refused", f"{show.path}: block {b}: {path} refused: {reason[:300]}")
+    if refused is not None:
+        refused.append((b, path, reason))
+
+
+def check_show(
+    show, registry, *, blocks: int | None = None, skip: frozenset[str] = frozenset()
+) -> list[Refusal]:
+    """Every change the show would make, through `registry` (a scratch one), without a
+    model: the refusals, in order. Cheap: registry work only."""
+    from bridges.timeline import ShowWarnings
+
+    refused: list[Refusal] = []
+    quiet = show.warnings
+    show.warnings = ShowWarnings(show.path, per_kind=0)  # counted here, logged by the render
+    try:
+        for b in range(show.lead_in + (show.blocks if blocks is None else blocks)):
+            apply_block(show, registry, b, skip=skip, refused=refused)
+    finally:
+        show.warnings = quiet
+    return refused

@@ -490,6 +490,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
             args.model = "tiny"
             preset = _loras_from_args(args, _vace_from_args(args, preset_from_args(args)))
     _apply_port_defaults(args, parser, preset.ports)
+    for hook in hooks:  # a bridge's bad flags (a MIDI map that does not load) stop us here
+        if callable(getattr(hook, "check", None)):
+            hook.check(args)  # raises UsageError: exit 2 before the model loads
     record = Path(args.record) if args.record else None
 
     from engine.runtime.engine import Engine

@@ -31,11 +31,14 @@ last reset (0: a fresh stream).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+log = logging.getLogger(__name__)
 
 MAGIC = "control-log"
 VERSION = 2
@@ -199,8 +202,8 @@ def is_control_log(path: str | Path) -> bool:
 
 
 def read_control_log(path: str | Path) -> ControlLog:
-    """Read a log. A torn last line (the engine was killed mid-write) is ignored; any other
-    bad line is an error naming the file and line."""
+    """Read a log. A torn last line (the engine was killed mid-write) is dropped with a
+    warning; any other bad line is an error naming the file and line."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -242,8 +245,15 @@ def _parse(path: Path, lines: list[str]) -> Iterator[dict[str, Any]]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            if i == len(lines):
-                return  # torn last line of a killed engine
+            if i == len(lines):  # torn last line of a killed engine: said, then dropped
+                log.warning(
+                    "%s:%d: the last line is cut off (the engine stopped while writing it);"
+                    " using the %d complete lines before it",
+                    path,
+                    i,
+                    i - 1,
+                )
+                return
             raise ControlLogError(f"{path}:{i}: not JSON: {e.msg}") from None
         if not isinstance(obj, dict):
             raise ControlLogError(f"{path}:{i}: expected a JSON object")
