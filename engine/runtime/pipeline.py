@@ -216,7 +216,8 @@ def build_pipeline(
     if preset.fp8:
         log.info("fp8: transformer blocks' linears quantised (e4m3, per-channel scales)")
     if preset.compile and device.type == "cuda":
-        model.compile_blocks()
+        with phases.phase("compile set-up (imports Inductor)"):
+            model.compile_blocks()
     elif preset.compile:
         log.info("compile: skipped on the CPU")
 
