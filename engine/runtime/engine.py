@@ -327,9 +327,21 @@ class Engine:
         )
 
     def _status_loop(self) -> None:
+        behind = False
         while not self._stop.wait(self.status_interval):
             if self.state in ("running", "paused"):
                 log.info("%s", self.status_line())
+            fp = self.frame_path
+            if self.state == "running" and hasattr(fp, "output_status"):
+                out = fp.output_status()
+                if out["falling_behind"] and not behind:
+                    log.warning(
+                        "output: generation (%s fps) is slower than the motion shown (speed %s):"
+                        " holding frames; /dd/output/speed fit never starves",
+                        "-" if self._fps() is None else f"{self._fps():.1f}",
+                        out["speed"],
+                    )
+                behind = out["falling_behind"]
 
     # -- generation thread ----------------------------------------------------------------
     def _run(self) -> None:

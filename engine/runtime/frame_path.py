@@ -283,6 +283,7 @@ class FramePath:
             "interp_ms": None if self.interpolator is None else self.interpolator.ms,
             "holds": p.holds,
             "presented": p.presented,
+            "falling_behind": isinstance(p, OutputPacer) and p.falling_behind(),
             "added_latency_ms": self.added_latency_ms(),
         }
 
