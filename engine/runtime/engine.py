@@ -101,14 +101,20 @@ class Engine:
             recorder.resample = self._recording_resampler()
         out = getattr(frame_path, "output", None)
         if isinstance(out, dict) and "output/fps" in self.registry:
-            # the registry shows what the frame path was built with (--fps ...)
-            self.registry.set_many(
-                {
-                    "output/fps": out["fps"] or 0.0,
-                    "output/interpolate": bool(out["interpolate"]),
-                    "output/speed": out["speed"],
-                }
-            )
+            # the registry shows what the frame path was built with (--fps ...); a pacer
+            # outside the registry's range (tests' unpaced fps=inf) keeps the default
+            from engine.runtime.registry import ControlError
+
+            try:
+                self.registry.set_many(
+                    {
+                        "output/fps": out["fps"] or 0.0,
+                        "output/interpolate": bool(out["interpolate"]),
+                        "output/speed": out["speed"],
+                    }
+                )
+            except ControlError as e:
+                log.debug("output settings not shown in the registry: %s", e)
 
     def _on_change(self, change: Change) -> None:
         if change.path == "pause":
