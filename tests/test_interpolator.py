@@ -295,3 +295,28 @@ def test_live_recording_gets_the_interpolated_stream(tmp_path):
     assert n == int((generated - 1) * 30 / 16) + 1
     log = read_control_log(rec.log_path)
     assert sum(b["frames"] for b in log.blocks) == n
+
+
+@pytest.mark.parametrize(
+    ("fps", "msg"),
+    [
+        ("500", "out of range"),
+        ("0", "must be positive"),
+        ("-30", "out of range"),
+        ("fast", "use 30, 60, display"),
+        ("nan", "out of range"),
+    ],
+)
+def test_run_refuses_a_bad_output_rate_before_loading_anything(fps, msg, capsys):
+    from engine.cli import main
+
+    assert main(["run", "--model", "tiny", "--no-osc", "--fps", fps, "--blocks", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--fps" in err and msg in err
+
+
+def test_run_fps_display_and_numbers():
+    from engine.cli.run import DISPLAY_FPS, parse_fps
+
+    assert parse_fps("display") == DISPLAY_FPS == 60.0
+    assert parse_fps(" 30 ") == 30.0 and parse_fps("59.94") == 59.94 and parse_fps(None) is None
