@@ -252,3 +252,20 @@ def test_half_precision_frames_warp_with_float32_coordinates():
     # random pixels would show as ~0.2)
     assert (half.float() - warp(img.half().float(), flow.half().float())).abs().max() < 2e-3
     assert (half.float() - full).abs().max() < 0.05
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (host-sync check)")
+def test_forward_has_no_host_sync_on_cuda():
+    """No .item(), no host-to-device tensor per call: the interpolation stream never
+    stalls the CPU that launches it (sync debug mode raises on any sync)."""
+    net = random_rife(device="cuda").half()
+    x0 = torch.rand(1, 3, 480, 832, device="cuda", dtype=torch.half)
+    x1 = torch.rand(1, 3, 480, 832, device="cuda", dtype=torch.half)
+    net(x0, x1, 0.5)  # first call builds the cached grid
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = net(x0, x1, 0.25)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == x0.shape and out.dtype == torch.half

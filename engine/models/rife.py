@@ -113,9 +113,11 @@ def warp(img: Tensor, flow: Tensor) -> Tensor:
     n, _, h, w = img.shape
     wd = torch.float64 if img.dtype == torch.float64 else torch.float32
     grid = _base_grid(h, w, img.device, wd)
-    # pixels -> normalised units with align_corners=True: 2 / (size - 1)
-    scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], device=img.device, dtype=wd)
-    coords = grid + flow.to(wd).permute(0, 2, 3, 1) * scale
+    # pixels -> normalised units with align_corners=True: 2 / (size - 1). Python scalars,
+    # not a device tensor: building one would be a host-to-device copy (a sync) per warp.
+    sx, sy = 2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)
+    f = flow.to(wd)
+    coords = grid + torch.stack((f[:, 0] * sx, f[:, 1] * sy), dim=-1)
     out = F.grid_sample(
         img.to(wd), coords, mode="bilinear", padding_mode="border", align_corners=True
     )
@@ -226,9 +228,10 @@ class IFNet(nn.Module):
             img0 = F.pad(img0, (0, pw, 0, ph))
             img1 = F.pad(img1, (0, pw, 0, ph))
         hh, ww = h + ph, w + pw
-        if not torch.is_tensor(t):
-            t = torch.tensor(float(t), device=img0.device, dtype=img0.dtype)
-        tmap = t.to(img0.dtype).reshape(-1, 1, 1, 1).expand(n, 1, hh, ww)
+        if torch.is_tensor(t):
+            tmap = t.to(img0.dtype).reshape(-1, 1, 1, 1).expand(n, 1, hh, ww)
+        else:  # a fill, not a host-to-device copy
+            tmap = torch.full((n, 1, hh, ww), float(t), device=img0.device, dtype=img0.dtype)
         f0, f1 = self.encode(img0), self.encode(img1)
         flow = mask = side = None
         w0, w1, wf0, wf1 = img0, img1, f0, f1

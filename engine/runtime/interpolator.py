@@ -128,9 +128,10 @@ class Interpolator:
             s1 = F.interpolate(x1, size=small, mode="bilinear", align_corners=False)
             flow, mask = self.net.flow(s0, s1, t, scale=self.scale)
             flow = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False)
-            flow = flow * torch.tensor(
-                [w / small[1], h / small[0]] * 2, dtype=flow.dtype, device=flow.device
-            ).view(1, 4, 1, 1)
+            sx, sy = w / small[1], h / small[0]  # python scalars: no host-to-device copy
+            flow = torch.cat(
+                (flow[:, 0:1] * sx, flow[:, 1:2] * sy, flow[:, 2:3] * sx, flow[:, 3:4] * sy), 1
+            )
             mask = F.interpolate(mask, size=(h, w), mode="bilinear", align_corners=False)
             y = synthesize(x0, x1, flow, mask)
         rgb = y[0].mul(255.0).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
