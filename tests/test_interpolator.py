@@ -320,3 +320,15 @@ def test_run_fps_display_and_numbers():
 
     assert parse_fps("display") == DISPLAY_FPS == 60.0
     assert parse_fps(" 30 ") == 30.0 and parse_fps("59.94") == 59.94 and parse_fps(None) is None
+
+
+def test_pair_cache_reuses_inputs_only_for_the_same_pair():
+    net = random_rife(CONFIGS["tiny"], seed=4)
+    cached, fresh = Interpolator(net, "cpu", downscale=2), Interpolator(net, "cpu", downscale=2)
+    a, b = frames(32, 48, seed=1)
+    c, d = frames(32, 48, seed=2)
+    for t in (0.25, 0.5, 0.75):  # three output frames between the same two
+        assert np.array_equal(cached.frame(a, b, t, key="ab"), fresh.frame(a, b, t))
+    # another pair under another key is computed from its own frames
+    assert np.array_equal(cached.frame(c, d, 0.5, key="cd"), fresh.frame(c, d, 0.5))
+    assert not np.array_equal(fresh.frame(a, b, 0.5).copy(), fresh.frame(c, d, 0.5))

@@ -344,7 +344,8 @@ class FramePath:
         nb = p.next_payload
         b = nb.dev[p.next_frame] if nb.dev is not None else nb.host[p.next_frame]
         try:
-            out = self.interpolator.frame(a, b, p.t)
+            key = (p.meta.block, p.frame, id(nb), p.next_frame, id(p.payload))
+            out = self.interpolator.frame(a, b, p.t, key)
         except Exception:
             self.stats.interp_errors += 1
             n = self.stats.interp_errors
