@@ -186,7 +186,16 @@ def build_interpolator(
             f"interpolation needs the RIFE v4.25 weights: {path} ({why}); fetch them with"
             f" `dreamdeck download --rife`"
         )
-    return Interpolator(load_rife(path, device=device), device, scale=scale or 1.0)
+    from engine.weights.checkpoint import WeightsError
+
+    try:
+        net = load_rife(path, device=device)
+    except WeightsError as e:
+        raise InterpolationUnavailable(
+            f"interpolation: the RIFE weights cannot be used: {e}; fetch them again with"
+            " `dreamdeck download --rife` (after deleting the file)"
+        ) from None
+    return Interpolator(net, device, scale=scale or 1.0)
 
 
 class BlockResampler:
