@@ -297,9 +297,10 @@ class FramePath:
         new.on_release = self._release
         self.pacer = new
         old.clear()  # releases its buffers
+        fps = self.output["fps"]
         log.info(
-            "output: %s fps%s%s",
-            "following generation at" if self.output["fps"] is None else self.output["fps"],
+            "output: %s%s%s",
+            "following the generation rate" if fps is None else f"{fps:g} fps",
             ", interpolated" if self.output["interpolate"] else "",
             f", speed {self.output['speed']}" if isinstance(new, OutputPacer) else "",
         )
