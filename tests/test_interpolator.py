@@ -180,12 +180,14 @@ def test_engine_latency_includes_the_wait_for_the_next_frame():
     engine.start()
     try:
         assert engine.wait_frames(21, timeout=120)
-        time.sleep(0.5)
+        engine.registry.set("seed", 5)  # a block control: the engine measures its latency
+        assert engine.wait_frames(engine.frames_out + 24, timeout=120)
         s = engine.status()
         assert fp.pacer.__class__ is OutputPacer
         # one generated frame at the rate the output moves through, plus the compute
         assert s["interp_latency_ms"] >= 1e3 / fp.pacer.source_rate
-        assert s["latency_ms"] is None or s["latency_ms"] >= s["interp_latency_ms"]
+        assert s["latency_ms"] == pytest.approx(engine.latency_ms + s["interp_latency_ms"], rel=0.2)
+        assert s["latency_ms"] > s["interp_latency_ms"] > 0
     finally:
         engine.stop()
 
