@@ -145,16 +145,21 @@ class Interpolator:
             s0, s1 = low
             small = tuple(s0.shape[-2:])
             flow, mask = self.net.flow(s0, s1, t, scale=self.scale)
-            flow = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False)
-            sx, sy = w / small[1], h / small[0]  # python scalars: no host-to-device copy
+            # pixels of the small frame -> pixels of the full one, scaled while small (the
+            # bilinear upsampling is linear, so it commutes); python scalars: no copy to
+            # the device
+            sx, sy = w / small[1], h / small[0]
             flow = torch.cat(
                 (flow[:, 0:1] * sx, flow[:, 1:2] * sy, flow[:, 2:3] * sx, flow[:, 3:4] * sy), 1
             )
+            flow = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False)
             mask = F.interpolate(mask, size=(h, w), mode="bilinear", align_corners=False)
             y = synthesize(x0, x1, flow, mask)
-        rgb = y[0].mul(255.0).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
-        alpha = (a0 * (1.0 - t) + a1 * t).add_(0.5).to(torch.uint8)
-        return torch.cat((rgb, alpha), dim=-1)
+        h, w = x0.shape[-2:]
+        out = torch.empty((h, w, 4), dtype=torch.uint8, device=x0.device)
+        out[..., :3] = y[0].mul(255.0).add_(0.5).clamp_(0, 255).permute(1, 2, 0)
+        out[..., 3:] = (a0 * (1.0 - t) + a1 * t).add_(0.5)
+        return out
 
 
 def build_interpolator(
