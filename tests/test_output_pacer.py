@@ -214,3 +214,18 @@ def test_bad_rates_are_refused(bad):
         OutputPacer(bad)
     with pytest.raises(ValueError, match="speed"):
         OutputPacer(30.0, speed="fast")
+
+
+def test_real_speed_says_when_it_falls_behind():
+    clock = SimClock()
+    pacer = OutputPacer(30.0, speed="real", clock=clock)
+    arrs = arrivals(6, fps=8.0)
+    drive(pacer, clock, arrs, until=arrs[-1][0])
+    assert pacer.falling_behind()  # 8 fps generation cannot show 16 fps motion
+    clock.t += 5.0
+    assert not pacer.falling_behind()  # nothing held for a while
+    fit = OutputPacer(30.0, speed="fit", clock=clock)
+    clock.t = 0.0
+    arrs = arrivals(20, fps=8.0, jitter=0.0)
+    drive(fit, clock, arrs, until=arrs[-1][0])
+    assert not fit.falling_behind()  # fit follows the generation rate

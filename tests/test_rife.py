@@ -237,3 +237,35 @@ def test_wrong_files_get_clear_errors(tmp_path):
         load_rife(bad)
     with pytest.raises(WeightsError, match="not found"):
         load_rife(tmp_path / "missing.pkl")
+
+
+def test_half_precision_frames_warp_with_float32_coordinates():
+    """An 832-pixel row in half-precision coordinates is off by up to half a pixel at the
+    edge; the warp keeps its coordinates in float32 whatever the frames' dtype."""
+    g = torch.Generator().manual_seed(5)
+    img = torch.rand(1, 3, 16, 832, generator=g)
+    flow = (torch.rand(1, 2, 16, 832, generator=g) - 0.5) * 8
+    full = warp(img, flow)
+    half = warp(img.half(), flow.half())
+    assert half.dtype == torch.float16
+    # only the half rounding of values and flow remains (a coordinate error of 0.25 px on
+    # random pixels would show as ~0.2)
+    assert (half.float() - warp(img.half().float(), flow.half().float())).abs().max() < 2e-3
+    assert (half.float() - full).abs().max() < 0.05
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (host-sync check)")
+def test_forward_has_no_host_sync_on_cuda():
+    """No .item(), no host-to-device tensor per call: the interpolation stream never
+    stalls the CPU that launches it (sync debug mode raises on any sync)."""
+    net = random_rife(device="cuda").half()
+    x0 = torch.rand(1, 3, 480, 832, device="cuda", dtype=torch.half)
+    x1 = torch.rand(1, 3, 480, 832, device="cuda", dtype=torch.half)
+    net(x0, x1, 0.5)  # first call builds the cached grid
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = net(x0, x1, 0.25)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == x0.shape and out.dtype == torch.half

@@ -469,6 +469,10 @@ def _build_output(args: argparse.Namespace, preset: Any, pipeline: Any, sinks: l
     except Exception as e:  # noqa: BLE001 - a broken weights file must not stop the show
         print(f"dreamdeck: interpolation unavailable: {e}", file=sys.stderr)
     interpolate = fps is not None and interp is not None and not args.no_interpolate
+    if fps is not None:
+        for sink in sinks:
+            if getattr(sink, "name", "").startswith("ndi") and hasattr(sink, "fps"):
+                sink.fps = fps  # the rate NDI receivers are told (advertised only)
     if fps is not None and (interpolate or args.speed == "real"):
         pacer: Any = OutputPacer(fps, speed=args.speed, interpolate=interpolate)
     else:

@@ -85,26 +85,43 @@ CONFIGS = {
 }
 
 
-def _base_grid(n: int, h: int, w: int, device, dtype) -> Tensor:
-    """Normalised sampling grid [-1, 1] (align_corners=True), shape [n, h, w, 2] (x, y)."""
-    ys = torch.linspace(-1.0, 1.0, h, device=device, dtype=dtype)
-    xs = torch.linspace(-1.0, 1.0, w, device=device, dtype=dtype)
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack((gx, gy), dim=-1).expand(n, h, w, 2)
+_GRIDS: dict[tuple, Tensor] = {}
+
+
+def _base_grid(h: int, w: int, device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Normalised sampling grid [-1, 1] (align_corners=True), [1, h, w, 2] (x, y), float32
+    whatever the frames' dtype: in half precision the coordinates of an 832-pixel row
+    would be off by up to half a pixel. Cached per size and device."""
+    key = (h, w, str(device), dtype)
+    grid = _GRIDS.get(key)
+    if grid is None:
+        ys = torch.linspace(-1.0, 1.0, h, device=device, dtype=dtype)
+        xs = torch.linspace(-1.0, 1.0, w, device=device, dtype=dtype)
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+        grid = torch.stack((gx, gy), dim=-1).unsqueeze(0)
+        if len(_GRIDS) > 32:
+            _GRIDS.clear()
+        _GRIDS[key] = grid
+    return grid
 
 
 def warp(img: Tensor, flow: Tensor) -> Tensor:
     """Backward warp: out[y, x] = img sampled bilinearly at (x + flow_x, y + flow_y),
-    positions clamped to the border. ``flow`` [N, 2, H, W] in pixels."""
+    positions clamped to the border. ``flow`` [N, 2, H, W] in pixels. Coordinates are
+    float32 (and so is the sampling, for half-precision frames); the result has
+    ``img``'s dtype."""
     n, _, h, w = img.shape
-    grid = _base_grid(n, h, w, img.device, img.dtype)
-    # pixels -> normalised units with align_corners=True: 2 / (size - 1)
-    sx = 2.0 / max(w - 1, 1)
-    sy = 2.0 / max(h - 1, 1)
-    offset = torch.stack((flow[:, 0] * sx, flow[:, 1] * sy), dim=-1)
-    return F.grid_sample(
-        img, grid + offset, mode="bilinear", padding_mode="border", align_corners=True
+    wd = torch.float64 if img.dtype == torch.float64 else torch.float32
+    grid = _base_grid(h, w, img.device, wd)
+    # pixels -> normalised units with align_corners=True: 2 / (size - 1). Python scalars,
+    # not a device tensor: building one would be a host-to-device copy (a sync) per warp.
+    sx, sy = 2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)
+    f = flow.to(wd)
+    coords = grid + torch.stack((f[:, 0] * sx, f[:, 1] * sy), dim=-1)
+    out = F.grid_sample(
+        img.to(wd), coords, mode="bilinear", padding_mode="border", align_corners=True
     )
+    return out.to(img.dtype)
 
 
 def _conv_act(c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -211,9 +228,10 @@ class IFNet(nn.Module):
             img0 = F.pad(img0, (0, pw, 0, ph))
             img1 = F.pad(img1, (0, pw, 0, ph))
         hh, ww = h + ph, w + pw
-        if not torch.is_tensor(t):
-            t = torch.tensor(float(t), device=img0.device, dtype=img0.dtype)
-        tmap = t.to(img0.dtype).reshape(-1, 1, 1, 1).expand(n, 1, hh, ww)
+        if torch.is_tensor(t):
+            tmap = t.to(img0.dtype).reshape(-1, 1, 1, 1).expand(n, 1, hh, ww)
+        else:  # a fill, not a host-to-device copy
+            tmap = torch.full((n, 1, hh, ww), float(t), device=img0.device, dtype=img0.dtype)
         f0, f1 = self.encode(img0), self.encode(img1)
         flow = mask = side = None
         w0, w1, wf0, wf1 = img0, img1, f0, f1

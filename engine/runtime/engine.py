@@ -120,14 +120,20 @@ class Engine:
             recorder.resample = self._recording_resampler()
         out = getattr(frame_path, "output", None)
         if isinstance(out, dict) and "output/fps" in self.registry:
-            # the registry shows what the frame path was built with (--fps ...)
-            self.registry.set_many(
-                {
-                    "output/fps": out["fps"] or 0.0,
-                    "output/interpolate": bool(out["interpolate"]),
-                    "output/speed": out["speed"],
-                }
-            )
+            # the registry shows what the frame path was built with (--fps ...); a pacer
+            # outside the registry's range (tests' unpaced fps=inf) keeps the default
+            from engine.runtime.registry import ControlError
+
+            try:
+                self.registry.set_many(
+                    {
+                        "output/fps": out["fps"] or 0.0,
+                        "output/interpolate": bool(out["interpolate"]),
+                        "output/speed": out["speed"],
+                    }
+                )
+            except ControlError as e:
+                log.debug("output settings not shown in the registry: %s", e)
         for sink in getattr(frame_path, "sinks", ()):
             if hasattr(sink, "on_problem"):  # an output that lost its target says so
                 sink.on_problem = self._output_problem
@@ -367,9 +373,21 @@ class Engine:
         )
 
     def _status_loop(self) -> None:
+        behind = False
         while not self._stop.wait(self.status_interval):
             if self.state in ("running", "paused"):
                 log.info("%s", self.status_line())
+            fp = self.frame_path
+            if self.state == "running" and hasattr(fp, "output_status"):
+                out = fp.output_status()
+                if out["falling_behind"] and not behind:
+                    log.warning(
+                        "output: generation (%s fps) is slower than the motion shown (speed %s):"
+                        " holding frames; /dd/output/speed fit never starves",
+                        "-" if self._fps() is None else f"{self._fps():.1f}",
+                        out["speed"],
+                    )
+                behind = out["falling_behind"]
 
     # -- generation thread ----------------------------------------------------------------
     def _run(self) -> None:

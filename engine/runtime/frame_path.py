@@ -283,6 +283,7 @@ class FramePath:
             "interp_ms": None if self.interpolator is None else self.interpolator.ms,
             "holds": p.holds,
             "presented": p.presented,
+            "falling_behind": isinstance(p, OutputPacer) and p.falling_behind(),
             "added_latency_ms": self.added_latency_ms(),
         }
 
@@ -296,9 +297,10 @@ class FramePath:
         new.on_release = self._release
         self.pacer = new
         old.clear()  # releases its buffers
+        fps = self.output["fps"]
         log.info(
-            "output: %s fps%s%s",
-            "following generation at" if self.output["fps"] is None else self.output["fps"],
+            "output: %s%s%s",
+            "following the generation rate" if fps is None else f"{fps:g} fps",
             ", interpolated" if self.output["interpolate"] else "",
             f", speed {self.output['speed']}" if isinstance(new, OutputPacer) else "",
         )
@@ -343,7 +345,8 @@ class FramePath:
         nb = p.next_payload
         b = nb.dev[p.next_frame] if nb.dev is not None else nb.host[p.next_frame]
         try:
-            out = self.interpolator.frame(a, b, p.t)
+            key = (p.meta.block, p.frame, id(nb), p.next_frame, id(p.payload))
+            out = self.interpolator.frame(a, b, p.t, key)
         except Exception:
             self.stats.interp_errors += 1
             n = self.stats.interp_errors

@@ -69,6 +69,7 @@ class Interpolator:
         self._done = torch.cuda.Event(blocking=True) if self.stream is not None else None
         self._host: torch.Tensor | None = None  # pinned (CUDA) or plain output buffer
         self._single: set[int] = set()  # threads already limited to one CPU thread
+        self._cache: tuple[Any, tuple[torch.Tensor, ...]] | None = None  # last pair's inputs
         self.frames = 0  # network calls
         self.ms: float | None = None  # EMA of wall ms per interpolated frame
         self.last_ms: float | None = None
@@ -79,7 +80,10 @@ class Interpolator:
         return x.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
-    def frame(self, a: Any, b: Any, t: float) -> np.ndarray:
+    def frame(self, a: Any, b: Any, t: float, key: Any = None) -> np.ndarray:
+        """``key`` (hashable, optional) names the pair: consecutive calls with the same
+        key (several output frames between the same two generated ones) reuse the
+        frames' float conversion instead of redoing it."""
         if not 0.0 <= t <= 1.0:
             raise ValueError(f"interpolation time must be in [0, 1], got {t}")
         if t == 0.0 or t == 1.0:
@@ -103,39 +107,59 @@ class Interpolator:
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
-                out = self._run(self._to_device(a), self._to_device(b), t)
+                out = self._run(a, b, t, key)
                 self._host.copy_(out, non_blocking=True)
                 self._done.record(self.stream)
             self._done.synchronize()  # the publisher waits, on its own thread
         else:
-            self._host.copy_(self._run(self._to_device(a), self._to_device(b), t))
+            self._host.copy_(self._run(a, b, t, key))
         ms = (time.perf_counter() - t0) * 1e3
         self.last_ms = ms
         self.ms = ms if self.ms is None else 0.9 * self.ms + 0.1 * ms
         self.frames += 1
         return self._host.numpy()
 
-    def _run(self, a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    def _inputs(self, a: Any, b: Any, key: Any) -> tuple[torch.Tensor, ...]:
+        if key is not None and self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        a, b = self._to_device(a), self._to_device(b)
         x0 = a[..., :3].permute(2, 0, 1).unsqueeze(0).to(self.dtype).div_(255.0)
         x1 = b[..., :3].permute(2, 0, 1).unsqueeze(0).to(self.dtype).div_(255.0)
-        d = self.downscale
-        if d == 1:
+        alpha = (a[..., 3:].float(), b[..., 3:].float())
+        inputs: tuple[torch.Tensor, ...] = (x0, x1, *alpha)
+        if self.downscale > 1:
+            h, w = x0.shape[-2:]
+            small = (max(1, h // self.downscale), max(1, w // self.downscale))
+            s0 = F.interpolate(x0, size=small, mode="bilinear", align_corners=False)
+            s1 = F.interpolate(x1, size=small, mode="bilinear", align_corners=False)
+            inputs += (s0, s1)
+        self._cache = (key, inputs) if key is not None else None
+        return inputs
+
+    def _run(self, a: Any, b: Any, t: float, key: Any = None) -> torch.Tensor:
+        x0, x1, a0, a1, *low = self._inputs(a, b, key)
+        if not low:
             y = self.net(x0, x1, t, scale=self.scale)
         else:
             h, w = x0.shape[-2:]
-            small = (max(1, h // d), max(1, w // d))
-            s0 = F.interpolate(x0, size=small, mode="bilinear", align_corners=False)
-            s1 = F.interpolate(x1, size=small, mode="bilinear", align_corners=False)
+            s0, s1 = low
+            small = tuple(s0.shape[-2:])
             flow, mask = self.net.flow(s0, s1, t, scale=self.scale)
+            # pixels of the small frame -> pixels of the full one, scaled while small (the
+            # bilinear upsampling is linear, so it commutes); python scalars: no copy to
+            # the device
+            sx, sy = w / small[1], h / small[0]
+            flow = torch.cat(
+                (flow[:, 0:1] * sx, flow[:, 1:2] * sy, flow[:, 2:3] * sx, flow[:, 3:4] * sy), 1
+            )
             flow = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False)
-            flow = flow * torch.tensor(
-                [w / small[1], h / small[0]] * 2, dtype=flow.dtype, device=flow.device
-            ).view(1, 4, 1, 1)
             mask = F.interpolate(mask, size=(h, w), mode="bilinear", align_corners=False)
             y = synthesize(x0, x1, flow, mask)
-        rgb = y[0].mul(255.0).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
-        alpha = (a[..., 3:].float() * (1.0 - t) + b[..., 3:].float() * t).add_(0.5).to(torch.uint8)
-        return torch.cat((rgb, alpha), dim=-1)
+        h, w = x0.shape[-2:]
+        out = torch.empty((h, w, 4), dtype=torch.uint8, device=x0.device)
+        out[..., :3] = y[0].mul(255.0).add_(0.5).clamp_(0, 255).permute(1, 2, 0)
+        out[..., 3:] = (a0 * (1.0 - t) + a1 * t).add_(0.5)
+        return out
 
 
 def build_interpolator(
@@ -167,7 +191,16 @@ def build_interpolator(
             f"interpolation needs the RIFE v4.25 weights: {path} ({why}); fetch them with"
             f" `dreamdeck download --rife`"
         )
-    return Interpolator(load_rife(path, device=device), device, scale=scale or 1.0)
+    from engine.weights.checkpoint import WeightsError
+
+    try:
+        net = load_rife(path, device=device)
+    except WeightsError as e:
+        raise InterpolationUnavailable(
+            f"interpolation: the RIFE weights cannot be used: {e}; fetch them again with"
+            " `dreamdeck download --rife` (after deleting the file)"
+        ) from None
+    return Interpolator(net, device, scale=scale or 1.0)
 
 
 class BlockResampler:

@@ -262,6 +262,7 @@ class OutputPacer:
         self._tick: float | None = None
         self.presented = 0
         self.holds = 0  # ticks with nothing new to show (generation behind)
+        self.last_hold: float | None = None  # clock time of the latest hold
         self.late = 0  # ticks skipped because the caller fell a whole tick behind
         self.dropped = 0
 
@@ -316,6 +317,10 @@ class OutputPacer:
             return None
         return self._tick
 
+    def falling_behind(self, window: float = 2.0) -> bool:
+        """Held frames (generation slower than the motion shown) in the last ``window`` s."""
+        return self.last_hold is not None and self.clock() - self.last_hold <= window
+
     def added_latency(self) -> float:
         """Seconds interpolation adds: waiting for the next generated frame (one interval)."""
         return 1.0 / self.source.rate if self.interpolate else 0.0
@@ -348,6 +353,7 @@ class OutputPacer:
             t = min(max((tau - t_k) / (t_next - t_k), 0.0), 1.0)
         elif self._last_key is not None and self._last_key[:2] == (block, frame):
             self.holds += 1  # starving: the next frame is not there, keep the last one shown
+            self.last_hold = now
             return None
         npay, nfr = (nxt_frame[0], nxt_frame[1]) if nxt_frame is not None else (None, -1)
         if not self.interpolate:
