@@ -34,7 +34,7 @@ KICK = """slots:
 
 @pytest.mark.slow
 def test_click_track_on_stdin_moves_the_target_on_the_beats(tmp_path):
-    x, _ = clicks(120.0, 60.0, 48000)
+    x, _ = clicks(60.0, 90.0, 48000)  # a click a second: several blocks between clicks
     pcm = tmp_path / "clicks.s16"
     pcm.write_bytes(s16(x))
     mod = tmp_path / "kick.yaml"
@@ -42,7 +42,18 @@ def test_click_track_on_stdin_moves_the_target_on_the_beats(tmp_path):
     out = tmp_path / "show.mp4"
     cmd = [sys.executable, "-m", "engine", "run", "--model", "tiny", "--height", "64"]
     cmd += ["--width", "64", "--steps", "1000,750", "--no-osc", "--no-shm", "--record", str(out)]
-    cmd += ["--duration", "6", "--audio", "-", "--audio-format", "s16le:48000:1", "--mod", str(mod)]
+    cmd += [
+        "--blocks",
+        "45",
+        "--duration",
+        "60",
+        "--audio",
+        "-",
+        "--audio-format",
+        "s16le:48000:1",
+        "--mod",
+        str(mod),
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
     with pcm.open("rb") as stdin:  # read at real time by the engine itself (it paces)
         r = subprocess.run(
@@ -53,7 +64,7 @@ def test_click_track_on_stdin_moves_the_target_on_the_beats(tmp_path):
         json.loads(line) for line in (tmp_path / "show.controls.jsonl").read_text().splitlines()
     ]
     blocks = lines[1:][3:]  # the first blocks also carry audio heard during the warm-up
-    assert len(blocks) >= 20, r.stderr[-2000:]
+    assert len(blocks) >= 40, r.stderr[-2000:]
     t = np.array([b["time"] for b in blocks])
     kv = np.array([b["values"]["kv_bias"] for b in blocks])
     assert all(
@@ -63,12 +74,13 @@ def test_click_track_on_stdin_moves_the_target_on_the_beats(tmp_path):
     peaks = t[kv > 0.75]  # a block whose span held a click: base 0.3 + 0.5
     gaps = np.diff(t)
     span = float(t[-1] - t[0])
-    # one peak per beat (120 BPM: every 0.5 s), each a beat after the last
-    assert len(peaks) == pytest.approx(span / 0.5, abs=2), (len(peaks), span)
+    # one peak per beat (60 BPM: every second), each a beat after the last
+    assert float(np.median(gaps)) < 0.4, "blocks too slow to resolve the beats"
+    assert len(peaks) == pytest.approx(span / 1.0, abs=2), (len(peaks), span)
     d = np.diff(peaks)
     slack = 2 * float(gaps.max())
-    assert np.all(np.abs(d - 0.5) <= slack), (d, slack)
-    assert abs(float(np.median(d)) - 0.5) < 0.05
+    assert np.all(np.abs(d - 1.0) <= slack), (d, slack)
+    assert abs(float(np.median(d)) - 1.0) < 0.1
     # between beats the target falls back towards the base (0.3)
     assert kv.min() < 0.35 and reg_base_kept(lines)
 
@@ -79,48 +91,52 @@ def reg_base_kept(lines) -> bool:
     return all(0.3 - 1e-9 <= b["values"]["kv_bias"] <= 0.8 + 1e-9 for b in lines[1:])
 
 
-def cpu_per_block(wav: Path | None, blocks: int = 24) -> float:
-    """Median CPU time of the generation thread per block (its own thread clock: robust
-    to other processes on the machine), optionally with the audio input running."""
-    stamps: list[float] = []
-    eng = tiny_engine(
-        max_blocks=blocks,
-        status_interval=None,
-        on_block=lambda r: stamps.append(time.thread_time()),
-    )
-    inp = None
-    if wav is not None:
-        eng.registry.set_many(
-            {"mod/1/source": "audio/level", "mod/1/target": "kv_bias", "mod/1/depth": 0.4}
-        )
-        inp = AudioInput(lambda: FileSource(wav), eng.registry).start()
-    try:
-        eng.start()
-        assert eng.join(180)
-        assert eng.error is None
-        if inp is not None:
-            assert inp.frames > 50, "the audio input ran alongside"
-            assert len({r for r in [eng.registry.last_block.values["kv_bias"]]}) == 1
-    finally:
-        if inp is not None:
-            inp.close()
-        eng.stop()
-    per = np.diff(stamps)[3:]
-    return float(statistics.median(per))
+PHASE = 4  # blocks per phase; phases alternate without / with the audio input (fine
+# interleaving: the machine's load drifts over seconds, and hits both alike)
 
 
 @pytest.mark.slow
 def test_audio_input_costs_the_generation_thread_nothing(tmp_path):
-    x, _ = clicks(120.0, 60.0, 48000)
+    """One engine, phases of 10 blocks alternating without and with a live audio input
+    (a click track file, paced at real time, analysed on its own thread). The generation
+    thread's own CPU clock per block is compared, so other processes on the machine do
+    not count, and interleaving spreads any drift over both."""
+    x, _ = clicks(120.0, 5.0, 48000)  # short: each phase's start decodes it (it loops)
     wav = write_wav(tmp_path / "c.wav", x)
+    phases = 24
+    stamps: list[tuple[int, float]] = []
+    state: dict = {"inp": None, "frames": 0}
+
+    def on_block(result) -> None:  # the generation thread
+        stamps.append((result.block, time.thread_time()))
+        b = result.block + 1
+        if b % PHASE == 0:
+            if state["inp"] is not None:
+                state["frames"] += state["inp"].frames
+                state["inp"].close()
+                state["inp"] = None
+            elif b // PHASE < phases:
+                state["inp"] = AudioInput(lambda: FileSource(wav), eng.registry).start()
+
+    eng = tiny_engine(max_blocks=PHASE * phases, status_interval=None, on_block=on_block)
+    eng.registry.set_many(
+        {"mod/1/source": "audio/level", "mod/1/target": "kv_bias", "mod/1/depth": 0.4}
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # all of a block's work on the generation thread: its CPU clock
     try:
-        runs = {"none": [], "audio": []}
-        for _ in range(2):  # interleaved: drifts of the machine hit both alike
-            runs["none"].append(cpu_per_block(None))
-            runs["audio"].append(cpu_per_block(wav))
+        eng.start()
+        assert eng.join(300) and eng.error is None
     finally:
         torch.set_num_threads(threads)
-    base, audio = min(runs["none"]), min(runs["audio"])
-    assert abs(audio / base - 1) < 0.05, runs
+        if state["inp"] is not None:
+            state["inp"].close()
+        eng.stop()
+    assert state["frames"] > 100, "the audio input ran alongside"
+    per = {"none": [], "audio": []}
+    for (_, t0), (b1, t1) in zip(stamps, stamps[1:], strict=False):
+        if b1 % PHASE < 1:  # the first block of a phase (the input starting or stopping)
+            continue
+        per["audio" if (b1 // PHASE) % 2 else "none"].append(t1 - t0)
+    base, audio = statistics.median(per["none"]), statistics.median(per["audio"])
+    assert abs(audio / base - 1) < 0.05, (base, audio)
