@@ -303,7 +303,7 @@ def test_beat_tracker_leads_the_tempo_grid_unless_link_or_clock_does(tmp_path):
         inp = AudioInput(lambda: FileSource(wav, loop=False), reg, lead_tempo=True, paced=False)
         inp.start()
         try:
-            assert wait_for(lambda: inp.state.endswith("ended"), 20.0)
+            assert wait_for(lambda inp=inp: inp.state.endswith("ended"), 20.0)
         finally:
             inp.close()
             tempo.close()
