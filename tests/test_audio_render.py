@@ -17,6 +17,8 @@ from bridges.timeline import FPS, first_frame
 from engine.cli import main
 from engine.runtime.control_log import read_control_log
 
+pytestmark = pytest.mark.slow  # five tiny-model renders: about 40 s on two cores
+
 TINY = ["--model", "tiny", "--height", "64", "--width", "64", "--no-progress"]
 TIMELINE = {
     "version": "2.0",
