@@ -77,7 +77,8 @@ def test_click_track_on_stdin_moves_the_target_on_the_beats(tmp_path):
     d = np.diff(peaks)
     slack = 2 * float(gaps.max())
     assert np.all(np.abs(d - 1.0) <= slack), (d, slack)
-    assert abs(float(np.median(d)) - 1.0) < 0.1
+    # a boundary resolves a click to within one block: the typical interval is a beat
+    assert abs(float(np.median(d)) - 1.0) <= max(0.1, float(np.median(gaps))), (d, gaps)
     # between beats the target falls back towards the base (0.3)
     assert kv.min() < 0.35 and reg_base_kept(lines)
 
