@@ -289,3 +289,28 @@ def test_device_vanishes_holds_and_comes_back(portaudio):
     finally:
         inp.close()
     assert reg.get("kv_bias") == 0.3
+
+
+def test_beat_tracker_leads_the_tempo_grid_unless_link_or_clock_does(tmp_path):
+    from bridges.tempo.bridge import TempoBridge
+
+    x, times = clicks(100.0, 14.0, 48000)
+    wav = write_wav(tmp_path / "c100.wav", x)
+    for leader in ("manual", "link"):
+        reg = make_registry()
+        tempo = TempoBridge(reg, bpm=120.0)
+        tempo.grid.source = leader
+        inp = AudioInput(lambda: FileSource(wav, loop=False), reg, lead_tempo=True, paced=False)
+        inp.start()
+        try:
+            assert wait_for(lambda inp=inp: inp.state.endswith("ended"), 20.0)
+        finally:
+            inp.close()
+            tempo.close()
+        if leader == "link":  # someone else leads: the grid is left alone
+            assert tempo.grid.bpm == 120.0 and reg.get("tempo/bpm") == 120.0
+            continue
+        assert inp.beats > 10
+        assert tempo.grid.source == "audio"
+        assert tempo.grid.bpm == pytest.approx(100.0, abs=1.0)
+        assert reg.get("tempo/bpm") == pytest.approx(100.0, abs=1.0)

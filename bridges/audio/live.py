@@ -182,7 +182,7 @@ class AudioInput:
                     )
                 else:
                     self._status(f"{src.name}: ended")
-                return src.kind == "stdin"
+                return src.kind == "stdin" or not getattr(src, "loop", True)  # ended for good
             if x.size == 0:
                 continue
             now = self.clock()

@@ -41,6 +41,7 @@ class TrackDriver:
         self.frames = [(f.time, feats.values(f, f.time in beat_set, bpm)) for f in frames]
         self._times = [t for t, _ in self.frames]
         self._next = 0
+        self._silent_t = -1.0
         self.beats = list(beats)
         self.bpm = bpm or 120.0
 
@@ -62,12 +63,27 @@ class TrackDriver:
         return i + (t - b[i]) / (b[i + 1] - b[i])
 
     def feed_until(self, bank: Any, t_end: float) -> int:
-        """Push every analysis hop before `t_end` not pushed yet; returns how many."""
+        """Push every analysis hop before `t_end` not pushed yet; returns how many. Past
+        the track's end the music has stopped: silent hops (levels and onsets 0, counters
+        as they ended), so envelopes fall instead of holding as for a lost device."""
         j = bisect.bisect_left(self._times, t_end, lo=self._next)
         for t, v in self.frames[self._next : j]:
             bank.push(t, v)
         n = j - self._next
         self._next = j
+        if j == len(self.frames) and self.frames:
+            last_t, last = self.frames[-1]
+            hop = self.summary.hop
+            silent = {
+                k: (v if k.startswith(("audio/count", "audio/beats", "audio/bpm")) else 0.0)
+                for k, v in last.items()
+            }
+            t = max(last_t, self._silent_t) + hop
+            while t < t_end:
+                bank.push(t, silent)
+                self._silent_t = t
+                t += hop
+                n += 1
         return n
 
 

@@ -178,14 +178,14 @@ class Feedback:
 
     def send_meters(self, target: Target | None = None) -> int:
         """The modulation layer's live sources on ``/dd/status/audio/*`` (levels, bands,
-        onsets, counters, tempo), the audio input's state on ``/dd/status/audio`` and each
+        onsets: their peak since the last update; counters, tempo), the audio input's state on ``/dd/status/audio`` and each
         active slot's source value on ``/dd/status/mod/{n}``. Returns messages sent."""
         mod = getattr(self.registry, "modulator", None)
         bank = getattr(mod, "bank", None)
         if bank is None:
             return 0
         sent = 0
-        for k, v in sorted(bank.latest().items()):
+        for k, v in sorted(bank.meters().items()):
             if k.startswith("audio/"):
                 self.send(f"/dd/status/{k}", [float(v)], target)
                 sent += 1

@@ -172,6 +172,7 @@ class SourceBank:
         self._lock = threading.Lock()
         self._frames: deque[tuple[float, dict[str, float]]] = deque(maxlen=max_frames)
         self._latest: dict[str, float] = {}
+        self._peak: dict[str, float] = {}  # since the last meters() call
         self.status: dict[str, str] = {}
         self.pushed = 0
 
@@ -180,6 +181,9 @@ class SourceBank:
         with self._lock:
             self._frames.append((float(t), v))
             self._latest.update(v)
+            for k, x in v.items():
+                p = self._peak.get(k)
+                self._peak[k] = x if p is None or x > p else p
             self.pushed += 1
 
     def set(self, name: str, value: float) -> None:
@@ -195,6 +199,15 @@ class SourceBank:
     def latest(self) -> dict[str, float]:
         with self._lock:
             return dict(self._latest)
+
+    def meters(self) -> dict[str, float]:
+        """Each value's peak since the last call (a 3 ms click between two meter updates
+        still shows), for one reader: the OSC meters."""
+        with self._lock:
+            out = dict(self._latest)
+            out.update(self._peak)
+            self._peak.clear()
+        return out
 
 
 # -- the per-block combination ----------------------------------------------------------------
