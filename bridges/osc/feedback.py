@@ -72,6 +72,7 @@ class Feedback:
         self._thread: threading.Thread | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self.sent = 0
+        self._engine_error: Any = None  # the engine's last error already sent on /dd/error
         self.limiter = RateLimitedLog()
         self.meter_interval = 0.05  # live source values (audio meters), when there are any
         self._meter_stop = threading.Event()
@@ -169,6 +170,11 @@ class Feedback:
         except Exception:  # noqa: BLE001 - a status glitch must not stop feedback
             log.exception("engine.status() failed")
             return
+        if only is None:
+            err = st.get("last_error")
+            if err and err != self._engine_error:  # once per new problem, not every second
+                self.send(addresses.ERROR, ["engine", str(err)[:300]], target)
+            self._engine_error = err
         for b in addresses.STATUS_ADDRESSES:
             if only is not None and b.address != only:
                 continue

@@ -56,7 +56,9 @@ machine's name (or `NAME.local`) or a name given to `--oscquery-allow-host` (DNS
   target first gets every current value. `/dd/status/*` about once a second.
 - Errors: every rejected message is answered on `/dd/error` with its address (`?` when
   the packet could not be parsed) and the reason; nothing of a rejected message or
-  bundle is applied.
+  bundle is applied. Problems the engine finds on its own (an output that lost its
+  target, an audio input gone, a recording that failed, a block that failed) are sent
+  once each on `/dd/error` with the address `engine`, and stay on `/dd/status/last_error`.
 - Limits: datagrams over 64 KiB and messages with more than 64 arguments are refused;
   strings longer than the parameter's limit (4096 characters; 32768 for `/dd/prompts`)
   are refused. `--osc-allow IP,IP` accepts only those senders (and loopback); others are
