@@ -32,6 +32,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_preset_arguments(p)
     p.add_argument("--blocks", type=int, metavar="N", help="render at most N blocks")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--controls-only",
+        action="store_true",
+        help="render a control log that cannot be replayed exactly (recorded without its"
+        " history, or made from live input video) anyway: its controls replay, its frames"
+        " will differ from the recording",
+    )
     p.set_defaults(func=render)
 
 
@@ -53,6 +60,13 @@ def render(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     if Path(args.show).resolve() == out.resolve():
         raise UsageError("the output would overwrite the show file")
+    if show.inexact is not None:
+        if not args.controls_only:
+            raise UsageError(
+                f"{show.path}: cannot be replayed exactly: {show.inexact}"
+                " (--controls-only renders its controls anyway)"
+            )
+        log.warning("%s: rendering the controls only: %s", show.path, show.inexact)
 
     if args.preset is None and args.model is None:
         recorded = show.header.get("preset")
