@@ -126,6 +126,11 @@ def render(args: argparse.Namespace) -> int:
         preset.height,
         preset.steps,
     )
+    if show.lead_in:
+        log.info(
+            "the recording started mid-show: running its %d blocks of history first (no output)",
+            show.lead_in,
+        )
     frames = 0
     try:
         progress = tqdm.tqdm(
