@@ -163,6 +163,8 @@ class Show:
     # control logs of recordings started mid-show: the first `lead_in` records are the
     # history before the recording (run to rebuild the stream's state, not output)
     lead_in: int = 0
+    # control logs: why a render cannot make exactly the recorded frames, or None
+    inexact: str | None = None
     header: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys, kept
     warnings: ShowWarnings | None = field(default=None, repr=False, compare=False)
@@ -258,9 +260,6 @@ def _load_control_log(path: Path) -> Show:
         raise TimelineError(str(e)) from None
     if not clog.blocks:
         raise TimelineError(f"{path}: control log without blocks")
-    why = clog.reproducible()
-    if why is not None:
-        raise TimelineError(f"{path}: cannot be replayed exactly: {why}")
     h = clog.header
     records = clog.preamble + clog.blocks
     first = records[0]["values"]
@@ -269,6 +268,7 @@ def _load_control_log(path: Path) -> Show:
         kind="control-log",
         blocks=len(clog.blocks),
         lead_in=len(clog.preamble),
+        inexact=clog.reproducible(),
         height=h.get("height"),
         width=h.get("width"),
         seed=first.get("seed"),

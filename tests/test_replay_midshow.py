@@ -167,6 +167,8 @@ def _rec(block: int, index: int | None, **extra) -> dict:
         ({}, [_rec(5, 3)], "stream block 3"),
         # the engine said the history was too long to keep
         ({"history": "the stream ran 9 blocks without a reset"}, [_rec(5, 0)], "without a reset"),
+        # a block made from live input video, which the log cannot carry
+        ({}, [_rec(0, 0), _rec(1, 1, input={"vace": True})], "block 1 was made from live input"),
     ],
 )
 def test_a_log_that_cannot_be_replayed_exactly_is_refused_with_the_reason(
@@ -177,8 +179,21 @@ def test_a_log_that_cannot_be_replayed_exactly_is_refused_with_the_reason(
     out = tmp_path / "o.mp4"
     assert main(["render", str(f), "-o", str(out), *TINY]) == 2
     err = capsys.readouterr().err
-    assert "cannot be replayed exactly" in err and why in err
+    assert "cannot be replayed exactly" in err and why in err and "--controls-only" in err
     assert not out.exists()
+
+
+def test_controls_only_renders_an_inexact_log_from_a_fresh_stream(tmp_path, caplog):
+    """An older log of a recording started mid-show: with --controls-only its controls
+    replay (from a fresh stream, so the first block makes 9 frames), with a warning."""
+    f = tmp_path / "old.controls.jsonl"
+    values = {"prompt/1/text": "a lighthouse", "prompt/1/weight": 1.0, "seed": 3}
+    _write_log(f, {"version": 1}, [_rec(81, None, values=values), _rec(82, None)])
+    out = tmp_path / "o.mp4"
+    with caplog.at_level("WARNING"):
+        assert main(["render", str(f), "-o", str(out), *TINY, "--controls-only"]) == 0
+    assert "rendering the controls only" in caplog.text and "block 81" in caplog.text
+    assert frames_of(out).shape[0] == 9 + 12
 
 
 def test_history_keeps_blocks_since_the_last_clean_one_and_gives_up_past_its_bound():

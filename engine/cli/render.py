@@ -54,6 +54,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="render even when changes in the file are refused (unknown controls, values out"
         " of bounds), without them; by default that is an error (exit 2) before rendering",
     )
+    p.add_argument(
+        "--controls-only",
+        action="store_true",
+        help="render a control log that cannot be replayed exactly (recorded without its"
+        " history, or made from live input video) anyway: its controls replay, its frames"
+        " will differ from the recording",
+    )
     p.set_defaults(func=render)
 
 
@@ -85,6 +92,13 @@ def render(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     if Path(args.show).resolve() == out.resolve():
         raise UsageError("the output would overwrite the show file")
+    if show.inexact is not None:
+        if not args.controls_only:
+            raise UsageError(
+                f"{show.path}: cannot be replayed exactly: {show.inexact}"
+                " (--controls-only renders its controls anyway)"
+            )
+        log.warning("%s: rendering the controls only: %s", show.path, show.inexact)
 
     if args.preset is None and args.model is None:
         recorded = show.header.get("preset")
@@ -193,6 +207,11 @@ def render(args: argparse.Namespace) -> int:
         preset.height,
         preset.steps,
     )
+    if show.lead_in:
+        log.info(
+            "the recording started mid-show: running its %d blocks of history first (no output)",
+            show.lead_in,
+        )
     frames = 0
     try:
         progress = tqdm.tqdm(

@@ -184,6 +184,13 @@ class ControlLog:
                 f"the log starts at stream block {index}, not at a reset: the history"
                 " before it is missing"
             )
+        for rec in [*self.preamble, *self.blocks]:
+            used = rec.get("input")
+            if isinstance(used, dict) and (used.get("vace") or used.get("v2v_strength")):
+                return (
+                    f"block {rec['block']} was made from live input video (VACE or V2V),"
+                    " which is not recorded"
+                )
         return None
 
     @property

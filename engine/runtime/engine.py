@@ -86,6 +86,7 @@ class Engine:
         # carries it, so `render` can replay it exactly (control_log.py)
         self.history = ControlHistory()
         self._recorder_started: Any = None  # the recorder whose first block went out
+        self._closing: list[threading.Thread] = []  # recordings being finalised
         self.max_blocks = max_blocks
         self.duration = duration
         self.status_interval = status_interval
@@ -250,7 +251,9 @@ class Engine:
         elif not on and current is not None:
             with self._cond:
                 self.recorder = None
-            threading.Thread(target=current.close, name="dreamdeck-record-close").start()
+            closing = threading.Thread(target=current.close, name="dreamdeck-record-close")
+            closing.start()
+            self._closing = [t for t in self._closing if t.is_alive()] + [closing]
             log.info("recording finalised: %s", current.path)
 
     # -- control --------------------------------------------------------------------------
@@ -292,6 +295,8 @@ class Engine:
                     part.close()
                 except Exception:  # noqa: BLE001 - close the rest anyway
                     log.exception("closing the %s failed", name)
+        for closing in list(self._closing):  # `/dd/record 0` just before the stop
+            closing.join(timeout)
         self.pipeline.close()
         self.state = "stopped"
         with self._cond:
