@@ -156,6 +156,7 @@ class Show:
     steps: list[int] | None = None
     kv_bias: float | None = None
     quantization: str | None = None  # "fp8" (weights in float8) or None
+    lora_merge: str | None = None  # v2.1 loraMergeStrategy (read; strengths stay live here)
     pipeline: str | None = None  # the Scope pipeline the timeline was made for
     segments: list[Segment] = field(default_factory=list)
     loras: list[tuple[str, float]] = field(default_factory=list)  # (file, scale), v2.1
@@ -494,6 +495,7 @@ def parse_timeline(data: Any, path: str | Path = "<timeline>") -> Show:
         pipeline=pipeline,
         segments=segments,
         loras=loras,
+        lora_merge=settings.get("loraMergeStrategy"),
         extra=extra,
         warnings=warnings,
     )
@@ -517,14 +519,19 @@ def _loras(settings: Mapping[str, Any], path: Path, err: Any) -> list[tuple[str,
         if not isinstance(item, dict):
             raise err(where, 'expected {"path": ..., "scale": ...}')
         name = next((item[k] for k in ("path", "file", "name") if k in item), None)
-        if not isinstance(name, str) or not name.strip():
-            raise err(f"{where}.path", "missing or empty")
+        if not isinstance(name, str) or not name.strip() or "\x00" in name:
+            raise err(f"{where}.path", "missing, empty or not a file name")
+        mode = item.get("mergeMode")  # Scope's per-LoRA choice; ours stay live
+        if mode is not None and not isinstance(mode, str):
+            raise err(f"{where}.mergeMode", f"expected a string, got {mode!r}")
         text = name.strip().replace("\\", "/")
         if text.startswith("/") or (len(text) > 1 and text[1] == ":"):
             text = text.rsplit("/", 1)[-1]
         scale = _num(item.get("scale", 1.0), f"{path}: {where}.scale", lo=-2.0, hi=2.0)
         out.append((text, scale))
     strategy = settings.get("loraMergeStrategy")
+    if strategy is not None and not isinstance(strategy, str):
+        raise err("settings.loraMergeStrategy", f"expected a string, got {strategy!r}")
     if strategy is not None and raw:
         log.info(
             "%s: loraMergeStrategy %r: dreamdeck keeps LoRA strengths live (no choice needed)",

@@ -40,10 +40,7 @@ def test_v21_settings_are_read(caplog):
     with caplog.at_level(logging.WARNING):
         show = parse_timeline(copy.deepcopy(V21), "t.json")
     assert show.kv_bias == 0.45 and show.quantization == "fp8"
-    assert show.loras == [
-        {"path": "styles/ink.safetensors", "scale": 0.8},
-        {"path": "anime.safetensors", "scale": 1.2, "merge_mode": "runtime_peft"},
-    ]
+    assert show.loras == [("styles/ink.safetensors", 0.8), ("anime.safetensors", 1.2)]
     assert show.lora_merge == "permanent_merge" and show.pipeline == "krea-realtime-video"
     assert show.extra == {}
     assert caplog.text == ""  # 2.1 is a version we read, with nothing unknown in it
@@ -69,6 +66,8 @@ def test_render_warns_for_another_pipeline_and_fp8_on_the_cpu(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert main([*args, "--height", "32", "--width", "32", "--steps", "1000"]) == 0
     assert "'longlive' pipeline" in caplog.text
+    # the LoRAs it names are not on this machine: said by name, the show renders without
+    assert "styles/ink.safetensors" in caplog.text and "anime.safetensors" in caplog.text
     assert "fp8_e4m3fn ignored" in caplog.text  # tiny runs on the CPU
 
 
@@ -90,7 +89,7 @@ def test_quantization_turns_on_fp8_where_a_gpu_runs_it():
         ("loras", [{"path": "a\x00b"}], "settings.loras[0].path"),
         ("loras", [{"path": "x", "scale": "big"}], "settings.loras[0].scale"),
         ("loras", [{"path": "x", "scale": float("inf")}], "settings.loras[0].scale"),
-        ("loras", [{"path": "x"}] * 17, "at most 16"),
+        ("loras", [{"path": "x"}] * 5, "at most 4"),
         ("loras", [{"path": "x", "mergeMode": 3}], "mergeMode"),
         ("pipelineId", 5, "settings.pipelineId"),
         ("loraMergeStrategy", ["a"], "settings.loraMergeStrategy"),
