@@ -492,6 +492,8 @@ def lora_params(
             ),
         ]
     return params
+
+
 # -- modulation slots: owned by the audio helper (engine/runtime/modulation.py) -------------
 def mod_targets(params: list[Param]) -> list[str]:
     """Paths a modulation may move: numeric, stateful, applied per block, not mod/* itself."""

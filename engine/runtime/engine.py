@@ -512,6 +512,8 @@ def _lora_check(pipeline: Any) -> Callable[[str], Any] | None:
     """The header check of `lora/{n}/file` values (engine.runtime.lora_loader)."""
     loader = getattr(pipeline, "lora_loader", None)
     return loader.check if loader is not None else None
+
+
 def check_writable_folder(folder: Path) -> None:
     """Make `folder` if needed and create (and delete) a file in it: the only test that also
     holds for root, read-only file systems and full disks. Raises OSError."""
