@@ -1,4 +1,4 @@
-"""`dreamdeck bench --suite`: every row of the targets table (docs: targets.md) in one
+"""`dreamdeck bench --suite`: every row of the targets table (docs/targets.md) in one
 process, bf16 first, then the same model quantised to fp8 in place, so the 14B is built
 once. Prints a markdown table (and JSON lines with --json) and, with --write, appends
 the dated table to a file such as docs/PERFORMANCE.md."""

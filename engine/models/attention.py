@@ -2,7 +2,7 @@
 log-sum-exp merge.
 
 The backend is chosen once, when a model is set up, and logged, so a live set never
-changes kernels halfway. Order of preference (measured on an H100, streaming-model.md §8):
+changes kernels halfway. Order of preference (measured on an H100, docs/streaming-model.md §8):
 
 - Hopper (sm90): FA3 (`flash_attn_interface`) if importable, else PyTorch SDPA with the
   cuDNN kernel first (1.5 ms against 2.6 ms for the flash kernel at 832×480). FA2 is not

@@ -1,6 +1,6 @@
 """VACE for the Wan transformer: a side branch of extra blocks that reads a 96-channel
 context (control video, masks, reference images) and adds "hints" to the main stream
-(streaming-model.md §6).
+(docs/streaming-model.md §6).
 
 Parameter names are those of `Wan2_1-VACE_module_14B_bf16.safetensors`:
 `vace_patch_embedding.*` (Conv3d 96 -> dim, kernel = stride = (1,2,2)) and

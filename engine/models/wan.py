@@ -1,7 +1,7 @@
 """The Wan2.1 text-to-video DiT, with Wan-native parameter names so that
 `krea-realtime-video-14b.safetensors` loads as it is, and the streaming forward Krea
 Realtime needs: a per-layer self-attention KV cache, cached cross-attention K/V and the
-KV-cache attention bias (streaming-model.md §1, §2).
+KV-cache attention bias (docs/streaming-model.md §1, §2).
 
 Two entry points:
 - `WanModel.forward(x, t, text)`: one full-sequence forward, time positions 0..F-1, as

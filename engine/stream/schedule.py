@@ -1,4 +1,4 @@
-"""Flow-matching step math and step lists (streaming-model.md §3).
+"""Flow-matching step math and step lists (docs/streaming-model.md §3).
 
 The model sees t in [0, 1000]; sigma = t / 1000 and x_t = (1 - sigma)·x0 + sigma·noise. It
 predicts the velocity v = noise - x0, so x0 = x_t - sigma·v.

@@ -1,4 +1,4 @@
-"""The Krea block loop (streaming-model.md §2): given the controls of one block, produce the
+"""The Krea block loop (docs/streaming-model.md §2): given the controls of one block, produce the
 next 3 latent frames (and their RGB frames when a decoder is attached).
 
 Plain and synchronous: no threads or clocks beyond per-stage timing. Everything stays on

@@ -1,4 +1,4 @@
-"""Plain video-to-video math (streaming-model.md §6): start a block from the encoded input
+"""Plain video-to-video math (docs/streaming-model.md §6): start a block from the encoded input
 video instead of pure noise, and a strength that follows the input's motion.
 
 Known to look worse than VACE V2V; kept because it is cheap (fewer steps) and simple.

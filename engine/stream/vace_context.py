@@ -1,4 +1,4 @@
-"""The 96-channel VACE context of each block, and reference images (streaming-model.md §6).
+"""The 96-channel VACE context of each block, and reference images (docs/streaming-model.md §6).
 
 Per latent frame, in this channel order (Wan's VACE and diffusers' `WanVACEPipeline`):
 - 16: VAE(frames · (1 − mask)), the "inactive" part to keep,
