@@ -69,9 +69,12 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.base = base
         self.side_on = False
-        self.A: Tensor | None = None  # [R, in]
-        self.B: Tensor | None = None  # [out, R]
-        self.side_scale: Tensor | None = None  # [R] float32
+        # Buffers (not saved): the stacked factors of every slot, and per rank column its
+        # slot, alpha/rank and the strength already merged times alpha/rank. `strength` is
+        # the slots' one shared device tensor: a moving strength is one 16-byte copy per
+        # block for the whole model, no recompile, no per-layer work on the host.
+        for name in ("A", "B", "slot", "escale", "offset", "strength"):
+            self.register_buffer(name, None, persistent=False)
 
     @property
     def in_features(self) -> int:
@@ -84,7 +87,8 @@ class LoraLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
         if self.side_on:
-            u = (F.linear(x.to(self.A.dtype), self.A).float() * self.side_scale).to(self.B.dtype)
+            scale = self.strength[self.slot] * self.escale - self.offset  # (s - m) alpha/r
+            u = (F.linear(x.to(self.A.dtype), self.A).float() * scale).to(self.B.dtype)
             y = y + F.linear(u, self.B).to(y.dtype)
         return y
 
@@ -111,6 +115,8 @@ class _Site:
     merged: list[float] = field(default_factory=lambda: [0.0] * SLOTS)  # low-rank m_i
     diffs: list[float] = field(default_factory=lambda: [0.0] * SLOTS)  # diff strengths applied
     pristine: dict[str, Tensor] | None = None
+    side: tuple | None = None  # (on, merged, strengths) the side path was last set for
+    rank_slots: list[int] = field(default_factory=list)  # slot of each stacked rank column
 
     @property
     def target(self) -> nn.Module:
@@ -154,6 +160,7 @@ class LoraSlots:
         self.max_bytes = max_bytes
         self.slots: list[PreparedLora | None] = [None] * SLOTS
         self.strengths = [0.0] * SLOTS  # what `update` was last given (0 for empty slots)
+        self._strength = torch.zeros(SLOTS, device=self.device, dtype=torch.float32)
         self._sites: dict[str, _Site] = {}
 
     # -- placing a loaded file (any thread) ------------------------------------------------
@@ -222,6 +229,7 @@ class LoraSlots:
                     dirty |= site.text_kv
         self.slots[n] = lora
         self.strengths[n] = 0.0
+        self._push_strengths()
         if lora is not None:
             for name, d in lora.targets.items():
                 module, rows = self._locate(name)
@@ -262,40 +270,54 @@ class LoraSlots:
         if not isinstance(m, LoraLinear):
             return
         lows = [e for e in site.entries if e.down is not None]
+        site.side = None
         if not lows:
-            m.A = m.B = m.side_scale = None
+            m.A = m.B = m.slot = m.escale = m.offset = m.strength = None
             m.side_on = False
             return
         A = torch.cat([e.down for e in lows])
         R = A.shape[0]
         B = torch.zeros(m.out_features, R, device=A.device, dtype=A.dtype)
-        off = 0
+        slot, escale, off = [], [], 0
         for e in lows:
             r = e.down.shape[0]
             B[e.rows, off : off + r] = e.up
+            slot += [e.slot] * r
+            escale += [e.scale] * r
             off += r
         m.A, m.B = A, B
-        m.side_scale = torch.zeros(R, device=A.device, dtype=torch.float32)
+        site.rank_slots = slot
+        m.slot = torch.tensor(slot, device=A.device)
+        m.escale = torch.tensor(escale, device=A.device, dtype=torch.float32)
+        m.offset = torch.zeros(R, device=A.device, dtype=torch.float32)
+        m.strength = self._strength
         self._set_side(site)
 
     def _set_side(self, site: _Site) -> bool:
-        """Side-path scales := (s - m) per slot; on iff any is non-zero. True if changed."""
+        """Side path on iff a slot's strength differs from what is merged; the offset
+        follows the merged strengths. True when the site's output changed."""
         m = site.module
         if not isinstance(m, LoraLinear) or m.A is None:
             return False
-        vals, on = [], False
-        for e in site.entries:
-            if e.down is None:
-                continue
-            delta = self.strengths[e.slot] - site.merged[e.slot]
-            on |= delta != 0.0
-            vals += [delta * e.scale] * e.down.shape[0]
-        new = torch.tensor(vals, dtype=torch.float32)
-        changed = on != m.side_on or (on and not torch.equal(new, m.side_scale.cpu()))
-        if changed:
-            m.side_scale.copy_(new)
-            m.side_on = on
-        return changed
+        slots = sorted({e.slot for e in site.entries if e.down is not None})
+        merged = tuple(site.merged[i] for i in slots)
+        live = tuple(self.strengths[i] for i in slots)
+        on = merged != live
+        state = (on, merged, live if on else None)
+        if state == site.side:
+            return False
+        if site.side is None or site.side[1] != merged:
+            m.offset.copy_(
+                torch.tensor([site.merged[i] for i in site.rank_slots], dtype=torch.float32)
+                .to(m.offset.device)
+                .mul_(m.escale)
+            )
+        m.side_on = on
+        site.side = state
+        return True
+
+    def _push_strengths(self) -> None:
+        self._strength.copy_(torch.tensor(self.strengths, dtype=torch.float32))
 
     @torch.no_grad()
     def update(self, strengths: Sequence[float]) -> bool:
@@ -304,6 +326,8 @@ class LoraSlots:
         s = [float(strengths[i]) if self.slots[i] is not None else 0.0 for i in range(SLOTS)]
         moved = s != self.strengths
         self.strengths = s
+        if moved:
+            self._push_strengths()
         dirty = False
         zero = all(v == 0.0 for v in s)
         budget = self.merge_per_block
