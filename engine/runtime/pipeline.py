@@ -260,10 +260,11 @@ def _build_loras(pipeline: Pipeline) -> None:
     from engine.runtime.lora_loader import LoraLoader
 
     cuda = pipeline.device.type == "cuda"
+    on_device = pipeline.preset.lora_pristine == "device"
     pipeline.loras = LoraSlots(
         pipeline.model,
-        pristine_device="cpu",
-        merge_per_block=CUDA_MERGE_PER_BLOCK if cuda else None,
+        pristine_device=pipeline.device if on_device else "cpu",
+        merge_per_block=CUDA_MERGE_PER_BLOCK if cuda and not on_device else None,
     )
     pipeline.lora_loader = LoraLoader(pipeline.loras, pipeline.preset.vace.assets_dir)
 
