@@ -376,9 +376,9 @@ class LoraSlots:
         dev = self.device
         if isinstance(t, Fp8Linear):
             w = pr["weight"].to(dev).float() * pr["weight_scale"].to(dev).view(-1, 1)
-        else:  # a copy: the sums below must never touch the pristine tensors
-            w = pr["weight"].to(dev, torch.float32, copy=True)
-        bias = pr["bias"].to(dev, torch.float32, copy=True) if "bias" in pr else None
+        else:
+            w = _f32_copy(pr["weight"], dev)
+        bias = _f32_copy(pr["bias"], dev) if "bias" in pr else None
         for e in site.entries:
             m, s = site.merged[e.slot], site.diffs[e.slot]
             if m != 0.0 and e.down is not None:
@@ -415,6 +415,13 @@ class LoraSlots:
     @property
     def device_bytes(self) -> int:
         return sum(p.nbytes for p in self.slots if p is not None)
+
+
+def _f32_copy(t: Tensor, device: torch.device) -> Tensor:
+    """A float32 copy of `t` on `device`, moved in its own (smaller) dtype and cast there.
+    Always a new tensor: the sums done on it must never touch the pristine weights."""
+    x = t.to(device, non_blocking=True)
+    return x.float() if x.dtype != torch.float32 else x.clone()
 
 
 class _null:
