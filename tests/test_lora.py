@@ -309,6 +309,70 @@ def test_strength_zero_is_base_bit_for_bit_after_moves(tmp_path):
         assert torch.equal(model(x, t, text), want)
 
 
+def test_random_moves_always_equal_the_direct_formula(tmp_path):
+    """Any sequence of strength moves, stills and returns to 0 over three slots (low-rank
+    with diff_b, low-rank only, full diffs), with merges spread 5 sites per block: every
+    block equals W = base + sum s_i (alpha/r up@down + diff), b = base + sum s_i diff_b,
+    computed directly in the test; every all-zero block is the base model bit for bit."""
+    import random
+
+    cfg = CONFIGS["tiny"]
+    la = random_lora(cfg, 21)
+    lb = random_lora(cfg, 22, rank=2, alpha=1.0, diff_b=False)
+    g = torch.Generator().manual_seed(23)
+    shapes = {k: tuple(v.shape) for k, v in tiny().state_dict().items()}
+    lc = {
+        n: torch.randn(shapes[n + ".weight"], generator=g) * 0.05
+        for n in ("blocks.0.cross_attn.v", "blocks.1.self_attn.q", "blocks.1.norm3")
+    }
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "c.safetensors"]
+    write_lora(la, "wan", paths[0])
+    write_lora(lb, "kohya", paths[1])
+    save_file({f"diffusion_model.{n}.diff": d for n, d in lc.items()}, str(paths[2]))
+
+    def direct(strengths):
+        ref = tiny()
+        with torch.no_grad():
+            for lora, s in ((la, strengths[0]), (lb, strengths[1])):
+                for name, t in lora.items():
+                    mod = ref.get_submodule(name)
+                    scale = float(t["alpha"]) / t["down"].shape[0] if "alpha" in t else 1.0
+                    mod.weight += s * scale * (t["up"] @ t["down"])
+                    if "diff_b" in t:
+                        mod.bias += s * t["diff_b"]
+            for name, d in lc.items():
+                ref.get_submodule(name).weight += strengths[2] * d
+        return ref
+
+    model = tiny()
+    fuse_qkv(model)
+    slots = LoraSlots(model, merge_per_block=5)
+    for n, p in enumerate(paths):
+        slots.install(n, slots.prepare(load_lora(p)))
+    x, t, text = inputs(cfg)
+    rng = random.Random(0)
+    s = [0.0, 0.0, 0.0, 0.0]
+    zeros = sides = 0
+    with torch.no_grad():
+        base = tiny()(x, t, text)
+        for _ in range(24):
+            r = rng.random()
+            if r < 0.15:
+                s = [0.0] * 4
+            elif r > 0.45:
+                s = list(s)
+                s[rng.randrange(3)] = rng.choice([0.0, round(rng.uniform(-2, 2), 3)])
+            slots.update(s)
+            sides += slots.side_sites > 0
+            got = model(x, t, text)
+            if s == [0.0] * 4:
+                zeros += 1
+                assert torch.equal(got, base)
+            else:
+                assert rel_err(got, direct(s)(x, t, text)) <= 1e-5, s
+    assert zeros >= 2 and sides >= 5  # the sequence did exercise both paths
+
+
 def test_merge_budget_spreads_merges_and_stays_exact(tmp_path):
     p = tmp_path / "a.safetensors"
     write_lora(random_lora(CONFIGS["tiny"], 5), "wan", p)

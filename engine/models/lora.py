@@ -113,7 +113,8 @@ class _Site:
     text_kv: bool
     entries: list[_Entry] = field(default_factory=list)
     merged: list[float] = field(default_factory=lambda: [0.0] * SLOTS)  # low-rank m_i
-    diffs: list[float] = field(default_factory=lambda: [0.0] * SLOTS)  # diff strengths applied
+    wdiffs: list[float] = field(default_factory=lambda: [0.0] * SLOTS)  # `.diff` strengths in
+    bdiffs: list[float] = field(default_factory=lambda: [0.0] * SLOTS)  # `.diff_b` strengths in
     pristine: dict[str, Tensor] | None = None
     side: tuple | None = None  # (on, merged, strengths) the side path was last set for
     rank_slots: list[int] = field(default_factory=list)  # slot of each stacked rank column
@@ -221,9 +222,10 @@ class LoraSlots:
         if old is not None:
             for site in list(self._sites.values()):
                 if any(e.slot == n for e in site.entries):
-                    if site.merged[n] != 0.0 or site.diffs[n] != 0.0:
-                        site.merged[n] = site.diffs[n] = 0.0
-                        self._write(site)
+                    w = site.merged[n] != 0.0 or site.wdiffs[n] != 0.0
+                    b = site.bdiffs[n] != 0.0
+                    site.merged[n] = site.wdiffs[n] = site.bdiffs[n] = 0.0
+                    self._write(site, weight=w, bias=b)
                     site.entries = [e for e in site.entries if e.slot != n]
                     self._rebuild_side(site)
                     dirty |= site.text_kv
@@ -332,11 +334,13 @@ class LoraSlots:
         zero = all(v == 0.0 for v in s)
         budget = self.merge_per_block
         for site in self._sites.values():
-            diffs = [0.0] * SLOTS
+            wd, bd = [0.0] * SLOTS, [0.0] * SLOTS
             target = [0.0] * SLOTS  # low-rank strengths this site would be merged at
             for e in site.entries:
-                if e.diff is not None or e.diff_b is not None:
-                    diffs[e.slot] = s[e.slot]
+                if e.diff is not None:
+                    wd[e.slot] = s[e.slot]
+                if e.diff_b is not None:
+                    bd[e.slot] = s[e.slot]
                 if e.down is not None:
                     target[e.slot] = s[e.slot]
             merged = site.merged
@@ -346,55 +350,62 @@ class LoraSlots:
                 merged = target  # still since the last block: merge at these strengths
                 if budget is not None:
                     budget -= 1
-            touched = False
-            if merged != site.merged or diffs != site.diffs:
-                site.merged, site.diffs = list(merged), diffs
-                self._write(site)
-                touched = True
+            weight = merged != site.merged or wd != site.wdiffs
+            bias = bd != site.bdiffs  # small: follows every move, no side path needed
+            site.merged, site.wdiffs, site.bdiffs = list(merged), wd, bd
+            if weight or bias:
+                self._write(site, weight=weight, bias=bias)
+            touched = weight or bias
             touched |= self._set_side(site)
             dirty |= touched and site.text_kv
         return dirty
 
-    def _write(self, site: _Site) -> None:
-        """The site's tensors := pristine + merged low-rank + applied diffs (exactly the
-        pristine tensors when all are 0)."""
+    def _write(self, site: _Site, *, weight: bool = True, bias: bool = True) -> None:
+        """The site's weight := pristine + merged low-rank + `.diff`s, and/or its bias :=
+        pristine + `.diff_b`s; exactly the pristine tensors where all of those are 0."""
         t = site.target
-        names = [n for n in ("weight", "weight_scale", "bias") if getattr(t, n, None) is not None]
+        wnames = [n for n in ("weight", "weight_scale") if getattr(t, n, None) is not None]
+        bnames = ["bias"] if getattr(t, "bias", None) is not None else []
+        w_zero = all(v == 0.0 for v in site.merged + site.wdiffs)
+        b_zero = all(v == 0.0 for v in site.bdiffs)
         if site.pristine is None:
-            if all(v == 0.0 for v in site.merged + site.diffs):
+            if w_zero and b_zero:
                 return  # nothing merged yet and nothing to merge
             pin = self.pristine_device.type == "cpu" and self.device.type == "cuda"
             site.pristine = {}
-            for n in names:
+            for n in wnames + bnames:
                 p = getattr(t, n).detach().to(self.pristine_device, copy=True)
                 site.pristine[n] = p.pin_memory() if pin else p
-        pr = site.pristine
-        if all(v == 0.0 for v in site.merged + site.diffs):
-            for n in names:
+        pr, dev = site.pristine, self.device
+        if weight and w_zero:
+            for n in wnames:
                 getattr(t, n).copy_(pr[n], non_blocking=True)
-            return
-        dev = self.device
-        if isinstance(t, Fp8Linear):
-            w = pr["weight"].to(dev).float() * pr["weight_scale"].to(dev).view(-1, 1)
-        else:
-            w = _f32_copy(pr["weight"], dev)
-        bias = _f32_copy(pr["bias"], dev) if "bias" in pr else None
-        for e in site.entries:
-            m, s = site.merged[e.slot], site.diffs[e.slot]
-            if m != 0.0 and e.down is not None:
-                w[e.rows] += (m * e.scale) * (e.up.float() @ e.down.float())
-            if s != 0.0 and e.diff is not None:
-                w[e.rows] += s * e.diff.float()
-            if s != 0.0 and e.diff_b is not None and bias is not None:
-                bias[e.rows] += s * e.diff_b.float()
-        if isinstance(t, Fp8Linear):
-            q, sc = quantize_rowwise(w)
-            t.weight.copy_(q)
-            t.weight_scale.copy_(sc.view(1, -1))
-        else:
-            t.weight.copy_(w.to(t.weight.dtype))
-        if bias is not None:
-            t.bias.copy_(bias.to(t.bias.dtype))
+        elif weight:
+            if isinstance(t, Fp8Linear):
+                w = pr["weight"].to(dev).float() * pr["weight_scale"].to(dev).view(-1, 1)
+            else:
+                w = _f32_copy(pr["weight"], dev)
+            for e in site.entries:
+                m, s = site.merged[e.slot], site.wdiffs[e.slot]
+                if m != 0.0 and e.down is not None:
+                    w[e.rows] += (m * e.scale) * (e.up.float() @ e.down.float())
+                if s != 0.0 and e.diff is not None:
+                    w[e.rows] += s * e.diff.float()
+            if isinstance(t, Fp8Linear):
+                q, sc = quantize_rowwise(w)
+                t.weight.copy_(q)
+                t.weight_scale.copy_(sc.view(1, -1))
+            else:
+                t.weight.copy_(w.to(t.weight.dtype))
+        if bias and bnames and b_zero:
+            t.bias.copy_(pr["bias"], non_blocking=True)
+        elif bias and bnames:
+            b = _f32_copy(pr["bias"], dev)
+            for e in site.entries:
+                s = site.bdiffs[e.slot]
+                if s != 0.0 and e.diff_b is not None:
+                    b[e.rows] += s * e.diff_b.float()
+            t.bias.copy_(b.to(t.bias.dtype))
 
     # -- reporting ------------------------------------------------------------------------
     def describe(self) -> list[dict | None]:
