@@ -12,6 +12,7 @@ and into ours through `engine.weights.lora` + `LoraSlots`.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -542,3 +543,23 @@ def test_side_path_off_is_the_wrapped_linear():
     w = LoraLinear(lin)
     x = torch.randn(3, 8)
     assert torch.equal(w(x), lin(x))
+
+
+def test_a_model_of_no_standard_config_checks_shapes_itself(tmp_path):
+    """The header check knows the standard configs; a custom model is checked when the
+    tensors are placed: the message names the module and both shapes."""
+    from engine.models.wan import WanConfig
+
+    cfg = WanConfig(dim=32, ffn_dim=64, heads=2, layers=2, text_dim=32, text_len=16, freq_dim=32)
+    model = init_random_(WanModel(cfg), 0)
+    slots = LoraSlots(model)
+    assert slots.config == "custom"
+    p = tmp_path / "t.safetensors"
+    write_lora(random_lora(CONFIGS["tiny"], 3), "wan", p)
+    with pytest.raises(LoraError) as e:
+        slots.prepare(load_lora(p))
+    assert re.search(
+        r"t\.safetensors: blocks\.\d\.\w+\.\w+\.down: file \[4, 64\], this model \[4, 32\]",
+        str(e.value),
+    ), str(e.value)
+    assert slots.slots == [None] * 4 and not any(isinstance(m, LoraLinear) for m in model.modules())

@@ -177,9 +177,8 @@ class LoraSlots:
         ctx = torch.cuda.stream(stream) if stream is not None else _null()
         with ctx:
             for name, t in lf.targets.items():
-                site, _ = self._locate(name)
-                if t.down is not None and not isinstance(site, (nn.Linear, Fp8Linear, LoraLinear)):
-                    raise LoraError(f"{info.path}: {name}: a low-rank pair on a non-linear module")
+                site, rows = self._locate(name)
+                self._check_shapes(info.path, name, t, site, rows)
                 d: dict = {"scale": t.scale}
                 for part in ("down", "up", "diff", "diff_b"):
                     x = getattr(t, part)
@@ -192,6 +191,33 @@ class LoraSlots:
         if stream is not None:
             stream.synchronize()
         return PreparedLora(str(lf.path), info, out, nbytes)
+
+    def _check_shapes(self, path, name: str, t: Any, module: nn.Module, rows: slice) -> None:
+        """The file's tensors against the module they land on (the header check knows only
+        the standard configs; this one knows the model in hand)."""
+        linear = isinstance(module, (nn.Linear, Fp8Linear, LoraLinear))
+        w = getattr(module, "weight", None) if not isinstance(module, LoraLinear) else None
+        if linear:
+            n_out = module.out_features if rows.start is None else rows.stop - rows.start
+            wshape, bshape = (n_out, module.in_features), (n_out,)
+        elif w is not None:
+            b = getattr(module, "bias", None)
+            wshape, bshape = tuple(w.shape), (tuple(b.shape) if b is not None else None)
+        else:
+            raise LoraError(f"{path}: {name}: not a module a LoRA can change")
+        want = {"diff": wshape, "diff_b": bshape}
+        if t.down is not None:
+            if not linear:
+                raise LoraError(f"{path}: {name}: a low-rank pair on a module that is not linear")
+            r = t.down.shape[0]
+            want["down"], want["up"] = (r, wshape[1]), (wshape[0], r)
+        for part in ("down", "up", "diff", "diff_b"):
+            x = getattr(t, part)
+            if x is not None and (want[part] is None or tuple(x.shape) != want[part]):
+                raise LoraError(
+                    f"{path}: {name}.{part}: file {list(x.shape)}, this model"
+                    f" {list(want[part]) if want[part] else 'has no such parameter'}"
+                )
 
     def _locate(self, name: str) -> tuple[nn.Module, slice]:
         """The module holding Wan-native `name` in the model (the fused qkv for q/k/v)
