@@ -433,6 +433,12 @@ def test_bad_files_are_named_and_change_nothing(tmp_path):
     cases["trunc.safetensors"] = data[: len(data) - 100]
     cases["empty.safetensors"] = b""
     cases["huge_header.safetensors"] = (10**12).to_bytes(8, "little") + b"{}"
+    nest = b"[" * 200_000 + b"]" * 200_000
+    cases["nested.safetensors"] = len(nest).to_bytes(8, "little") + nest
+    cases["no_tensors.safetensors"] = (2).to_bytes(8, "little") + b"{}"
+    entry = {"dtype": "F32", "shape": [10**12, 10**12], "data_offsets": [0, 16]}
+    raw = json.dumps({"diffusion_model.blocks.0.ffn.0.lora_down.weight": entry}).encode()
+    cases["lying_shape.safetensors"] = len(raw).to_bytes(8, "little") + raw + bytes(16)
     for name, blob in cases.items():
         (tmp_path / name).write_bytes(blob)
     i2v = tmp_path / "i2v.safetensors"
@@ -456,6 +462,9 @@ def test_bad_files_are_named_and_change_nothing(tmp_path):
         "trunc.safetensors": "truncated",
         "empty.safetensors": "not a safetensors file",
         "huge_header.safetensors": "not a safetensors file",
+        "nested.safetensors": "nests too deep",
+        "no_tensors.safetensors": "no tensors",
+        "lying_shape.safetensors": "truncated or corrupt",
         "i2v.safetensors": "does not have",
         "deep.safetensors": "blocks.7.ffn.0",
     }
