@@ -118,6 +118,13 @@ class _Site:
     pristine: dict[str, Tensor] | None = None
     side: tuple | None = None  # (on, merged, strengths) the side path was last set for
     rank_slots: list[int] = field(default_factory=list)  # slot of each stacked rank column
+    need: bool = False  # the side path must be on (a strength differs from the merged one)
+
+    @property
+    def group(self) -> str:
+        """The transformer block a site belongs to ("blocks.3"), or its own name."""
+        m = re.match(r"blocks\.\d+", self.name)
+        return m.group(0) if m else self.name
 
     @property
     def target(self) -> nn.Module:
@@ -152,8 +159,13 @@ class LoraSlots:
         pristine_device: str | torch.device = "cpu",
         merge_per_block: int | None = None,
         max_bytes: int | None = None,
+        rank_bucket: int | None = None,
     ):
         self.model = model
+        # Static shapes for torch.compile (see `_prewrap`): every block linear wrapped up
+        # front, factors zero-padded to a multiple of `rank_bucket`, the side path switched
+        # per transformer block. None: wrap on demand, exact sizes (eager, the CPU).
+        self.rank_bucket = rank_bucket
         self.config = config_name(model)
         self.device = model.device
         self.pristine_device = torch.device(pristine_device)
@@ -163,6 +175,8 @@ class LoraSlots:
         self.strengths = [0.0] * SLOTS  # what `update` was last given (0 for empty slots)
         self._strength = torch.zeros(SLOTS, device=self.device, dtype=torch.float32)
         self._sites: dict[str, _Site] = {}
+        if rank_bucket is not None:
+            self._prewrap()
 
     # -- placing a loaded file (any thread) ------------------------------------------------
     def prepare(self, lf: Any) -> PreparedLora:
@@ -274,6 +288,7 @@ class LoraSlots:
                     )
                 )
                 self._rebuild_side(site)
+        self._apply_groups()
         return dirty
 
     def _site_for(self, module: nn.Module, name: str) -> _Site:
@@ -292,38 +307,65 @@ class LoraSlots:
         self._sites[full] = site
         return site
 
+    def _prewrap(self) -> None:
+        """Wrap every linear of every block now, with zero factors of one rank bucket, so
+        that loading a LoRA later changes no module structure and no tensor shape (a
+        compiled block runs on). `warm` runs the side path once, for its graph."""
+        for i, block in enumerate(self.model.blocks):
+            for name, mod in list(block.named_modules()):
+                if isinstance(mod, (nn.Linear, Fp8Linear)):
+                    site = self._site_for(mod, f"blocks.{i}.{name}")
+                    self._rebuild_side(site)
+        self._apply_groups()
+
     def _rebuild_side(self, site: _Site) -> None:
-        """Stack the low-rank factors of every slot on a site into one A, B pair."""
+        """Stack the low-rank factors of every slot on a site into one A, B pair (zero
+        padded to the rank bucket in static mode)."""
         m = site.module
         if not isinstance(m, LoraLinear):
             return
         lows = [e for e in site.entries if e.down is not None]
         site.side = None
-        if not lows:
+        bucket = self.rank_bucket
+        if not lows and bucket is None:
             m.A = m.B = m.slot = m.escale = m.offset = m.strength = None
-            m.side_on = False
+            m.side_on = site.need = False
             return
-        A = torch.cat([e.down for e in lows])
-        R = A.shape[0]
-        B = torch.zeros(m.out_features, R, device=A.device, dtype=A.dtype)
-        slot, escale, off = [], [], 0
+        R = sum(e.down.shape[0] for e in lows)
+        Rp = R if bucket is None else bucket * max(1, -(-R // bucket))
+        dtype = lows[0].down.dtype if lows else self.model.dtype
+        dev = self.device
+        A = torch.zeros(Rp, m.in_features, device=dev, dtype=dtype)
+        B = torch.zeros(m.out_features, Rp, device=dev, dtype=dtype)
+        slot, escale, off = [0] * Rp, [0.0] * Rp, 0
         for e in lows:
             r = e.down.shape[0]
+            A[off : off + r] = e.down
             B[e.rows, off : off + r] = e.up
-            slot += [e.slot] * r
-            escale += [e.scale] * r
+            slot[off : off + r] = [e.slot] * r
+            escale[off : off + r] = [e.scale] * r
             off += r
-        m.A, m.B = A, B
         site.rank_slots = slot
-        m.slot = torch.tensor(slot, device=A.device)
-        m.escale = torch.tensor(escale, device=A.device, dtype=torch.float32)
-        m.offset = torch.zeros(R, device=A.device, dtype=torch.float32)
+        tensors = {
+            "A": A,
+            "B": B,
+            "slot": torch.tensor(slot, device=dev),
+            "escale": torch.tensor(escale, device=dev, dtype=torch.float32),
+            "offset": torch.zeros(Rp, device=dev, dtype=torch.float32),
+        }
+        for name, t in tensors.items():
+            old = getattr(m, name)
+            if old is not None and old.shape == t.shape and old.dtype == t.dtype:
+                old.copy_(t)  # same tensors: nothing for a compiled graph to notice
+            else:
+                setattr(m, name, t)
         m.strength = self._strength
         self._set_side(site)
 
     def _set_side(self, site: _Site) -> bool:
-        """Side path on iff a slot's strength differs from what is merged; the offset
-        follows the merged strengths. True when the site's output changed."""
+        """Whether the site needs its side path (a slot's strength differs from what is
+        merged), with the offset following the merged strengths. True when the site's
+        output changed. `_apply_groups` then switches the paths."""
         m = site.module
         if not isinstance(m, LoraLinear) or m.A is None:
             return False
@@ -340,9 +382,33 @@ class LoraSlots:
                 .to(m.offset.device)
                 .mul_(m.escale)
             )
-        m.side_on = on
+        site.need = on
         site.side = state
         return True
+
+    def _apply_groups(self, force: bool | None = None) -> None:
+        """Switch the side paths: per site (eager), or per transformer block in static
+        mode, where a site that does not need it adds an exact zero (its strength minus
+        its merged strength, or a zero factor), so a block has two graphs, not 2^8."""
+        if self.rank_bucket is None:
+            for site in self._sites.values():
+                if isinstance(site.module, LoraLinear):
+                    site.module.side_on = bool(site.need) if force is None else force
+            return
+        groups: dict[str, list[_Site]] = {}
+        for site in self._sites.values():
+            if isinstance(site.module, LoraLinear) and site.module.A is not None:
+                groups.setdefault(site.group, []).append(site)
+        for sites in groups.values():
+            on = any(x.need for x in sites) if force is None else force
+            for x in sites:
+                x.module.side_on = on
+
+    def warm(self, on: bool) -> None:
+        """Static mode: every side path on (adding exact zeros where nothing moves) for a
+        warm-up block, so its compiled graph exists before the show; off again after."""
+        if self.rank_bucket is not None:
+            self._apply_groups(True if on else None)
 
     def _push_strengths(self) -> None:
         self._strength.copy_(torch.tensor(self.strengths, dtype=torch.float32))
@@ -359,6 +425,7 @@ class LoraSlots:
         dirty = False
         zero = all(v == 0.0 for v in s)
         budget = self.merge_per_block
+        merging = None  # the block being merged: finished even past the budget
         for site in self._sites.values():
             wd, bd = [0.0] * SLOTS, [0.0] * SLOTS
             target = [0.0] * SLOTS  # low-rank strengths this site would be merged at
@@ -372,8 +439,13 @@ class LoraSlots:
             merged = site.merged
             if zero:
                 merged = [0.0] * SLOTS  # strength 0: the pristine weight back, at once
-            elif not moved and target != merged and (budget is None or budget > 0):
+            elif (
+                not moved
+                and target != merged
+                and (budget is None or budget > 0 or site.group == merging)
+            ):
                 merged = target  # still since the last block: merge at these strengths
+                merging = site.group if self.rank_bucket is not None else None
                 if budget is not None:
                     budget -= 1
             weight = merged != site.merged or wd != site.wdiffs
@@ -384,6 +456,7 @@ class LoraSlots:
             touched = weight or bias
             touched |= self._set_side(site)
             dirty |= touched and site.text_kv
+        self._apply_groups()
         return dirty
 
     def _write(self, site: _Site, *, weight: bool = True, bias: bool = True) -> None:
