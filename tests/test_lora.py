@@ -572,3 +572,46 @@ def test_a_model_of_no_standard_config_checks_shapes_itself(tmp_path):
         str(e.value),
     ), str(e.value)
     assert slots.slots == [None] * 4 and not any(isinstance(m, LoraLinear) for m in model.modules())
+
+
+@pytest.mark.slow
+def test_static_mode_never_recompiles_a_compiled_block_after_warm(tmp_path):
+    """Static mode (what the engine uses with compile): after `warm`, loading LoRAs (within
+    the rank bucket), moving, merging, a second LoRA and the return to 0 compile nothing
+    new. Dynamo's CompileCounter backend counts the graphs (no Inductor: fast on a CPU).
+    Outputs equal the eager mode's; warm and strength 0 are the base bit for bit."""
+    from torch._dynamo.testing import CompileCounter
+
+    pa, pb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    write_lora(random_lora(CONFIGS["tiny"], 5, rank=4), "wan", pa)
+    write_lora(random_lora(CONFIGS["tiny"], 6, rank=2, diff_b=False), "kohya", pb)
+    x, t, text = inputs(CONFIGS["tiny"])
+    model, eager = tiny(), tiny()
+    fuse_qkv(model)
+    fuse_qkv(eager)
+    slots, ref = LoraSlots(model, rank_bucket=8, merge_per_block=5), LoraSlots(eager)
+    cnt = CompileCounter()
+    torch._dynamo.reset()
+    for b in model.blocks:
+        b.compile(backend=cnt, dynamic=False)
+    with torch.no_grad():
+        base = model(x, t, text)
+        slots.warm(True)
+        assert torch.equal(model(x, t, text), base)  # zero factors add exact zeros
+        slots.warm(False)
+        warmed = cnt.frame_count
+        assert warmed == 2  # one graph with the side path, one without, for every block
+        steps = [("a", [0.5, 0]), ("", [0.5, 0]), ("", [0.9, 0]), ("b", [0.9, -1.0])]
+        steps += [("", [0.9, -1.0]), ("", [0.9, -1.0]), ("", [0.0, 0.0])]
+        for load, s in steps:
+            for sl in (slots, ref):
+                if load:
+                    n = "ab".index(load)
+                    sl.install(n, sl.prepare(load_lora(pa if load == "a" else pb)))
+                sl.update([*s, 0.0, 0.0])
+            got = model(x, t, text)
+            assert rel_err(got, eager(x, t, text)) <= 1e-5, (load, s)
+            if s == [0.0, 0.0]:
+                assert torch.equal(got, base)
+    assert cnt.frame_count == warmed
+    torch._dynamo.reset()

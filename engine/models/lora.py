@@ -332,6 +332,8 @@ class LoraSlots:
             m.side_on = site.need = False
             return
         R = sum(e.down.shape[0] for e in lows)
+        if bucket is not None and site.name.endswith(".qkv"):
+            bucket *= 3  # q, k and v each bring their own rank
         Rp = R if bucket is None else bucket * max(1, -(-R // bucket))
         dtype = lows[0].down.dtype if lows else self.model.dtype
         dev = self.device
