@@ -329,3 +329,41 @@ def test_lora_flag_parsing():
         with pytest.raises(UsageError):
             parse_lora_flag(bad)
     assert json.loads(json.dumps(parse_lora_flag("x:0.25"))) == ["x", 0.25]
+
+
+def test_static_slots_warm_up_and_leave_the_base_stream_bit_for_bit(assets):
+    """The compile-time layout (every block linear prewrapped with zero factors, side paths
+    run once in an extra warm-up block) on the CPU: the stream after warm-up is the plain
+    pipeline's bit for bit, and a LoRA then moves as it does in the eager layout."""
+    from engine.models.lora import LoraLinear, LoraSlots
+    from engine.runtime.lora_loader import LoraLoader
+
+    preset = preset_for(assets)
+    base, _ = run_blocks(preset, 3)
+    pipeline = build_pipeline(preset)
+    pipeline.loras = LoraSlots(pipeline.model, rank_bucket=8)
+    pipeline.lora_loader = LoraLoader(pipeline.loras, str(assets))
+    wrapped = [m for m in pipeline.model.modules() if isinstance(m, LoraLinear)]
+    assert len(wrapped) == 8 * pipeline.model.cfg.layers  # every block linear, up front
+    reg = make_registry(
+        default_prompt=preset.prompt,
+        default_steps=preset.steps,
+        assets_dir=str(assets),
+        lora_check=_lora_check(pipeline),
+    )
+    driver = BlockDriver(pipeline, registry=reg, sync_prompts=True)
+    calls = []
+    warm = pipeline.loras.warm
+    pipeline.loras.warm = lambda on: (calls.append(on), warm(on))[1]
+    try:
+        driver.warmup(reg.snapshot(), 1)
+        assert calls == [True, False] and not any(m.side_on for m in wrapped)
+        frames = [driver.step(reg.begin_block(b)).rgba for b in range(3)]
+        assert all(torch.equal(a, b) for a, b in zip(base, frames, strict=True))
+        reg.set_many({"lora/1/file": "style.safetensors", "lora/1/scale": 0.7})
+        driver.step(reg.begin_block(3))
+        assert pipeline.loras.side_sites == len(wrapped)  # moved: every block's path on
+        driver.step(reg.begin_block(4))
+        assert pipeline.loras.side_sites == 0  # still: merged
+    finally:
+        pipeline.close()

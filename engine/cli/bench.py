@@ -535,7 +535,11 @@ class _BenchLoras:
         # Still: merge everything at the first still boundary (the steady state the engine
         # reaches after its spread-out merges); moving: merges never happen.
         pristine = device if args.lora_pristine == "device" else "cpu"
-        self.slots = LoraSlots(model, pristine_device=pristine, merge_per_block=None)
+        # with --compile, the engine's static shapes (engine/runtime/pipeline.py)
+        bucket = 64 if args.compile else None
+        self.slots = LoraSlots(
+            model, pristine_device=pristine, merge_per_block=None, rank_bucket=bucket
+        )
         self.pristine = args.lora_pristine
         names = [
             f"blocks.{i}.{m}"
