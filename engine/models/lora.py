@@ -27,6 +27,11 @@ The mechanism, per targeted linear (a "site"), picked by whether a strength is m
   change, from the pristine tensors (they are rare and small or full-rank, where a side
   path would cost as much as the layer).
 
+- **Compiled models** (`rank_bucket`): every block linear is wrapped up front with zero
+  factors padded to a rank bucket and the side path is switched per transformer block,
+  so loading, moving and merging change no module structure, shape or guard: `warm`
+  runs the side-path graph once during warm-up and the show compiles nothing new.
+
 All changes happen in `install` and `update`, which the caller runs between blocks (the
 stream session is synchronous), so a change lands atomically at the next block. File
 reading and the copy of the factors to the device happen in `prepare`, which touches no
