@@ -12,6 +12,7 @@ and into ours through `engine.weights.lora` + `LoraSlots`.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -309,6 +310,70 @@ def test_strength_zero_is_base_bit_for_bit_after_moves(tmp_path):
         assert torch.equal(model(x, t, text), want)
 
 
+def test_random_moves_always_equal_the_direct_formula(tmp_path):
+    """Any sequence of strength moves, stills and returns to 0 over three slots (low-rank
+    with diff_b, low-rank only, full diffs), with merges spread 5 sites per block: every
+    block equals W = base + sum s_i (alpha/r up@down + diff), b = base + sum s_i diff_b,
+    computed directly in the test; every all-zero block is the base model bit for bit."""
+    import random
+
+    cfg = CONFIGS["tiny"]
+    la = random_lora(cfg, 21)
+    lb = random_lora(cfg, 22, rank=2, alpha=1.0, diff_b=False)
+    g = torch.Generator().manual_seed(23)
+    shapes = {k: tuple(v.shape) for k, v in tiny().state_dict().items()}
+    lc = {
+        n: torch.randn(shapes[n + ".weight"], generator=g) * 0.05
+        for n in ("blocks.0.cross_attn.v", "blocks.1.self_attn.q", "blocks.1.norm3")
+    }
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "c.safetensors"]
+    write_lora(la, "wan", paths[0])
+    write_lora(lb, "kohya", paths[1])
+    save_file({f"diffusion_model.{n}.diff": d for n, d in lc.items()}, str(paths[2]))
+
+    def direct(strengths):
+        ref = tiny()
+        with torch.no_grad():
+            for lora, s in ((la, strengths[0]), (lb, strengths[1])):
+                for name, t in lora.items():
+                    mod = ref.get_submodule(name)
+                    scale = float(t["alpha"]) / t["down"].shape[0] if "alpha" in t else 1.0
+                    mod.weight += s * scale * (t["up"] @ t["down"])
+                    if "diff_b" in t:
+                        mod.bias += s * t["diff_b"]
+            for name, d in lc.items():
+                ref.get_submodule(name).weight += strengths[2] * d
+        return ref
+
+    model = tiny()
+    fuse_qkv(model)
+    slots = LoraSlots(model, merge_per_block=5)
+    for n, p in enumerate(paths):
+        slots.install(n, slots.prepare(load_lora(p)))
+    x, t, text = inputs(cfg)
+    rng = random.Random(0)
+    s = [0.0, 0.0, 0.0, 0.0]
+    zeros = sides = 0
+    with torch.no_grad():
+        base = tiny()(x, t, text)
+        for _ in range(24):
+            r = rng.random()
+            if r < 0.15:
+                s = [0.0] * 4
+            elif r > 0.45:
+                s = list(s)
+                s[rng.randrange(3)] = rng.choice([0.0, round(rng.uniform(-2, 2), 3)])
+            slots.update(s)
+            sides += slots.side_sites > 0
+            got = model(x, t, text)
+            if s == [0.0] * 4:
+                zeros += 1
+                assert torch.equal(got, base)
+            else:
+                assert rel_err(got, direct(s)(x, t, text)) <= 1e-5, s
+    assert zeros >= 2 and sides >= 5  # the sequence did exercise both paths
+
+
 def test_merge_budget_spreads_merges_and_stays_exact(tmp_path):
     p = tmp_path / "a.safetensors"
     write_lora(random_lora(CONFIGS["tiny"], 5), "wan", p)
@@ -368,6 +433,12 @@ def test_bad_files_are_named_and_change_nothing(tmp_path):
     cases["trunc.safetensors"] = data[: len(data) - 100]
     cases["empty.safetensors"] = b""
     cases["huge_header.safetensors"] = (10**12).to_bytes(8, "little") + b"{}"
+    nest = b"[" * 200_000 + b"]" * 200_000
+    cases["nested.safetensors"] = len(nest).to_bytes(8, "little") + nest
+    cases["no_tensors.safetensors"] = (2).to_bytes(8, "little") + b"{}"
+    entry = {"dtype": "F32", "shape": [10**12, 10**12], "data_offsets": [0, 16]}
+    raw = json.dumps({"diffusion_model.blocks.0.ffn.0.lora_down.weight": entry}).encode()
+    cases["lying_shape.safetensors"] = len(raw).to_bytes(8, "little") + raw + bytes(16)
     for name, blob in cases.items():
         (tmp_path / name).write_bytes(blob)
     i2v = tmp_path / "i2v.safetensors"
@@ -391,6 +462,9 @@ def test_bad_files_are_named_and_change_nothing(tmp_path):
         "trunc.safetensors": "truncated",
         "empty.safetensors": "not a safetensors file",
         "huge_header.safetensors": "not a safetensors file",
+        "nested.safetensors": "nests too deep",
+        "no_tensors.safetensors": "no tensors",
+        "lying_shape.safetensors": "truncated or corrupt",
         "i2v.safetensors": "does not have",
         "deep.safetensors": "blocks.7.ffn.0",
     }
@@ -478,3 +552,66 @@ def test_side_path_off_is_the_wrapped_linear():
     w = LoraLinear(lin)
     x = torch.randn(3, 8)
     assert torch.equal(w(x), lin(x))
+
+
+def test_a_model_of_no_standard_config_checks_shapes_itself(tmp_path):
+    """The header check knows the standard configs; a custom model is checked when the
+    tensors are placed: the message names the module and both shapes."""
+    from engine.models.wan import WanConfig
+
+    cfg = WanConfig(dim=32, ffn_dim=64, heads=2, layers=2, text_dim=32, text_len=16, freq_dim=32)
+    model = init_random_(WanModel(cfg), 0)
+    slots = LoraSlots(model)
+    assert slots.config == "custom"
+    p = tmp_path / "t.safetensors"
+    write_lora(random_lora(CONFIGS["tiny"], 3), "wan", p)
+    with pytest.raises(LoraError) as e:
+        slots.prepare(load_lora(p))
+    assert re.search(
+        r"t\.safetensors: blocks\.\d\.\w+\.\w+\.down: file \[4, 64\], this model \[4, 32\]",
+        str(e.value),
+    ), str(e.value)
+    assert slots.slots == [None] * 4 and not any(isinstance(m, LoraLinear) for m in model.modules())
+
+
+@pytest.mark.slow
+def test_static_mode_never_recompiles_a_compiled_block_after_warm(tmp_path):
+    """Static mode (what the engine uses with compile): after `warm`, loading LoRAs (within
+    the rank bucket), moving, merging, a second LoRA and the return to 0 compile nothing
+    new. Dynamo's CompileCounter backend counts the graphs (no Inductor: fast on a CPU).
+    Outputs equal the eager mode's; warm and strength 0 are the base bit for bit."""
+    from torch._dynamo.testing import CompileCounter
+
+    pa, pb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    write_lora(random_lora(CONFIGS["tiny"], 5, rank=4), "wan", pa)
+    write_lora(random_lora(CONFIGS["tiny"], 6, rank=2, diff_b=False), "kohya", pb)
+    x, t, text = inputs(CONFIGS["tiny"])
+    model, eager = tiny(), tiny()
+    fuse_qkv(model)
+    fuse_qkv(eager)
+    slots, ref = LoraSlots(model, rank_bucket=8, merge_per_block=5), LoraSlots(eager)
+    cnt = CompileCounter()
+    torch._dynamo.reset()
+    for b in model.blocks:
+        b.compile(backend=cnt, dynamic=False)
+    with torch.no_grad():
+        base = model(x, t, text)
+        slots.warm(True)
+        assert torch.equal(model(x, t, text), base)  # zero factors add exact zeros
+        slots.warm(False)
+        warmed = cnt.frame_count
+        assert warmed == 2  # one graph with the side path, one without, for every block
+        steps = [("a", [0.5, 0]), ("", [0.5, 0]), ("", [0.9, 0]), ("b", [0.9, -1.0])]
+        steps += [("", [0.9, -1.0]), ("", [0.9, -1.0]), ("", [0.0, 0.0])]
+        for load, s in steps:
+            for sl in (slots, ref):
+                if load:
+                    n = "ab".index(load)
+                    sl.install(n, sl.prepare(load_lora(pa if load == "a" else pb)))
+                sl.update([*s, 0.0, 0.0])
+            got = model(x, t, text)
+            assert rel_err(got, eager(x, t, text)) <= 1e-5, (load, s)
+            if s == [0.0, 0.0]:
+                assert torch.equal(got, base)
+    assert cnt.frame_count == warmed
+    torch._dynamo.reset()

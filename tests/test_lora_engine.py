@@ -10,14 +10,11 @@ and the live run's frames for the replay.
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import ROOT, wait_for
+from helpers import wait_for
 from osc_helpers import Listener
 from safetensors.torch import save_file
 from test_lora import random_lora, write_lora
@@ -300,19 +297,25 @@ def test_timeline_v21_loras_render_and_missing_ones_are_named(assets, caplog):
     assert any("gone.safetensors" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.slow
-def test_run_lora_flag_bad_file_exits_2(assets):
+def test_run_lora_flags(assets, capsys, caplog):
+    """`dreamdeck run --lora FILE[:SCALE]` (in process, as the VACE flags are tested): a bad
+    file is one line and exit code 2 before anything runs; good ones load at start."""
+    from engine.cli import main
+
     (assets / "bad.safetensors").write_bytes(b"\x00" * 64)
-    cmd = [sys.executable, "-m", "engine", "run", "--model", "tiny", "--height", "32"]
-    cmd += ["--width", "32", "--no-osc", "--no-shm", "--blocks", "1", "--assets", str(assets)]
-    cmd += ["--lora", "style.safetensors:0.5", "--lora", "bad.safetensors:1.2"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "LoRA 2" in r.stderr and "bad.safetensors" in r.stderr
-    r = subprocess.run(cmd[:-2], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "LoRA slot 1: style.safetensors" in r.stderr
+    base = ["run", "--no-osc", "--no-shm", "--model", "tiny", "--height", "32", "--width", "32"]
+    base += ["--blocks", "1", "--assets", str(assets)]
+    good = ["--lora", "style.safetensors:0.5", "--lora", "other.safetensors"]
+    assert main([*base, *good, "--lora", "bad.safetensors:1.2"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "LoRA 3" in errors[0] and "bad.safetensors" in errors[0], err
+    assert main([*base, "--lora", "x.safetensors:7"]) == 2
+    assert "outside -2..2" in capsys.readouterr().err
+    with caplog.at_level("INFO"):
+        assert main([*base, *good]) == 0
+    loaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LoRA slot")]
+    assert loaded == ["LoRA slot 1: style.safetensors", "LoRA slot 2: other.safetensors"]
 
 
 def test_lora_flag_parsing():
@@ -326,3 +329,41 @@ def test_lora_flag_parsing():
         with pytest.raises(UsageError):
             parse_lora_flag(bad)
     assert json.loads(json.dumps(parse_lora_flag("x:0.25"))) == ["x", 0.25]
+
+
+def test_static_slots_warm_up_and_leave_the_base_stream_bit_for_bit(assets):
+    """The compile-time layout (every block linear prewrapped with zero factors, side paths
+    run once in an extra warm-up block) on the CPU: the stream after warm-up is the plain
+    pipeline's bit for bit, and a LoRA then moves as it does in the eager layout."""
+    from engine.models.lora import LoraLinear, LoraSlots
+    from engine.runtime.lora_loader import LoraLoader
+
+    preset = preset_for(assets)
+    base, _ = run_blocks(preset, 3)
+    pipeline = build_pipeline(preset)
+    pipeline.loras = LoraSlots(pipeline.model, rank_bucket=8)
+    pipeline.lora_loader = LoraLoader(pipeline.loras, str(assets))
+    wrapped = [m for m in pipeline.model.modules() if isinstance(m, LoraLinear)]
+    assert len(wrapped) == 8 * pipeline.model.cfg.layers  # every block linear, up front
+    reg = make_registry(
+        default_prompt=preset.prompt,
+        default_steps=preset.steps,
+        assets_dir=str(assets),
+        lora_check=_lora_check(pipeline),
+    )
+    driver = BlockDriver(pipeline, registry=reg, sync_prompts=True)
+    calls = []
+    warm = pipeline.loras.warm
+    pipeline.loras.warm = lambda on: (calls.append(on), warm(on))[1]
+    try:
+        driver.warmup(reg.snapshot(), 1)
+        assert calls == [True, False] and not any(m.side_on for m in wrapped)
+        frames = [driver.step(reg.begin_block(b)).rgba for b in range(3)]
+        assert all(torch.equal(a, b) for a, b in zip(base, frames, strict=True))
+        reg.set_many({"lora/1/file": "style.safetensors", "lora/1/scale": 0.7})
+        driver.step(reg.begin_block(3))
+        assert pipeline.loras.side_sites == len(wrapped)  # moved: every block's path on
+        driver.step(reg.begin_block(4))
+        assert pipeline.loras.side_sites == 0  # still: merged
+    finally:
+        pipeline.close()

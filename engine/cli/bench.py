@@ -170,6 +170,13 @@ def add_parser(subparsers) -> None:
         help="with --loras: slot 1's strength changes every block (side path); without it the"
         " strengths stand still (merged into the weights)",
     )
+    p.add_argument(
+        "--lora-pristine",
+        choices=["host", "device"],
+        default="host",
+        help="with --loras: where the base weights that merges start from live (preset"
+        " lora_pristine); the report's restore_ms is the return to strength 0",
+    )
     p.add_argument("--models-dir", default=None, help="where the compile cache lives")
     p.add_argument(
         "--interp",
@@ -524,6 +531,11 @@ def measure(
     }
     if lora is not None:
         result["lora"] = lora.report()
+        result["lora"]["restore_ms"] = lora.restore_ms()
+        if cuda:
+            result["lora"]["peak_memory_allocated_gb"] = (
+                torch.cuda.max_memory_allocated(device) / 2**30
+            )
     if args.profile:
         result["profile"] = args.profile
     if sync_check is not None:
@@ -566,7 +578,13 @@ class _BenchLoras:
         self.n = args.loras
         # Still: merge everything at the first still boundary (the steady state the engine
         # reaches after its spread-out merges); moving: merges never happen.
-        self.slots = LoraSlots(model, pristine_device="cpu", merge_per_block=None)
+        pristine = device if args.lora_pristine == "device" else "cpu"
+        # with --compile, the engine's static shapes (engine/runtime/pipeline.py)
+        bucket = 64 if args.compile else None
+        self.slots = LoraSlots(
+            model, pristine_device=pristine, merge_per_block=None, rank_bucket=bucket
+        )
+        self.pristine = args.lora_pristine
         names = [
             f"blocks.{i}.{m}"
             for i in range(model.cfg.layers)
@@ -617,8 +635,28 @@ class _BenchLoras:
             self.session.invalidate_text_kv()
         self.updates += 1
 
+    def restore_ms(self) -> float:
+        """All strengths to 0 (the pristine weights back), then back to the bench's: the
+        stall a performer sees when the last LoRA fades out. Ends on the merged state."""
+        import torch
+
+        cuda = self.slots.device.type == "cuda"
+        back = [0.8] * self.n + [0.0] * (4 - self.n)
+        if cuda:
+            torch.cuda.synchronize(self.slots.device)
+        t0 = time.perf_counter()
+        self.slots.update([0.0] * 4)
+        if cuda:
+            torch.cuda.synchronize(self.slots.device)
+        ms = (time.perf_counter() - t0) * 1e3
+        self.slots.update(back)
+        self.slots.update(back)
+        self.session.invalidate_text_kv()
+        return ms
+
     def report(self) -> dict:
         return {
+            "pristine": self.pristine,
             "loras": self.n,
             "moving": self.moving,
             "file_mb": self.file_mb,

@@ -27,6 +27,11 @@ The mechanism, per targeted linear (a "site"), picked by whether a strength is m
   change, from the pristine tensors (they are rare and small or full-rank, where a side
   path would cost as much as the layer).
 
+- **Compiled models** (`rank_bucket`): every block linear is wrapped up front with zero
+  factors padded to a rank bucket and the side path is switched per transformer block,
+  so loading, moving and merging change no module structure, shape or guard: `warm`
+  runs the side-path graph once during warm-up and the show compiles nothing new.
+
 All changes happen in `install` and `update`, which the caller runs between blocks (the
 stream session is synchronous), so a change lands atomically at the next block. File
 reading and the copy of the factors to the device happen in `prepare`, which touches no
@@ -69,9 +74,12 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.base = base
         self.side_on = False
-        self.A: Tensor | None = None  # [R, in]
-        self.B: Tensor | None = None  # [out, R]
-        self.side_scale: Tensor | None = None  # [R] float32
+        # Buffers (not saved): the stacked factors of every slot, and per rank column its
+        # slot, alpha/rank and the strength already merged times alpha/rank. `strength` is
+        # the slots' one shared device tensor: a moving strength is one 16-byte copy per
+        # block for the whole model, no recompile, no per-layer work on the host.
+        for name in ("A", "B", "slot", "escale", "offset", "strength"):
+            self.register_buffer(name, None, persistent=False)
 
     @property
     def in_features(self) -> int:
@@ -84,7 +92,8 @@ class LoraLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
         if self.side_on:
-            u = (F.linear(x.to(self.A.dtype), self.A).float() * self.side_scale).to(self.B.dtype)
+            scale = self.strength[self.slot] * self.escale - self.offset  # (s - m) alpha/r
+            u = (F.linear(x.to(self.A.dtype), self.A).float() * scale).to(self.B.dtype)
             y = y + F.linear(u, self.B).to(y.dtype)
         return y
 
@@ -109,8 +118,18 @@ class _Site:
     text_kv: bool
     entries: list[_Entry] = field(default_factory=list)
     merged: list[float] = field(default_factory=lambda: [0.0] * SLOTS)  # low-rank m_i
-    diffs: list[float] = field(default_factory=lambda: [0.0] * SLOTS)  # diff strengths applied
+    wdiffs: list[float] = field(default_factory=lambda: [0.0] * SLOTS)  # `.diff` strengths in
+    bdiffs: list[float] = field(default_factory=lambda: [0.0] * SLOTS)  # `.diff_b` strengths in
     pristine: dict[str, Tensor] | None = None
+    side: tuple | None = None  # (on, merged, strengths) the side path was last set for
+    rank_slots: list[int] = field(default_factory=list)  # slot of each stacked rank column
+    need: bool = False  # the side path must be on (a strength differs from the merged one)
+
+    @property
+    def group(self) -> str:
+        """The transformer block a site belongs to ("blocks.3"), or its own name."""
+        m = re.match(r"blocks\.\d+", self.name)
+        return m.group(0) if m else self.name
 
     @property
     def target(self) -> nn.Module:
@@ -145,8 +164,13 @@ class LoraSlots:
         pristine_device: str | torch.device = "cpu",
         merge_per_block: int | None = None,
         max_bytes: int | None = None,
+        rank_bucket: int | None = None,
     ):
         self.model = model
+        # Static shapes for torch.compile (see `_prewrap`): every block linear wrapped up
+        # front, factors zero-padded to a multiple of `rank_bucket`, the side path switched
+        # per transformer block. None: wrap on demand, exact sizes (eager, the CPU).
+        self.rank_bucket = rank_bucket
         self.config = config_name(model)
         self.device = model.device
         self.pristine_device = torch.device(pristine_device)
@@ -154,7 +178,10 @@ class LoraSlots:
         self.max_bytes = max_bytes
         self.slots: list[PreparedLora | None] = [None] * SLOTS
         self.strengths = [0.0] * SLOTS  # what `update` was last given (0 for empty slots)
+        self._strength = torch.zeros(SLOTS, device=self.device, dtype=torch.float32)
         self._sites: dict[str, _Site] = {}
+        if rank_bucket is not None:
+            self._prewrap()
 
     # -- placing a loaded file (any thread) ------------------------------------------------
     def prepare(self, lf: Any) -> PreparedLora:
@@ -169,9 +196,8 @@ class LoraSlots:
         ctx = torch.cuda.stream(stream) if stream is not None else _null()
         with ctx:
             for name, t in lf.targets.items():
-                site, _ = self._locate(name)
-                if t.down is not None and not isinstance(site, (nn.Linear, Fp8Linear, LoraLinear)):
-                    raise LoraError(f"{info.path}: {name}: a low-rank pair on a non-linear module")
+                site, rows = self._locate(name)
+                self._check_shapes(info.path, name, t, site, rows)
                 d: dict = {"scale": t.scale}
                 for part in ("down", "up", "diff", "diff_b"):
                     x = getattr(t, part)
@@ -184,6 +210,33 @@ class LoraSlots:
         if stream is not None:
             stream.synchronize()
         return PreparedLora(str(lf.path), info, out, nbytes)
+
+    def _check_shapes(self, path, name: str, t: Any, module: nn.Module, rows: slice) -> None:
+        """The file's tensors against the module they land on (the header check knows only
+        the standard configs; this one knows the model in hand)."""
+        linear = isinstance(module, (nn.Linear, Fp8Linear, LoraLinear))
+        w = getattr(module, "weight", None) if not isinstance(module, LoraLinear) else None
+        if linear:
+            n_out = module.out_features if rows.start is None else rows.stop - rows.start
+            wshape, bshape = (n_out, module.in_features), (n_out,)
+        elif w is not None:
+            b = getattr(module, "bias", None)
+            wshape, bshape = tuple(w.shape), (tuple(b.shape) if b is not None else None)
+        else:
+            raise LoraError(f"{path}: {name}: not a module a LoRA can change")
+        want = {"diff": wshape, "diff_b": bshape}
+        if t.down is not None:
+            if not linear:
+                raise LoraError(f"{path}: {name}: a low-rank pair on a module that is not linear")
+            r = t.down.shape[0]
+            want["down"], want["up"] = (r, wshape[1]), (wshape[0], r)
+        for part in ("down", "up", "diff", "diff_b"):
+            x = getattr(t, part)
+            if x is not None and (want[part] is None or tuple(x.shape) != want[part]):
+                raise LoraError(
+                    f"{path}: {name}.{part}: file {list(x.shape)}, this model"
+                    f" {list(want[part]) if want[part] else 'has no such parameter'}"
+                )
 
     def _locate(self, name: str) -> tuple[nn.Module, slice]:
         """The module holding Wan-native `name` in the model (the fused qkv for q/k/v)
@@ -214,14 +267,16 @@ class LoraSlots:
         if old is not None:
             for site in list(self._sites.values()):
                 if any(e.slot == n for e in site.entries):
-                    if site.merged[n] != 0.0 or site.diffs[n] != 0.0:
-                        site.merged[n] = site.diffs[n] = 0.0
-                        self._write(site)
+                    w = site.merged[n] != 0.0 or site.wdiffs[n] != 0.0
+                    b = site.bdiffs[n] != 0.0
+                    site.merged[n] = site.wdiffs[n] = site.bdiffs[n] = 0.0
+                    self._write(site, weight=w, bias=b)
                     site.entries = [e for e in site.entries if e.slot != n]
                     self._rebuild_side(site)
                     dirty |= site.text_kv
         self.slots[n] = lora
         self.strengths[n] = 0.0
+        self._push_strengths()
         if lora is not None:
             for name, d in lora.targets.items():
                 module, rows = self._locate(name)
@@ -238,6 +293,7 @@ class LoraSlots:
                     )
                 )
                 self._rebuild_side(site)
+        self._apply_groups()
         return dirty
 
     def _site_for(self, module: nn.Module, name: str) -> _Site:
@@ -256,46 +312,113 @@ class LoraSlots:
         self._sites[full] = site
         return site
 
+    def _prewrap(self) -> None:
+        """Wrap every linear of every block now, with zero factors of one rank bucket, so
+        that loading a LoRA later changes no module structure and no tensor shape (a
+        compiled block runs on). `warm` runs the side path once, for its graph."""
+        for i, block in enumerate(self.model.blocks):
+            for name, mod in list(block.named_modules()):
+                if isinstance(mod, (nn.Linear, Fp8Linear)):
+                    site = self._site_for(mod, f"blocks.{i}.{name}")
+                    self._rebuild_side(site)
+        self._apply_groups()
+
     def _rebuild_side(self, site: _Site) -> None:
-        """Stack the low-rank factors of every slot on a site into one A, B pair."""
+        """Stack the low-rank factors of every slot on a site into one A, B pair (zero
+        padded to the rank bucket in static mode)."""
         m = site.module
         if not isinstance(m, LoraLinear):
             return
         lows = [e for e in site.entries if e.down is not None]
-        if not lows:
-            m.A = m.B = m.side_scale = None
-            m.side_on = False
+        site.side = None
+        bucket = self.rank_bucket
+        if not lows and bucket is None:
+            m.A = m.B = m.slot = m.escale = m.offset = m.strength = None
+            m.side_on = site.need = False
             return
-        A = torch.cat([e.down for e in lows])
-        R = A.shape[0]
-        B = torch.zeros(m.out_features, R, device=A.device, dtype=A.dtype)
-        off = 0
+        R = sum(e.down.shape[0] for e in lows)
+        if bucket is not None and site.name.endswith(".qkv"):
+            bucket *= 3  # q, k and v each bring their own rank
+        Rp = R if bucket is None else bucket * max(1, -(-R // bucket))
+        dtype = lows[0].down.dtype if lows else self.model.dtype
+        dev = self.device
+        A = torch.zeros(Rp, m.in_features, device=dev, dtype=dtype)
+        B = torch.zeros(m.out_features, Rp, device=dev, dtype=dtype)
+        slot, escale, off = [0] * Rp, [0.0] * Rp, 0
         for e in lows:
             r = e.down.shape[0]
+            A[off : off + r] = e.down
             B[e.rows, off : off + r] = e.up
+            slot[off : off + r] = [e.slot] * r
+            escale[off : off + r] = [e.scale] * r
             off += r
-        m.A, m.B = A, B
-        m.side_scale = torch.zeros(R, device=A.device, dtype=torch.float32)
+        site.rank_slots = slot
+        tensors = {
+            "A": A,
+            "B": B,
+            "slot": torch.tensor(slot, device=dev),
+            "escale": torch.tensor(escale, device=dev, dtype=torch.float32),
+            "offset": torch.zeros(Rp, device=dev, dtype=torch.float32),
+        }
+        for name, t in tensors.items():
+            old = getattr(m, name)
+            if old is not None and old.shape == t.shape and old.dtype == t.dtype:
+                old.copy_(t)  # same tensors: nothing for a compiled graph to notice
+            else:
+                setattr(m, name, t)
+        m.strength = self._strength
         self._set_side(site)
 
     def _set_side(self, site: _Site) -> bool:
-        """Side-path scales := (s - m) per slot; on iff any is non-zero. True if changed."""
+        """Whether the site needs its side path (a slot's strength differs from what is
+        merged), with the offset following the merged strengths. True when the site's
+        output changed. `_apply_groups` then switches the paths."""
         m = site.module
         if not isinstance(m, LoraLinear) or m.A is None:
             return False
-        vals, on = [], False
-        for e in site.entries:
-            if e.down is None:
-                continue
-            delta = self.strengths[e.slot] - site.merged[e.slot]
-            on |= delta != 0.0
-            vals += [delta * e.scale] * e.down.shape[0]
-        new = torch.tensor(vals, dtype=torch.float32)
-        changed = on != m.side_on or (on and not torch.equal(new, m.side_scale.cpu()))
-        if changed:
-            m.side_scale.copy_(new)
-            m.side_on = on
-        return changed
+        slots = sorted({e.slot for e in site.entries if e.down is not None})
+        merged = tuple(site.merged[i] for i in slots)
+        live = tuple(self.strengths[i] for i in slots)
+        on = merged != live
+        state = (on, merged, live if on else None)
+        if state == site.side:
+            return False
+        if site.side is None or site.side[1] != merged:
+            m.offset.copy_(
+                torch.tensor([site.merged[i] for i in site.rank_slots], dtype=torch.float32)
+                .to(m.offset.device)
+                .mul_(m.escale)
+            )
+        site.need = on
+        site.side = state
+        return True
+
+    def _apply_groups(self, force: bool | None = None) -> None:
+        """Switch the side paths: per site (eager), or per transformer block in static
+        mode, where a site that does not need it adds an exact zero (its strength minus
+        its merged strength, or a zero factor), so a block has two graphs, not 2^8."""
+        if self.rank_bucket is None:
+            for site in self._sites.values():
+                if isinstance(site.module, LoraLinear):
+                    site.module.side_on = bool(site.need) if force is None else force
+            return
+        groups: dict[str, list[_Site]] = {}
+        for site in self._sites.values():
+            if isinstance(site.module, LoraLinear) and site.module.A is not None:
+                groups.setdefault(site.group, []).append(site)
+        for sites in groups.values():
+            on = any(x.need for x in sites) if force is None else force
+            for x in sites:
+                x.module.side_on = on
+
+    def warm(self, on: bool) -> None:
+        """Static mode: every side path on (adding exact zeros where nothing moves) for a
+        warm-up block, so its compiled graph exists before the show; off again after."""
+        if self.rank_bucket is not None:
+            self._apply_groups(True if on else None)
+
+    def _push_strengths(self) -> None:
+        self._strength.copy_(torch.tensor(self.strengths, dtype=torch.float32))
 
     @torch.no_grad()
     def update(self, strengths: Sequence[float]) -> bool:
@@ -304,73 +427,91 @@ class LoraSlots:
         s = [float(strengths[i]) if self.slots[i] is not None else 0.0 for i in range(SLOTS)]
         moved = s != self.strengths
         self.strengths = s
+        if moved:
+            self._push_strengths()
         dirty = False
         zero = all(v == 0.0 for v in s)
         budget = self.merge_per_block
+        merging = None  # the block being merged: finished even past the budget
         for site in self._sites.values():
-            diffs = [0.0] * SLOTS
+            wd, bd = [0.0] * SLOTS, [0.0] * SLOTS
             target = [0.0] * SLOTS  # low-rank strengths this site would be merged at
             for e in site.entries:
-                if e.diff is not None or e.diff_b is not None:
-                    diffs[e.slot] = s[e.slot]
+                if e.diff is not None:
+                    wd[e.slot] = s[e.slot]
+                if e.diff_b is not None:
+                    bd[e.slot] = s[e.slot]
                 if e.down is not None:
                     target[e.slot] = s[e.slot]
             merged = site.merged
             if zero:
                 merged = [0.0] * SLOTS  # strength 0: the pristine weight back, at once
-            elif not moved and target != merged and (budget is None or budget > 0):
+            elif (
+                not moved
+                and target != merged
+                and (budget is None or budget > 0 or site.group == merging)
+            ):
                 merged = target  # still since the last block: merge at these strengths
+                merging = site.group if self.rank_bucket is not None else None
                 if budget is not None:
                     budget -= 1
-            touched = False
-            if merged != site.merged or diffs != site.diffs:
-                site.merged, site.diffs = list(merged), diffs
-                self._write(site)
-                touched = True
+            weight = merged != site.merged or wd != site.wdiffs
+            bias = bd != site.bdiffs  # small: follows every move, no side path needed
+            site.merged, site.wdiffs, site.bdiffs = list(merged), wd, bd
+            if weight or bias:
+                self._write(site, weight=weight, bias=bias)
+            touched = weight or bias
             touched |= self._set_side(site)
             dirty |= touched and site.text_kv
+        self._apply_groups()
         return dirty
 
-    def _write(self, site: _Site) -> None:
-        """The site's tensors := pristine + merged low-rank + applied diffs (exactly the
-        pristine tensors when all are 0)."""
+    def _write(self, site: _Site, *, weight: bool = True, bias: bool = True) -> None:
+        """The site's weight := pristine + merged low-rank + `.diff`s, and/or its bias :=
+        pristine + `.diff_b`s; exactly the pristine tensors where all of those are 0."""
         t = site.target
-        names = [n for n in ("weight", "weight_scale", "bias") if getattr(t, n, None) is not None]
+        wnames = [n for n in ("weight", "weight_scale") if getattr(t, n, None) is not None]
+        bnames = ["bias"] if getattr(t, "bias", None) is not None else []
+        w_zero = all(v == 0.0 for v in site.merged + site.wdiffs)
+        b_zero = all(v == 0.0 for v in site.bdiffs)
         if site.pristine is None:
-            if all(v == 0.0 for v in site.merged + site.diffs):
+            if w_zero and b_zero:
                 return  # nothing merged yet and nothing to merge
             pin = self.pristine_device.type == "cpu" and self.device.type == "cuda"
             site.pristine = {}
-            for n in names:
+            for n in wnames + bnames:
                 p = getattr(t, n).detach().to(self.pristine_device, copy=True)
                 site.pristine[n] = p.pin_memory() if pin else p
-        pr = site.pristine
-        if all(v == 0.0 for v in site.merged + site.diffs):
-            for n in names:
+        pr, dev = site.pristine, self.device
+        if weight and w_zero:
+            for n in wnames:
                 getattr(t, n).copy_(pr[n], non_blocking=True)
-            return
-        dev = self.device
-        if isinstance(t, Fp8Linear):
-            w = pr["weight"].to(dev).float() * pr["weight_scale"].to(dev).view(-1, 1)
-        else:  # a copy: the sums below must never touch the pristine tensors
-            w = pr["weight"].to(dev, torch.float32, copy=True)
-        bias = pr["bias"].to(dev, torch.float32, copy=True) if "bias" in pr else None
-        for e in site.entries:
-            m, s = site.merged[e.slot], site.diffs[e.slot]
-            if m != 0.0 and e.down is not None:
-                w[e.rows] += (m * e.scale) * (e.up.float() @ e.down.float())
-            if s != 0.0 and e.diff is not None:
-                w[e.rows] += s * e.diff.float()
-            if s != 0.0 and e.diff_b is not None and bias is not None:
-                bias[e.rows] += s * e.diff_b.float()
-        if isinstance(t, Fp8Linear):
-            q, sc = quantize_rowwise(w)
-            t.weight.copy_(q)
-            t.weight_scale.copy_(sc.view(1, -1))
-        else:
-            t.weight.copy_(w.to(t.weight.dtype))
-        if bias is not None:
-            t.bias.copy_(bias.to(t.bias.dtype))
+        elif weight:
+            if isinstance(t, Fp8Linear):
+                w = pr["weight"].to(dev).float() * pr["weight_scale"].to(dev).view(-1, 1)
+            else:
+                w = _f32_copy(pr["weight"], dev)
+            for e in site.entries:
+                m, s = site.merged[e.slot], site.wdiffs[e.slot]
+                if m != 0.0 and e.down is not None:
+                    w[e.rows] += (m * e.scale) * (e.up.float() @ e.down.float())
+                if s != 0.0 and e.diff is not None:
+                    w[e.rows] += s * e.diff.float()
+            if isinstance(t, Fp8Linear):
+                q, sc = quantize_rowwise(w)
+                t.weight.copy_(q)
+                t.weight_scale.copy_(sc.view(1, -1))
+            else:
+                t.weight.copy_(w.to(t.weight.dtype))
+        if bias and bnames and b_zero:
+            t.bias.copy_(pr["bias"], non_blocking=True)
+        elif bias and bnames:
+            b = _f32_copy(pr["bias"], dev)
+            for e in site.entries:
+                s = site.bdiffs[e.slot]
+                if s != 0.0 and e.diff_b is not None:
+                    b[e.rows] += s * e.diff_b.float()
+            t.bias.copy_(b.to(t.bias.dtype))
 
     # -- reporting ------------------------------------------------------------------------
     def describe(self) -> list[dict | None]:
@@ -391,6 +532,13 @@ class LoraSlots:
     @property
     def device_bytes(self) -> int:
         return sum(p.nbytes for p in self.slots if p is not None)
+
+
+def _f32_copy(t: Tensor, device: torch.device) -> Tensor:
+    """A float32 copy of `t` on `device`, moved in its own (smaller) dtype and cast there.
+    Always a new tensor: the sums done on it must never touch the pristine weights."""
+    x = t.to(device, non_blocking=True)
+    return x.float() if x.dtype != torch.float32 else x.clone()
 
 
 class _null:

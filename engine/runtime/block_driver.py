@@ -430,9 +430,15 @@ class BlockDriver:
             raise RuntimeError(f"warm-up: prompt encoding failed: {pipeline.cache.error(text)}")
         emb = pipeline.cache.get(text)[None].to(pipeline.device, pipeline.dtype)
         session = pipeline.session
-        for _ in range(blocks):
+        loras = getattr(pipeline, "loras", None)
+        # Static LoRA slots (compile): one more block with every side path on (adding exact
+        # zeros), so the first LoRA move of the show finds its graph compiled.
+        extra = 1 if loras is not None and loras.rank_bucket is not None else 0
+        for i in range(blocks + extra):
             if stop():  # a warm-up with compilation can take minutes: let SIGINT through
                 break
+            if extra and i == blocks:
+                loras.warm(True)
             video = None
             if getattr(pipeline, "vace", None) is not None:
                 # the VACE path too (its compiled graphs, the context encoder), so the first
@@ -451,4 +457,6 @@ class BlockDriver:
             )
             if on_block is not None:
                 on_block()
+        if extra:
+            loras.warm(False)
         session.reset()

@@ -71,6 +71,8 @@ class LoraLoader:
         dev = self.slots.device
         if dev.type == "cuda":
             free, _ = torch.cuda.mem_get_info(dev)
+            # memory PyTorch holds in its cache but does not use is free for us too
+            free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
             return max(0, free - GPU_RESERVE)
         return None
 

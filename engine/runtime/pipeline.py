@@ -264,6 +264,10 @@ def build_pipeline(
 # 320 at once would stall one block for about a second; 16 spread it over ~20 blocks,
 # while the side path carries the rest (engine/models/lora.py).
 CUDA_MERGE_PER_BLOCK = 16
+# With compile on a GPU, every block linear is wrapped at build time with zero LoRA
+# factors this many ranks wide (3x for the fused q/k/v), so a LoRA loaded mid-show (total
+# rank up to this) changes no shape and compiles nothing (engine/models/lora.py).
+LORA_RANK_BUCKET = 64
 
 
 def _build_loras(pipeline: Pipeline) -> None:
@@ -272,10 +276,12 @@ def _build_loras(pipeline: Pipeline) -> None:
     from engine.runtime.lora_loader import LoraLoader
 
     cuda = pipeline.device.type == "cuda"
+    on_device = pipeline.preset.lora_pristine == "device"
     pipeline.loras = LoraSlots(
         pipeline.model,
-        pristine_device="cpu",
-        merge_per_block=CUDA_MERGE_PER_BLOCK if cuda else None,
+        pristine_device=pipeline.device if on_device else "cpu",
+        merge_per_block=CUDA_MERGE_PER_BLOCK if cuda and not on_device else None,
+        rank_bucket=LORA_RANK_BUCKET if cuda and pipeline.preset.compile else None,
     )
     pipeline.lora_loader = LoraLoader(pipeline.loras, pipeline.preset.vace.assets_dir)
 

@@ -122,6 +122,10 @@ class EnginePreset:
     compile: bool = False
     vace: Vace = field(default_factory=Vace)
     loras: list[Lora] = field(default_factory=list)  # loaded at start, slots 1.. (live: lora/*)
+    # where LoRA slots keep the base weights they merge from (engine/models/lora.py):
+    # "host" (pinned RAM; GPU memory grows by the LoRAs only) or "device" (a GPU copy of
+    # the targeted weights: merges and the return to strength 0 in ms, not ~1 s; big cards)
+    lora_pristine: str = "host"
     warmup_blocks: int = 1
     outputs: Outputs = field(default_factory=Outputs)
     ports: Ports = field(default_factory=Ports)
@@ -155,6 +159,10 @@ class EnginePreset:
                 check_source_spec(self.vace.source, self.vace.assets_dir)
             except ValueError as e:
                 raise PresetError(f"{where}: vace.source: {e}") from None
+        if self.lora_pristine not in ("host", "device"):
+            raise PresetError(
+                f"{where}: lora_pristine: {self.lora_pristine!r} is not host or device"
+            )
         if len(self.loras) > MAX_LORAS:
             raise PresetError(f"{where}: loras: {len(self.loras)} LoRAs, at most {MAX_LORAS}")
         for i, lora in enumerate(self.loras):

@@ -194,6 +194,8 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise LoraError(f"{p}: not a safetensors file (the header is not JSON)") from None
+    except RecursionError:  # [[[[...]]]]: a hostile header, not a safetensors one
+        raise LoraError(f"{p}: not a safetensors file (the header nests too deep)") from None
     if not isinstance(header, dict):
         raise LoraError(f"{p}: not a safetensors file (the header is not a JSON object)")
     data = size - 8 - n
