@@ -477,9 +477,14 @@ class Soak:
             for _, what in schedule:  # anything left (rounding): fire now
                 self.event(what)
             windows.append(self.window("idle", []))
-            return self.judge(windows)
+            report = self.judge(windows)
         finally:
             self.stop()
+        # and at the end a clean, orderly stop on SIGTERM (a finalised recording, exit 0)
+        report["exit_code"] = self.exit_code
+        report["checks"]["clean_exit"] = self.exit_code == 0
+        report["ok"] = all(report["checks"].values())
+        return report
 
     def stop(self) -> None:
         for p in (self.reader, self.writer):
