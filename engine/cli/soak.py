@@ -57,6 +57,10 @@ INPUT_OUTAGE_S = 0.5
 # `*`s in the pathological pattern. Issue 14 part 1 (linear-time matching) makes any count
 # harmless; until that fix is in, more than ~6 stall the engine (the bug the soak is for).
 PATTERN_STARS = 6
+# Issue 14 part 4's inputs (a reversed range, deeply nested JSON): they crashed the OSC
+# handler with an unthrottled traceback each. On once that fix is in (with PATTERN_STARS
+# raised to 60): the soak then also proves the log stays bounded under them.
+OSC_FIXES_IN = False
 READER = """
 import os, sys, time
 from engine.runtime.shm_ring import ShmRingReader
@@ -216,7 +220,11 @@ def _malformed(rng: random.Random) -> bytes:
     engine may accept (clamped values, patterns) targets others, with values in effect."""
     from bridges.osc.wire import encode_bundle, encode_message
 
-    k = rng.randrange(16)
+    k = rng.randrange(18 if OSC_FIXES_IN else 16)
+    if k == 16:
+        return encode_message("/dd/prompt/[9-1]/weight", [0.0])
+    if k == 17:
+        return encode_message("/dd/prompts", ["[" * 3000 + "]" * 3000])
     if k == 0:
         return rng.randbytes(rng.randrange(0, 1500))
     if k == 1:
