@@ -53,7 +53,7 @@ FLOOD: dict[str, tuple[str, float, float]] = {
 }
 # The input's writer is killed and started again this much later (its start-up adds to the
 # outage: the engine holds the last frame, then goes text only, then live again).
-INPUT_OUTAGE_S = 0.5
+INPUT_OUTAGE_S = 2.5
 # `*`s in the pathological pattern. Issue 14 part 1 (linear-time matching) makes any count
 # harmless; until that fix is in, more than ~6 stall the engine (the bug the soak is for).
 PATTERN_STARS = 6
