@@ -330,3 +330,60 @@ def test_record_into_unwritable_folder_errors_and_echoes_off(live):
     assert not [ar for ar in fb.on("/dd/record") if ar and ar[0]], fb.on("/dd/record")
     assert engine.recorder is None and engine.registry.get("record") is False
     assert "record" in engine.status()["last_error"]
+
+
+# -- the registry: a listener that sets a value back -------------------------------------------
+def test_listeners_see_changes_in_the_order_they_happened():
+    """A listener that answers a change by setting the value back (the engine refusing a
+    recording) must not leave the others with the refused value as the last they saw: it
+    used to, because the nested change reached them before the one that caused it."""
+    reg = make_registry()
+    seen: dict[str, list] = {"a": [], "b": []}
+
+    def refuse(change) -> None:
+        seen["a"].append(change.value)
+        if change.path == "pause" and change.value is True:
+            reg.set("pause", False)  # nested, on the same thread
+
+    reg.subscribe(refuse)
+    reg.subscribe(lambda c: seen["b"].append(c.value) if c.path == "pause" else None)
+    reg.set("pause", True)
+    assert reg.get("pause") is False
+    assert seen["a"] == [True, False] and seen["b"] == [True, False]
+    # another thread's changes are not held back by this one's delivery
+    import threading
+
+    got = []
+    reg.subscribe(lambda c: got.append((threading.current_thread().name, c.value)))
+    t = threading.Thread(target=reg.set, args=("pause", True), name="other")
+    t.start()
+    t.join(5)
+    assert ("other", True) in got and ("other", False) in got
+
+
+def test_echo_and_replacing_a_parameter():
+    from dataclasses import replace
+
+    reg = make_registry()
+    echoed = []
+    reg.subscribe(lambda c: echoed.append((c.path, c.value)))
+    reg.echo("seed")
+    assert echoed == [("seed", reg.get("seed"))]
+    p = reg.param("seed")
+
+    def odd_only(v):
+        if v % 2 == 0:
+            raise ValueError("even seeds refused")
+        return v
+
+    reg.set("seed", 8)
+    reg.declare(replace(p, validate=odd_only), replace=True)
+    with pytest.raises(ControlError, match="even seeds refused"):
+        reg.set("seed", 10)
+    reg.set("seed", 11)
+    reg.begin_block(0)
+    assert reg.applied("seed") == 11
+    with pytest.raises(ValueError, match="declared twice"):
+        reg.declare(p)
+    with pytest.raises(ValueError, match="not declared"):
+        reg.declare(replace(p, path="nope"), replace=True)
