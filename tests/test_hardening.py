@@ -108,6 +108,20 @@ def test_non_camera_paths_are_refused_on_linux(device):
     assert reg.get("vace/source") == "none" and reg.get("vace/mask_source") == "none"
 
 
+def test_camera_flag_and_preset_are_refused_before_start(tmp_path, capsys):
+    from engine.cli import main
+    from engine.runtime.presets import PresetError, load_preset
+
+    rc = main(
+        ["run", "--no-osc", "--no-shm", "--model", "tiny", "--vace-source", "camera:/etc/passwd"]
+    )
+    assert rc == 2 and "is not a video capture device" in capsys.readouterr().err
+    p = tmp_path / "p.yaml"
+    p.write_text("model: tiny\nvace:\n  source: camera:../../../dev/zero\n")
+    with pytest.raises(PresetError, match="is not a video capture device"):
+        load_preset(p)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux device paths")
 def test_refusal_does_not_reveal_whether_a_path_exists(tmp_path):
     (tmp_path / "exists").write_text("x")
