@@ -506,6 +506,9 @@ class Soak:
             except subprocess.TimeoutExpired:
                 self._kill(self.engine)
         self.exit_code = rc if rc is not None else getattr(self.engine, "returncode", None)
+        from engine.runtime.shm_ring import _unlink_name
+
+        _unlink_name(self.input_ring)  # the writer was killed: its ring would stay behind
         if self._frames_reader is not None:
             self._frames_reader.close()
         self.fb.close()
