@@ -118,6 +118,7 @@ class Window:
     t_start: float = 0.0  # monotonic, the first block edge
     t_end: float = 0.0
     input_live: bool = True  # the input was live throughout (set when judged)
+    wall_s: float = 0.0  # the whole window, from the previous window's end (log rate)
 
 
 # -- the engine process ----------------------------------------------------------------------
@@ -421,8 +422,9 @@ class Soak:
             self.loaded += time.monotonic() - t0
         rss, threads = _proc_status(self.engine.pid)
         log_bytes = self.log_path.stat().st_size
+        wall = time.monotonic() - t0
         if first is None or last is None:  # no block for a minute: the engine is stuck
-            return Window(kind, time.monotonic() - t0, 0.0, 0.0, 0, rss, threads, log_bytes)
+            return Window(kind, wall, 0.0, 0.0, 0, rss, threads, log_bytes, wall_s=wall)
         return Window(
             kind,
             last[2] - first[2],
@@ -434,6 +436,7 @@ class Soak:
             log_bytes,
             first[2],
             last[2],
+            wall_s=wall,
         )
 
     def event(self, what: str, at: float | None = None) -> None:
@@ -589,7 +592,7 @@ class Soak:
         rss_growth = max(w.rss_mb for w in last) - max(w.rss_mb for w in first)
         thread_growth = max(w.threads for w in last) - max(w.threads for w in first)
         log_rate = [
-            (b.log_bytes - a.log_bytes) / max(1e-9, b.seconds)
+            (b.log_bytes - a.log_bytes) / max(1e-9, b.wall_s)
             for a, b in zip(windows, windows[1:], strict=False)
             if b.kind == "load"
         ]
