@@ -108,6 +108,20 @@ def test_non_camera_paths_are_refused_on_linux(device):
     assert reg.get("vace/source") == "none" and reg.get("vace/mask_source") == "none"
 
 
+def test_camera_flag_and_preset_are_refused_before_start(tmp_path, capsys):
+    from engine.cli import main
+    from engine.runtime.presets import PresetError, load_preset
+
+    rc = main(
+        ["run", "--no-osc", "--no-shm", "--model", "tiny", "--vace-source", "camera:/etc/passwd"]
+    )
+    assert rc == 2 and "is not a video capture device" in capsys.readouterr().err
+    p = tmp_path / "p.yaml"
+    p.write_text("model: tiny\nvace:\n  source: camera:../../../dev/zero\n")
+    with pytest.raises(PresetError, match="is not a video capture device"):
+        load_preset(p)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux device paths")
 def test_refusal_does_not_reveal_whether_a_path_exists(tmp_path):
     (tmp_path / "exists").write_text("x")
@@ -330,3 +344,60 @@ def test_record_into_unwritable_folder_errors_and_echoes_off(live):
     assert not [ar for ar in fb.on("/dd/record") if ar and ar[0]], fb.on("/dd/record")
     assert engine.recorder is None and engine.registry.get("record") is False
     assert "record" in engine.status()["last_error"]
+
+
+# -- the registry: a listener that sets a value back -------------------------------------------
+def test_listeners_see_changes_in_the_order_they_happened():
+    """A listener that answers a change by setting the value back (the engine refusing a
+    recording) must not leave the others with the refused value as the last they saw: it
+    used to, because the nested change reached them before the one that caused it."""
+    reg = make_registry()
+    seen: dict[str, list] = {"a": [], "b": []}
+
+    def refuse(change) -> None:
+        seen["a"].append(change.value)
+        if change.path == "pause" and change.value is True:
+            reg.set("pause", False)  # nested, on the same thread
+
+    reg.subscribe(refuse)
+    reg.subscribe(lambda c: seen["b"].append(c.value) if c.path == "pause" else None)
+    reg.set("pause", True)
+    assert reg.get("pause") is False
+    assert seen["a"] == [True, False] and seen["b"] == [True, False]
+    # another thread's changes are not held back by this one's delivery
+    import threading
+
+    got = []
+    reg.subscribe(lambda c: got.append((threading.current_thread().name, c.value)))
+    t = threading.Thread(target=reg.set, args=("pause", True), name="other")
+    t.start()
+    t.join(5)
+    assert ("other", True) in got and ("other", False) in got
+
+
+def test_echo_and_replacing_a_parameter():
+    from dataclasses import replace
+
+    reg = make_registry()
+    echoed = []
+    reg.subscribe(lambda c: echoed.append((c.path, c.value)))
+    reg.echo("seed")
+    assert echoed == [("seed", reg.get("seed"))]
+    p = reg.param("seed")
+
+    def odd_only(v):
+        if v % 2 == 0:
+            raise ValueError("even seeds refused")
+        return v
+
+    reg.set("seed", 8)
+    reg.declare(replace(p, validate=odd_only), replace=True)
+    with pytest.raises(ControlError, match="even seeds refused"):
+        reg.set("seed", 10)
+    reg.set("seed", 11)
+    reg.begin_block(0)
+    assert reg.applied("seed") == 11
+    with pytest.raises(ValueError, match="declared twice"):
+        reg.declare(p)
+    with pytest.raises(ValueError, match="not declared"):
+        reg.declare(replace(p, path="nope"), replace=True)

@@ -78,10 +78,8 @@ class Run:
 def runs(tmp_path_factory):
     """Started together: their start-ups overlap."""
     tmp = tmp_path_factory.mktemp("shutdown")
-    r = {
-        n: Run(tmp, n, h)
-        for n, h in (("block", "block"), ("control", "control"), ("twice", "block"))
-    }
+    kinds = (("block", "block"), ("control", "control"), ("twice", "block"), ("orderly", ""))
+    r = {n: Run(tmp, n, h) for n, h in kinds}
     yield r
     for run in r.values():
         if run.proc.poll() is None:
@@ -142,9 +140,8 @@ def test_watchdog_stands_down_when_the_orderly_stop_finishes():
     took = w.done()
     time.sleep(0.5)
     assert exits == [] and took is not None and took < 0.2
-    import faulthandler
-
-    faulthandler.cancel_dump_traceback_later()  # done() armed the exit backstop
+    w.exit_now(0)  # after the orderly stop: out at once, with the stop's own code
+    assert exits == [0]
 
 
 def test_watchdog_closes_every_part_within_its_time_and_exits_nonzero():
@@ -180,3 +177,23 @@ def test_test_hang_hook_refuses_unknown_values():
     with pytest.raises(ValueError, match="use block or control"):
         install_test_hang(object(), "sometimes")
     install_test_hang(object(), "")  # unset: nothing happens
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_an_orderly_stop_is_quick_and_clean(runs):
+    """Nothing stuck: exit 0 with the recording finalised, the engine's own measure well
+    inside 5 s, and the process gone soon after (no slow interpreter teardown)."""
+    run = runs["orderly"]
+    run.wait_line("ready: first frames", 240)
+    time.sleep(1.0)
+    rc, wall = run.stop(signal.SIGTERM)
+    log = "".join(run.lines)
+    assert rc == 0, log
+    m = re.search(r"shutdown: finished ([\d.]+) s after the signal", log)
+    assert m and float(m.group(1)) < 5.0, log
+    assert wall < 15.0, (wall, log)
+    assert not Path(f"/dev/shm/{run.shm}").exists()
+    blocks = read_control_log(run.out.with_name(run.out.stem + ".controls.jsonl"))
+    with av.open(str(run.out)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == blocks.frames >= 9

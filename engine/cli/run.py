@@ -618,7 +618,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
         log.info(
             "recorded %d frames to %s (+ %s)", recorder.frames_written, record, recorder.log_path
         )
+    code = 0
     if engine.error is not None:
         print(f"dreamdeck run: stopped by an error: {engine.error}", file=sys.stderr)
-        return 1
-    return 0
+        code = 1
+    if watchdog.armed:  # stopped by a signal: skip the interpreter's slow teardown
+        watchdog.exit_now(code)
+    return code

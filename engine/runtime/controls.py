@@ -147,7 +147,8 @@ def standard_params(
             "steps",
             "int_list",
             list(default_steps or STEP_PRESETS["quality"]),
-            "Denoising step list: strictly decreasing timesteps in 1..1000",
+            "Denoising step list: 1 to 8 strictly decreasing timesteps in 1..1000 (the model is"
+            " distilled for 1-4)",
             validate=_steps,
         ),
         Param(

@@ -396,6 +396,8 @@ class Engine:
 
     # -- generation thread ----------------------------------------------------------------
     def _run(self) -> None:
+        # The OS thread id: `dreamdeck soak` reads this thread's CPU time from /proc.
+        log.info("generation thread: native id %d", threading.get_native_id())
         try:
             t_warm = time.perf_counter()
             bar = None

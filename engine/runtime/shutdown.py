@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 GRACE_S = 3.0  # the orderly shutdown's time
 PART_S = 0.5  # each part's time when abandoning
 BACKSTOP_S = 0.5  # past the parts' time: faulthandler ends the process
-EXIT_S = 5.0  # after an orderly shutdown: the interpreter's own exit
 ABANDONED = 3  # exit code: the shutdown had to abandon something
 TEST_HANG_ENV = "DREAMDECK_TEST_HANG"
 
@@ -88,11 +87,17 @@ class ShutdownWatchdog:
         signal (None when no signal came)."""
         self._done.set()
         faulthandler.cancel_dump_traceback_later()
-        if self._armed_at is None:
-            return None
-        # What is left (interpreter exit) must not hang on a stuck non-daemon thread either.
-        faulthandler.dump_traceback_later(EXIT_S, exit=True, file=sys.stderr)
-        return time.monotonic() - self._armed_at
+        return None if self._armed_at is None else time.monotonic() - self._armed_at
+
+    def exit_now(self, code: int) -> None:
+        """After a signal and an orderly stop: end the process at once with `code`.
+
+        Why not return and let the interpreter finish: tearing down torch and the loaded
+        model took 5-7 s on a loaded two-core machine, all of it in C with every thread
+        already gone, which breaks the 5 s promise for no gain (the recording, the ring
+        and the ports are closed by now; logs and stdio are flushed here)."""
+        _flush()
+        self._exit(code)
 
     def _watch(self) -> None:
         deadline = self._armed_at + self.grace
@@ -131,14 +136,22 @@ class ShutdownWatchdog:
             ", ".join(self.abandoned) or "nothing",
             ABANDONED,
         )
-        for h in logging.getLogger().handlers:
-            try:
-                h.flush()
-            except Exception:  # noqa: BLE001 - exiting anyway
-                pass
-        sys.stderr.flush()
+        _flush()
         self._exit(ABANDONED)
         faulthandler.cancel_dump_traceback_later()  # reached only with a test's exit
+
+
+def _flush() -> None:
+    for h in logging.getLogger().handlers:
+        try:
+            h.flush()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def _quietly(name: str, close: Callable[[], Any]) -> None:
