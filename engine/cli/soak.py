@@ -55,13 +55,13 @@ FLOOD: dict[str, tuple[str, float, float]] = {
 # The input's writer is killed and started again this much later (its start-up adds to the
 # outage: the engine holds the last frame, then goes text only, then live again).
 INPUT_OUTAGE_S = 2.5
-# `*`s in the pathological pattern. Issue 14 part 1 (linear-time matching) makes any count
-# harmless; until that fix is in, more than ~6 stall the engine (the bug the soak is for).
-PATTERN_STARS = 6
-# Issue 14 part 4's inputs (a reversed range, deeply nested JSON): they crashed the OSC
-# handler with an unthrottled traceback each. On once that fix is in (with PATTERN_STARS
-# raised to 60): the soak then also proves the log stays bounded under them.
-OSC_FIXES_IN = False
+# `*`s in the pathological pattern: before issue 14 part 1 (linear-time matching) more than
+# ~6 stalled the engine; the soak sends up to 60 (bridges/osc/pattern.py's bound allows them).
+PATTERN_STARS = 60
+# Issue 14 part 4's inputs (a reversed range, deeply nested JSON) crashed the OSC handler
+# with an unthrottled traceback each; the soak sends them too, and checks the log stays
+# bounded.
+OSC_FIXES_IN = True
 READER = """
 import os, sys, time
 from engine.runtime.shm_ring import ShmRingReader
