@@ -191,6 +191,9 @@ def _follower_main(rank: int, world: int, port: int, spec: RankSpec, parent: int
         model = apply_ulysses(build_model(spec, device), cross=spec.cross)
         session = shard_session_for(spec, model, device)
         store.set(f"ready/{rank}", "1")
+        # Collectives time out after timeout_s, and rank 0 may take much longer than that
+        # to build the rest (decoder, text encoder): wait for its go on the store instead.
+        store.wait(["go"])
         trace = None
         if spec.trace is not None:
             trace = open(os.path.join(spec.trace, f"rank{rank}.jsonl"), "w")  # noqa: SIM115
@@ -208,6 +211,8 @@ def _follower_main(rank: int, world: int, port: int, spec: RankSpec, parent: int
             on_block=on_block,
             heartbeat=lambda i: store.set(f"block/{rank}", str(i)),
         )
+        if device.type == "cuda":  # for `dreamdeck bench --gpus N`: memory per rank
+            store.set(f"peak/{rank}", str(torch.cuda.max_memory_allocated(device)))
         dist.destroy_process_group()
     except BaseException as e:  # noqa: BLE001 - report, then exit non-zero
         if not isinstance(e, KeyboardInterrupt):
@@ -237,6 +242,8 @@ class World:
         self.spec, self.n, self.store, self.procs, self.port = spec, n, store, procs, port
         self.failure: str | None = None
         self._closing = False
+        self._closed: list[str] | None = None
+        self.leader: LeaderSession | None = None
         self._lock = threading.Lock()
         self._monitor = threading.Thread(target=self._watch, daemon=True, name="ranks")
         self._monitor.start()
@@ -349,6 +356,7 @@ class World:
         apply_ulysses(session.model, cross=self.spec.cross)
         shard_cache(session, self.n)
         self.wait_ready()
+        self.store.set("go", "1")
         leader = lead(session)
         leader.diagnose = self.diagnose
         return leader
@@ -356,6 +364,8 @@ class World:
     def close(self, leader: LeaderSession | None = None, timeout: float = 10.0) -> list[str]:
         """Stop the followers: a stop message when the group is healthy, then terminate,
         then kill whoever is left. Returns the followers' exit causes."""
+        if self._closed is not None:
+            return self._closed
         self._closing = True
         if leader is not None and self.failure is None:
             try:
@@ -377,7 +387,8 @@ class World:
                 dist.destroy_process_group()
         except Exception as e:  # noqa: BLE001
             log.debug("destroy_process_group: %s", e)
-        return [f"rank {r} {_cause(p.exitcode)}" for r, p in enumerate(self.procs, start=1)]
+        self._closed = [f"rank {r} {_cause(p.exitcode)}" for r, p in enumerate(self.procs, start=1)]
+        return self._closed
 
 
 def spec_with(spec: RankSpec, **changes: Any) -> RankSpec:

@@ -155,6 +155,13 @@ class LeaderSession(StreamSession):
                 raise self._lost(f"block {msg['index']}", e) from e
             raise
 
+    def probe(self, shape: tuple[int, ...], reps: int) -> float:
+        """Time `reps` token->head all-to-alls of a [3, B, n, H, D] tensor (and one of its
+        output's size each) on every rank: a block's communication without its compute.
+        Returns seconds on this rank."""
+        self._send({"op": "probe", "shape": tuple(shape), "reps": reps})
+        return probe_all_to_all(shape, reps, self.device, self.dtype, self.group)
+
     def stop_followers(self) -> None:
         """Tell the followers to leave their loop (the end of a clean run)."""
         self._send({"op": "stop"})
@@ -217,6 +224,9 @@ def follow(
         if op == "reset":
             session.reset()
             continue
+        if op == "probe":
+            probe_all_to_all(msg["shape"], msg["reps"], session.device, session.dtype, group)
+            continue
         if op != "block":
             raise RankLost(f"unknown message from rank 0: {op!r}")
         if msg["index"] != session.index:
@@ -245,3 +255,24 @@ def follow(
                 ),
                 out,
             )
+
+
+def probe_all_to_all(shape, reps: int, device, dtype, group) -> float:
+    """See `LeaderSession.probe`. Three untimed rounds first (connections, buffers)."""
+    import time
+
+    from engine.parallel.ulysses import heads_from_tokens
+
+    world = dist.get_world_size(group)
+    group = group if group is not None else dist.group.WORLD
+    x = torch.zeros(shape, device=device, dtype=dtype)
+    for _ in range(3):
+        heads_from_tokens(x, world, group)
+    dist.barrier(group)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        heads_from_tokens(x, world, group)
+        heads_from_tokens(x[:1], world, group)
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter() - t0
