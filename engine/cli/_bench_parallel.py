@@ -95,6 +95,7 @@ def run_parallel(args, cfg, device, dtype, backend, height, width, steps) -> int
 
 def _measure(args, spec, world, cfg, device, dtype, backend, steps) -> int:
     import torch
+
     from engine.cli._bench_accuracy import rel_err
     from engine.parallel.launch import build_model
     from engine.parallel.ulysses import comm_volume, layer_heads

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -90,12 +89,6 @@ def check_ranks(n: int, spec: RankSpec, *, gpus: int | None = None) -> None:
     check_world(spec.cfg, n, hp * wp)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _backend(spec: RankSpec) -> str:
     return "nccl" if spec.device == "cuda" else "gloo"
 
@@ -107,8 +100,9 @@ def _device(spec: RankSpec, rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _init_group(spec: RankSpec, rank: int, world: int, port: int) -> dist.TCPStore:
-    store = dist.TCPStore(
+def _store(rank: int, world: int, port: int) -> dist.TCPStore:
+    """The rendezvous store, hosted by rank 0 (created before the others are spawned)."""
+    return dist.TCPStore(
         "127.0.0.1",
         port,
         world,
@@ -116,6 +110,12 @@ def _init_group(spec: RankSpec, rank: int, world: int, port: int) -> dist.TCPSto
         timeout=timedelta(seconds=STARTUP_TIMEOUT_S),
         wait_for_workers=False,
     )
+
+
+def _init_group(spec: RankSpec, rank: int, world: int, store: dist.TCPStore) -> None:
+    """Join the process group. Every rank has already announced itself on the store (see
+    `World.start`), so the rendezvous is quick whatever `timeout_s` is: that timeout is
+    meant for the collectives, not for importing torch on a loaded machine."""
     kwargs: dict[str, Any] = {}
     if spec.device == "cuda":
         kwargs["device_id"] = torch.device("cuda", rank)
@@ -127,7 +127,6 @@ def _init_group(spec: RankSpec, rank: int, world: int, port: int) -> dist.TCPSto
         timeout=timedelta(seconds=spec.timeout_s),
         **kwargs,
     )
-    return store
 
 
 def build_model(spec: RankSpec, device: torch.device):
@@ -186,7 +185,9 @@ def _follower_main(rank: int, world: int, port: int, spec: RankSpec, parent: int
         torch.set_num_threads(max(1, spec.threads))
     store = None
     try:
-        store = _init_group(spec, rank, world, port)
+        store = _store(rank, world, port)
+        store.set(f"alive/{rank}", "1")
+        _init_group(spec, rank, world, store)
         device = _device(spec, rank)
         model = apply_ulysses(build_model(spec, device), cross=spec.cross)
         session = shard_session_for(spec, model, device)
@@ -198,11 +199,15 @@ def _follower_main(rank: int, world: int, port: int, spec: RankSpec, parent: int
         if spec.trace is not None:
             trace = open(os.path.join(spec.trace, f"rank{rank}.jsonl"), "w")  # noqa: SIM115
 
+        seen = [0]
+
         def on_block(rec, out) -> None:
             if trace is not None:
                 import json
 
-                torch.save(out.latents.cpu(), os.path.join(spec.trace, f"r{rank}b{rec.index}.pt"))
+                name = f"r{rank}n{seen[0]}.pt"  # blocks in the order run (index restarts)
+                seen[0] += 1
+                torch.save(out.latents.cpu(), os.path.join(spec.trace, name))
                 trace.write(json.dumps(rec.__dict__, default=str) + "\n")
                 trace.flush()
 
@@ -221,6 +226,19 @@ def _follower_main(rank: int, world: int, port: int, spec: RankSpec, parent: int
                 traceback.print_exc(file=sys.stderr)
         sys.stderr.flush()
         os._exit(1)
+
+
+def _wait_keys(store: dist.TCPStore, keys: list[str], procs: list, what: str) -> None:
+    """Until every key is set on the store, or a follower dies (named), or the start-up
+    timeout passes."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not store.check(keys):
+        dead = [(r, _cause(p.exitcode)) for r, p in enumerate(procs, 1) if p.exitcode is not None]
+        if dead:
+            raise RankLost(f"while {what}: " + "; ".join(f"rank {r} {c}" for r, c in dead))
+        if time.monotonic() > deadline:
+            raise RankLost(f"while {what}: ranks not ready after {STARTUP_TIMEOUT_S:.0f} s")
+        time.sleep(0.05)
 
 
 def _cause(code: int | None) -> str:
@@ -254,7 +272,8 @@ class World:
         check_ranks(n, spec)
         if dist.is_initialized():
             raise ParallelConfigError("a process group is already running in this process")
-        port = _free_port()
+        store = _store(0, n, 0)  # port 0: the OS picks a free one
+        port = store.port
         ctx = mp.get_context("spawn")
         procs = []
         for r in range(1, n):
@@ -267,7 +286,8 @@ class World:
             p.start()
             procs.append(p)
         try:
-            store = _init_group(spec, 0, n, port)
+            _wait_keys(store, [f"alive/{r}" for r in range(1, n)], procs, "starting")
+            _init_group(spec, 0, n, store)
         except BaseException:
             for p in procs:
                 p.kill()
@@ -338,15 +358,7 @@ class World:
 
     def wait_ready(self) -> None:
         """Until every follower has built its share (or one died)."""
-        keys = [f"ready/{r}" for r in range(1, self.n)]
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not self.store.check(keys):
-            dead = self._dead()
-            if dead:
-                raise RankLost("while starting: " + "; ".join(f"rank {r} {c}" for r, c in dead))
-            if time.monotonic() > deadline:
-                raise RankLost(f"ranks not ready after {STARTUP_TIMEOUT_S:.0f} s")
-            time.sleep(0.05)
+        _wait_keys(self.store, [f"ready/{r}" for r in range(1, self.n)], self.procs, "building")
 
     def attach(self, session) -> LeaderSession:
         """Shard rank 0's built session (model, cache) and make it the leader. Waits for
@@ -359,6 +371,7 @@ class World:
         self.store.set("go", "1")
         leader = lead(session)
         leader.diagnose = self.diagnose
+        self.leader = leader
         return leader
 
     def close(self, leader: LeaderSession | None = None, timeout: float = 10.0) -> list[str]:

@@ -71,8 +71,24 @@ def check_world(cfg: WanConfig, world: int, tokens_per_frame: int | None = None)
 # --------------------------------------------------------------------------- collectives
 
 
+class Traffic:
+    """Bytes this rank sends to other ranks through the collectives below, counted when
+    `TRAFFIC` is set to one (tests check `comm_volume` against it; eager mode only: under
+    torch.compile the count runs once, at trace time)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.all_to_alls = 0
+
+
+TRAFFIC: Traffic | None = None
+
+
 def _a2a(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     """All-to-all over dim 0 (one slice per rank, equal sizes)."""
+    if TRAFFIC is not None:
+        TRAFFIC.bytes += x.numel() * x.element_size() * (x.shape[0] - 1) // x.shape[0]
+        TRAFFIC.all_to_alls += 1
     out = funcol.all_to_all_single(x.contiguous(), None, None, group)
     return funcol.wait_tensor(out) if isinstance(out, funcol.AsyncCollectiveTensor) else out
 
@@ -96,6 +112,8 @@ def tokens_from_heads(x: Tensor, world: int, group: dist.ProcessGroup) -> Tensor
 
 def gather_tokens(x: Tensor, world: int, group: dist.ProcessGroup) -> Tensor:
     """[B, n, C] on each rank -> [B, n·W, C] in rank order, the same on every rank."""
+    if TRAFFIC is not None:
+        TRAFFIC.bytes += x.numel() * x.element_size() * (world - 1)
     y = funcol.all_gather_single(x.transpose(0, 1).contiguous(), 0, group)
     y = funcol.wait_tensor(y) if isinstance(y, funcol.AsyncCollectiveTensor) else y
     return y.transpose(0, 1)
