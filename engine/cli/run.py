@@ -260,9 +260,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--gpus",
         type=int,
-        default=1,
+        default=None,
         metavar="N",
-        help="split each block over N GPUs (N gloo processes on a CPU); N divides the heads",
+        help="split each block over N GPUs (N gloo processes on a CPU; N divides the heads);"
+        " default: the preset's gpus (1)",
     )
     g.add_argument(
         "--rank-timeout",
@@ -357,7 +358,7 @@ def _log_peak_memory(device: Any, engine: Any) -> None:
     )
 
 
-def _start_ranks(args: argparse.Namespace, preset: Any) -> Any:
+def _start_ranks(args: argparse.Namespace, preset: Any, gpus: int) -> Any:
     """--gpus N: check N and start ranks 1..N-1 (engine/parallel/launch.py); they build
     their share of the transformer while this process builds the rest."""
     from engine.parallel.launch import World, spec_for_preset
@@ -373,7 +374,7 @@ def _start_ranks(args: argparse.Namespace, preset: Any) -> Any:
             random_weights=args.random_weights,
             timeout_s=args.rank_timeout,
         )
-        return World.start(spec, args.gpus)
+        return World.start(spec, gpus)
     except (ParallelConfigError, PipelineError) as e:
         raise UsageError(str(e)) from None
 
@@ -417,7 +418,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
     phases.add("launch (imports, flags, outputs)", time.perf_counter() - _T_IMPORT)
     if preset.compile and preset.device != "cpu":
         use_compile_cache(args.models_dir, preset.name, preset.device)
-    world = _start_ranks(args, preset) if args.gpus != 1 else None
+    gpus = args.gpus if args.gpus is not None else preset.gpus
+    world = _start_ranks(args, preset, gpus) if gpus != 1 else None
     pipeline = build_or_explain(preset, args.models_dir, args.random_weights, phases)
     if pipeline is None:
         if world is not None:

@@ -442,3 +442,36 @@ def spec_for_preset(
         if timeout_s is not None
         else (120.0 if device.type == "cuda" else 30.0),
     )
+
+
+def topology() -> dict[str, Any]:
+    """What `dreamdeck doctor` reports for --gpus: GPU count, peer access between every
+    pair (NVLink or PCIe P2P; without it NCCL goes through host memory, much slower), and
+    whether NCCL and gloo are built in."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    peer = []
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                try:
+                    ok = bool(torch.cuda.can_device_access_peer(i, j))
+                except RuntimeError:
+                    ok = False
+                peer.append({"from": i, "to": j, "access": ok})
+    nccl = dist.is_available() and dist.is_nccl_available()
+    version = None
+    if nccl:
+        try:
+            v = torch.cuda.nccl.version()
+            version = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+        except Exception:  # noqa: BLE001 - a build without the library
+            version = None
+    return {
+        "gpu_count": n,
+        "peer_access": peer,
+        "all_peers": all(p["access"] for p in peer) if peer else None,
+        "nccl": nccl,
+        "nccl_version": version,
+        "gloo": dist.is_available() and dist.is_gloo_available(),
+        "max_gpus": n,
+    }

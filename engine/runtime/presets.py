@@ -108,6 +108,7 @@ class EnginePreset:
     compile: bool = False
     vace: Vace = field(default_factory=Vace)
     warmup_blocks: int = 1
+    gpus: int = 1  # ranks the stream is split over (engine/parallel); `run --gpus` wins
     outputs: Outputs = field(default_factory=Outputs)
     ports: Ports = field(default_factory=Ports)
 
@@ -127,6 +128,8 @@ class EnginePreset:
             raise PresetError(f"{where}: kv_bias: {self.kv_bias} is outside 0.01..1")
         if not 0 <= self.seed <= 2**31 - 1:
             raise PresetError(f"{where}: seed: {self.seed} is outside 0..2147483647")
+        if not 1 <= self.gpus <= 64:
+            raise PresetError(f"{where}: gpus: {self.gpus} is outside 1..64")
         if self.transition_blocks < 0:
             raise PresetError(f"{where}: transition_blocks: must be >= 0")
         if self.outputs.shm_slots < 2:
