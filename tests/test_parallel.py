@@ -139,6 +139,45 @@ def test_comm_volume_properties():
     )
 
 
+@pytest.mark.parametrize("name", ["h200x2-832x480", "h200x4-832x480", "h200x4-832x480-fp8"])
+def test_multi_gpu_presets_split_the_14b_and_are_checked_against_the_gpus_here(name):
+    from engine.parallel.launch import spec_for_preset
+    from engine.runtime.pipeline import PipelineError
+    from engine.runtime.presets import load_preset
+
+    p = load_preset(name)
+    assert p.model == "14b" and p.gpus in (2, 4) and p.fp8 == name.endswith("fp8")
+    spec = RankSpec(cfg=CONFIGS["14b"], height=p.height, width=p.width, device="cuda")
+    check_ranks(p.gpus, spec, gpus=8)  # heads and tokens divide on an 8-GPU machine
+    with pytest.raises(ParallelConfigError, match=f"--gpus {p.gpus}: only 1 CUDA GPU here"):
+        check_ranks(p.gpus, spec, gpus=1)
+    with pytest.raises(PipelineError, match="needs a CUDA GPU"):  # no GPU on this machine
+        spec_for_preset(p, random_weights=True)
+
+
+def test_a_preset_with_zero_gpus_is_refused():
+    from engine.runtime.presets import PresetError, parse_preset
+
+    with pytest.raises(PresetError, match="gpus: 0 is outside 1..64"):
+        parse_preset("model: tiny\ngpus: 0\n", "bad.yaml").check("bad.yaml")
+
+
+def test_doctor_reports_gpus_peer_access_and_backends(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "DREAMDECK_MODELS"}
+    r = subprocess.run(
+        [sys.executable, "-m", "engine", "doctor", "--json", "--preset", "h200x2-832x480"]
+        + ["--models-dir", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    report = json.loads(r.stdout)
+    par = report["parallel"]
+    assert par["gpu_count"] == torch.cuda.device_count()
+    assert par["gloo"] is True and par["nccl"] == torch.distributed.is_nccl_available()
+    if par["gpu_count"] < 2:
+        assert any("needs 2 GPUs" in p for p in report["problems"]), report["problems"]
+        assert r.returncode == 1
+
+
 # --------------------------------------------------------------------------- slow
 
 SCENARIO = ROOT / "tests" / "parallel_scenario.py"
