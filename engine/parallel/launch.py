@@ -218,7 +218,13 @@ def _follower_main(rank: int, world: int, port: int, spec: RankSpec, parent: int
         )
         if device.type == "cuda":  # for `dreamdeck bench --gpus N`: memory per rank
             store.set(f"peak/{rank}", str(torch.cuda.max_memory_allocated(device)))
-        dist.destroy_process_group()
+        if trace is not None:
+            trace.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Straight out: tearing down the group and the interpreter can take seconds on a
+        # loaded machine, and there is nothing left to save.
+        os._exit(0)
     except BaseException as e:  # noqa: BLE001 - report, then exit non-zero
         if not isinstance(e, KeyboardInterrupt):
             print(f"dreamdeck rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
@@ -374,7 +380,7 @@ class World:
         self.leader = leader
         return leader
 
-    def close(self, leader: LeaderSession | None = None, timeout: float = 10.0) -> list[str]:
+    def close(self, leader: LeaderSession | None = None, timeout: float = 30.0) -> list[str]:
         """Stop the followers: a stop message when the group is healthy, then terminate,
         then kill whoever is left. Returns the followers' exit causes."""
         if self._closed is not None:
