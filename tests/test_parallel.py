@@ -205,8 +205,8 @@ def _env() -> dict:
 
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory):
-    """Everything slow, started together so that the start-ups overlap: the scenario
-    over 2 and over 4 ranks, `dreamdeck run --gpus 2` (to be killed), and the bench."""
+    """The scenario over 2 and over 4 ranks and `dreamdeck bench --gpus 2`, started
+    together so that the start-ups overlap."""
     tmp = tmp_path_factory.mktemp("parallel")
     procs = {}
     for n in (2, 4):
@@ -215,13 +215,6 @@ def worlds(tmp_path_factory):
         cmd = [sys.executable, str(SCENARIO), "--world", str(n), "--out", str(out)]
         procs[n] = (subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True), out)  # fmt: skip
-    shm = f"ddpar{uuid.uuid4().hex[:8]}"
-    rec = tmp / "show.mp4"
-    run = [sys.executable, "-m", "engine", "run", "--model", "tiny", "--height", "64"]
-    run += ["--width", "64", "--steps", "1000,750", "--no-osc", "--shm", shm, "--gpus", "2"]
-    run += ["--record", str(rec), "--blocks", "1000", "--rank-timeout", "60"]
-    procs["run"] = (subprocess.Popen(run, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True), (rec, shm))  # fmt: skip
     bench = [sys.executable, "-m", "engine", "bench", "--model", "tiny", "--device", "cpu"]
     bench += ["--gpus", "2", "--json", "--blocks", "1", "--warmup", "2", "--rank-timeout", "60"]
     procs["bench"] = (subprocess.Popen(bench, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
@@ -231,6 +224,46 @@ def worlds(tmp_path_factory):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def shows(tmp_path_factory):
+    """Two `dreamdeck run --gpus 2` shows, started together: one to kill a rank of, one to
+    hang a rank of."""
+    tmp = tmp_path_factory.mktemp("shows")
+    procs = {}
+    shm = f"ddpar{uuid.uuid4().hex[:8]}"
+    rec = tmp / "show.mp4"
+    run = [sys.executable, "-m", "engine", "run", "--model", "tiny", "--height", "64"]
+    run += ["--width", "64", "--steps", "1000,750", "--no-osc", "--shm", shm, "--gpus", "2"]
+    run += ["--record", str(rec), "--blocks", "1000", "--rank-timeout", "60"]
+    procs["run"] = (_start_show(run, tmp / "run.log"), (rec, shm))
+    shm2 = f"ddpar{uuid.uuid4().hex[:8]}"
+    rec2 = tmp / "hang.mp4"
+    hang = [a for a in run if a not in (shm, str(rec))]
+    hang[hang.index("--shm") + 1 : hang.index("--shm") + 1] = [shm2]
+    hang[hang.index("--record") + 1 : hang.index("--record") + 1] = [str(rec2)]
+    hang[hang.index("--rank-timeout") + 1] = "10"
+    procs["hang"] = (_start_show(hang, tmp / "hang.log"), (rec2, shm2))
+    yield procs
+    for proc, _ in procs.values():
+        for pid in _children(proc.pid):  # a stopped rank does not watch its parent
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def _start_show(cmd: list[str], log: Path) -> subprocess.Popen:
+    """The run's log goes to a file: a pipe nobody reads until the end could fill up and
+    stall the show."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=log.open("w"), text=True)  # fmt: skip
+    proc.log = log
+    return proc
 
 
 def _finish(procs, key, timeout=400):
@@ -313,36 +346,54 @@ def test_bench_reports_the_world_and_the_error_against_one_process(worlds):
     assert r["ranks"] == ["rank 1 exited with code 0"]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_killing_a_rank_ends_the_run_cleanly_naming_it(worlds):
-    proc, (rec, shm) = worlds["run"]
-    log_path = rec.with_name("show.controls.jsonl")
+def _fault(worlds, key: str, sig: int, limit: float, words: str) -> None:
+    """Wait for 4 recorded blocks, send `sig` to rank 1, and check the run ends within
+    `limit` seconds naming the rank, with the recording finalised, the shared-memory ring
+    unlinked and no process of the run left."""
+    proc, (rec, shm) = worlds[key]
+    log_path = rec.with_name(rec.stem + ".controls.jsonl")
     deadline = time.monotonic() + 400
-    while not (log_path.exists() and len(log_path.read_text().splitlines()) >= 4):
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
+    while not (log_path.exists() and len(log_path.read_text().splitlines()) >= 5):
+        assert proc.poll() is None, proc.log.read_text()[-3000:]
         assert time.monotonic() < deadline, "no blocks"
         time.sleep(0.2)
     ranks = _children(proc.pid)
-    followers = [p for p in ranks if "_follower_main" in _cmdline(p) or "spawn" in _cmdline(p)]
-    assert followers, [(_cmdline(p)) for p in ranks]
+    followers = [p for p in ranks if "spawn_main" in _cmdline(p)]
+    assert len(followers) == 1, [_cmdline(p) for p in ranks]
     assert Path(f"/dev/shm/{shm}").exists()
     t0 = time.monotonic()
-    os.kill(followers[0], signal.SIGKILL)
-    _, err = proc.communicate(timeout=60)
+    os.kill(followers[0], sig)
+    proc.wait(timeout=limit + 60)
     took = time.monotonic() - t0
-    assert took < 30, took
+    err = proc.log.read_text()
+    assert took < limit, (took, err[-3000:])
     assert proc.returncode == 1, err[-3000:]
-    assert "rank 1 killed by SIGKILL" in err, err[-3000:]
-    assert "stopped by an error" in err
+    assert words in err and "stopped by an error" in err, err[-3000:]
     assert not Path(f"/dev/shm/{shm}").exists()  # the ring was released
-    assert not any(_alive(p) for p in [proc.pid, *ranks])  # nothing left behind
+    deadline = time.monotonic() + 10  # the resource tracker follows its parent out
+    while any(_alive(p) for p in [proc.pid, *ranks]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in [proc.pid, *ranks]), [_cmdline(p) for p in ranks]
     from engine.runtime.control_log import read_control_log
 
     log = read_control_log(log_path)
     with av.open(str(rec)) as c:  # finalised: it opens and plays to its last frame
         frames = sum(1 for _ in c.decode(video=0))
     assert frames == log.frames >= 9 + 12 * 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_killing_a_rank_ends_the_run_cleanly_naming_it(shows):
+    _fault(shows, "run", signal.SIGKILL, 30, "rank 1 killed by SIGKILL")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_hung_rank_ends_the_run_after_the_timeout_naming_it(shows):
+    # SIGSTOP: the process lives but does nothing (a wedged GPU, a deadlock); the run has
+    # --rank-timeout 10
+    _fault(shows, "hang", signal.SIGSTOP, 10 + 30, "rank 1 hung")
 
 
 def _cmdline(pid: int) -> str:

@@ -9,8 +9,8 @@ one rank per card; on a CPU it is gloo, N processes (tests and CI).
 
 Faults, and why each ends the run rather than stalling it:
 - every collective has a timeout (`RankSpec.timeout_s`); a rank that hangs makes the
-  others' collective fail after it, and the leader names the rank whose heartbeat (the
-  last block it started, kept in the rendezvous store) lags;
+  others' collective fail after it, and the leader names the rank whose heartbeat (a
+  thread stamping the time on the rendezvous store every second) stopped;
 - a rank that dies is seen by the leader's monitor thread (exit code or signal); on NCCL,
   where a dead peer does not break a pending collective by itself, the monitor aborts the
   process group so the leader's collective returns at once;
@@ -119,6 +119,10 @@ def _init_group(spec: RankSpec, rank: int, world: int, store: dist.TCPStore) -> 
     kwargs: dict[str, Any] = {}
     if spec.device == "cuda":
         kwargs["device_id"] = torch.device("cuda", rank)
+        # On a collective timeout, abort the communicators and raise in the caller (2),
+        # instead of PyTorch's default of killing the process (3): rank 0 must live on to
+        # finalise the recording and release the ring. A user's own setting wins.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     dist.init_process_group(
         _backend(spec),
         store=dist.PrefixStore("pg", store),
@@ -178,6 +182,19 @@ def _parent_watch(parent: int) -> None:
         time.sleep(0.5)
 
 
+BEAT_S = 1.0  # a follower's liveness beat on the store; 5 missed beats: hung
+
+
+def _beat(rank: int, world: int, port: int) -> None:
+    """Stamp the time on the store every BEAT_S from a thread of its own (and a store
+    client of its own): a rank blocked in a collective still beats, a stopped or wedged
+    one does not, so the leader can tell which rank hung."""
+    store = _store(rank, world, port)
+    while True:
+        store.set(f"beat/{rank}", repr(time.time()))
+        time.sleep(BEAT_S)
+
+
 def _follower_main(rank: int, world: int, port: int, spec: RankSpec, parent: int) -> None:
     threading.Thread(target=_parent_watch, args=(parent,), daemon=True).start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the leader, which stops us
@@ -187,6 +204,7 @@ def _follower_main(rank: int, world: int, port: int, spec: RankSpec, parent: int
     try:
         store = _store(rank, world, port)
         store.set(f"alive/{rank}", "1")
+        threading.Thread(target=_beat, args=(rank, world, port), daemon=True).start()
         _init_group(spec, rank, world, store)
         device = _device(spec, rank)
         model = apply_ulysses(build_model(spec, device), cross=spec.cross)
@@ -329,8 +347,8 @@ class World:
             time.sleep(0.2)
 
     def diagnose(self, block: int | None = None) -> str:
-        """Which rank failed and how: a dead process, else the rank whose last started
-        block lags (hung), else 'unknown'."""
+        """Which rank failed and how: a dead process (exit code or signal), else a rank
+        whose heartbeat stopped (hung: stopped, wedged), else 'cause unknown'."""
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:  # a kill is seen by the OS a moment later
             if self._dead():
@@ -339,25 +357,19 @@ class World:
         dead = self._dead()
         if dead:
             return "; ".join(f"rank {r} {c}" for r, c in dead)
-        if block is not None:
-            slow = []
-            for r in range(1, self.n):
-                try:
-                    last = (
-                        int(self.store.get(f"block/{r}"))
-                        if self.store.check([f"block/{r}"])
-                        else -1
-                    )
-                except Exception:  # noqa: BLE001
-                    last = -1
-                if last < block:
-                    slow.append(f"rank {r} (last started block {last})")
-            if slow:
-                return (
-                    f"no answer within {self.spec.timeout_s:.0f} s from "
-                    + ", ".join(slow)
-                    + ": hung"
-                )
+        now, stale = time.time(), []
+        for r in range(1, self.n):
+            key = f"beat/{r}"
+            try:
+                beat = float(self.store.get(key)) if self.store.check([key]) else None
+                last = int(self.store.get(f"block/{r}")) if self.store.check([f"block/{r}"]) else -1
+            except Exception:  # noqa: BLE001 - the store is ours; a failure is no proof
+                continue
+            if beat is None or now - beat > 5 * BEAT_S:
+                ago = "never" if beat is None else f"{now - beat:.0f} s ago"
+                stale.append(f"rank {r} hung (last heartbeat {ago}, last block started {last})")
+        if stale:
+            return "; ".join(stale)
         return "a rank failed (cause unknown)"
 
     # -- life
@@ -386,7 +398,10 @@ class World:
         if self._closed is not None:
             return self._closed
         self._closing = True
-        if leader is not None and self.failure is None:
+        broken = self.failure is not None or (leader is not None and leader.lost)
+        if broken:
+            timeout = min(timeout, 2.0)  # a hung rank will not leave by itself
+        if leader is not None and not broken:
             try:
                 leader.stop_followers()
             except BaseException as e:  # noqa: BLE001 - ending anyway

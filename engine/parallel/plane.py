@@ -106,8 +106,10 @@ class LeaderSession(StreamSession):
     _sent_key: Any
     _warned_video: bool
     diagnose: Any  # (block index) -> "rank 2 killed by SIGKILL", set by launch.World
+    lost: bool  # a collective failed: the group is broken
 
     def _lost(self, what: str, e: BaseException) -> RankLost:
+        self.lost = True  # launch.World.close sends no stop message into a broken group
         diag = self.diagnose(self.index) if self.diagnose is not None else "a rank failed"
         return RankLost(f"{diag} ({what}: {type(e).__name__}: {str(e)[:200]})")
 
@@ -189,6 +191,7 @@ def lead(session: StreamSession, group: dist.ProcessGroup | None = None) -> Lead
     session._sent_key = None
     session._warned_video = False
     session.diagnose = None
+    session.lost = False
     return session  # type: ignore[return-value]
 
 
