@@ -209,11 +209,12 @@ def worlds(tmp_path_factory):
     together so that the start-ups overlap."""
     tmp = tmp_path_factory.mktemp("parallel")
     procs = {}
-    for n in (2, 4):
-        out = tmp / f"w{n}"
+    for n, variant in ((2, "base"), (4, "base"), (2, "fp8")):
+        out = tmp / f"w{n}{variant}"
         out.mkdir()
         cmd = [sys.executable, str(SCENARIO), "--world", str(n), "--out", str(out)]
-        procs[n] = (subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+        cmd += ["--variant", variant]
+        procs[(n, variant)] = (subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True), out)  # fmt: skip
     bench = [sys.executable, "-m", "engine", "bench", "--model", "tiny", "--device", "cpu"]
     bench += ["--gpus", "2", "--json", "--blocks", "1", "--warmup", "2", "--rank-timeout", "60"]
@@ -273,33 +274,41 @@ def _finish(procs, key, timeout=400):
     return stdout, out
 
 
-@pytest.fixture(scope="module")
-def reference():
+_REFERENCES: dict[str, list[torch.Tensor]] = {}
+
+
+def reference(variant: str) -> list[torch.Tensor]:
     """The scenario on the plain model in this process: what the split stream must give."""
     from engine.parallel.launch import build_model
     from tests.parallel_scenario import spec
 
-    torch.set_num_threads(1)
-    model = build_model(spec(), torch.device("cpu"))
-    return scenario(build_session(model))
+    if variant not in _REFERENCES:
+        torch.set_num_threads(1)
+        s = spec(variant=variant)
+        model = build_model(s, torch.device("cpu"))
+        _REFERENCES[variant] = scenario(build_session(model, s.kv_cache))
+    return _REFERENCES[variant]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("n", [2, 4])
-def test_n_ranks_give_the_latents_of_one_process(worlds, reference, n):
-    stdout, out = _finish(worlds, n)
+@pytest.mark.parametrize(("n", "variant"), [(2, "base"), (4, "base"), (2, "fp8")])
+def test_n_ranks_give_the_latents_of_one_process(worlds, n, variant):
+    """base: fused q/k/v, float32; fp8: fp8 weights and KV cache, unfused q/k/v and the
+    cross-attention K/V split by heads (parallel_scenario.VARIANTS)."""
+    reference_ = reference(variant)
+    stdout, out = _finish(worlds, (n, variant))
     leader = torch.load(out / "leader.pt")
     info = json.loads((out / "leader.json").read_text())
     assert info["kv_heads"] == CFG4.heads // n  # each rank caches its share of the heads
-    assert len(leader["first"]) == len(reference) == sum(1 for s in PLAN if s != "reset")
-    for i, (a, b) in enumerate(zip(leader["first"], reference, strict=True)):
+    assert len(leader["first"]) == len(reference_) == sum(1 for s in PLAN if s != "reset")
+    for i, (a, b) in enumerate(zip(leader["first"], reference_, strict=True)):
         assert rel_err(a, b) < 1e-5, (n, i, rel_err(a, b))
     # the same seed replays bit for bit (after a reset, in the same world)
     for a, b in zip(leader["first"], leader["replay"], strict=True):
         assert torch.equal(a, b)
     # every follower ends each block with rank 0's latents, bit for bit (all-gathered)
-    runs = 2 * len(reference)
+    runs = 2 * len(reference_)
     for r in range(1, n):
         got = [torch.load(out / f"r{r}n{k}.pt") for k in range(runs)]
         for a, b in zip(got, leader["first"] + leader["replay"], strict=True):
@@ -312,7 +321,7 @@ def test_n_ranks_give_the_latents_of_one_process(worlds, reference, n):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_controls_set_on_rank_0_reach_every_rank_at_the_same_block(worlds):
-    _, out = _finish(worlds, 4)
+    _, out = _finish(worlds, (4, "base"))
     sent = json.loads((out / "leader.json").read_text())["snapshots"]
     for r in (1, 2, 3):
         rows = [json.loads(x) for x in (out / f"rank{r}.jsonl").read_text().splitlines()]
@@ -328,7 +337,7 @@ def test_controls_set_on_rank_0_reach_every_rank_at_the_same_block(worlds):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("n", [2, 4])
 def test_bytes_on_the_wire_equal_comm_volume(worlds, n):
-    _, out = _finish(worlds, n)
+    _, out = _finish(worlds, (n, "base"))
     traffic = json.loads((out / "leader.json").read_text())["traffic"]
     v = comm_volume(CFG4, HEIGHT, WIDTH, 3, n, elem_bytes=4)  # float32 on the CPU
     assert traffic == {"bytes": v.bytes_per_block, "all_to_alls": v.all_to_alls}
