@@ -28,11 +28,26 @@ HEIGHT, WIDTH = 64, 96
 STEPS = [1000, 750, 500]
 
 
-def spec(world_trace: str | None = None, timeout_s: float = 60.0):
+# "base": fused q/k/v, float32 weights and cache, cross-attention K/V of all heads on each
+# rank. "fp8": everything else: fp8 weights (row-wise), fp8 KV cache, q/k/v unfused, the
+# cross-attention K/V split by heads.
+VARIANTS = {
+    "base": {},
+    "fp8": {"fp8": True, "kv_cache": "fp8", "fuse_qkv": False, "cross": "heads"},
+}
+
+
+def spec(world_trace: str | None = None, timeout_s: float = 60.0, variant: str = "base"):
     from engine.parallel.launch import RankSpec
 
     return RankSpec(
-        cfg=CFG4, height=HEIGHT, width=WIDTH, seed=3, trace=world_trace, timeout_s=timeout_s
+        cfg=CFG4,
+        height=HEIGHT,
+        width=WIDTH,
+        seed=3,
+        trace=world_trace,
+        timeout_s=timeout_s,
+        **VARIANTS[variant],
     )
 
 
@@ -43,7 +58,7 @@ def texts() -> tuple[torch.Tensor, torch.Tensor]:
     return a, b
 
 
-def build_session(model):
+def build_session(model, kv_cache: str = "bf16"):
     """The session rank 0 (and the reference) drives: a tiny decoder and anchor encoder,
     so the VAE-anchor path (block 2 on) runs; their random weights from a fixed seed."""
     from engine.models.decoders import build_decoder
@@ -51,7 +66,15 @@ def build_session(model):
 
     torch.manual_seed(0)
     dec, enc = build_decoder("wan", tiny=True, device="cpu", dtype=torch.float32)
-    return StreamSession(model, height=HEIGHT, width=WIDTH, decoder=dec, encoder=enc, timing=False)
+    return StreamSession(
+        model,
+        height=HEIGHT,
+        width=WIDTH,
+        decoder=dec,
+        encoder=enc,
+        timing=False,
+        kv_cache=kv_cache,
+    )
 
 
 # (text, key, kv_bias): block 1 is the first recompute with the bias, block 2 the first
@@ -88,12 +111,14 @@ def main() -> int:
     p.add_argument("--world", type=int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--variant", choices=sorted(VARIANTS), default="base")
     args = p.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
-    world = World.start(spec(str(out), args.timeout), args.world)
+    world = World.start(spec(str(out), args.timeout, args.variant), args.world)
     try:
-        leader = world.attach(build_session(build_model(world.spec, torch.device("cpu"))))
+        model = build_model(world.spec, torch.device("cpu"))
+        leader = world.attach(build_session(model, world.spec.kv_cache))
         snaps = []
 
         def mark(s):
