@@ -399,8 +399,9 @@ class World:
             return self._closed
         self._closing = True
         broken = self.failure is not None or (leader is not None and leader.lost)
-        if broken:
-            timeout = min(timeout, 2.0)  # a hung rank will not leave by itself
+        if broken or leader is None:
+            # a hung rank will not leave by itself, nor one still waiting for the go
+            timeout = min(timeout, 2.0)
         if leader is not None and not broken:
             try:
                 leader.stop_followers()
