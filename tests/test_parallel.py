@@ -178,6 +178,36 @@ def test_doctor_reports_gpus_peer_access_and_backends(tmp_path):
         assert r.returncode == 1
 
 
+@pytest.mark.parametrize(
+    ("count", "peers", "nccl", "problem", "warning"),
+    [
+        (2, True, True, "needs 4 GPUs (gpus: 4); 2 visible", None),
+        (4, False, True, None, "no peer access"),
+        (4, True, False, "needs NCCL", None),
+        (8, True, True, None, None),
+    ],
+)
+def test_doctor_checks_a_multi_gpu_preset_against_the_topology(
+    monkeypatch, tmp_path, count, peers, nccl, problem, warning
+):
+    """A machine with several GPUs cannot exist here: `topology` (what torch reports) is
+    replaced by a described one; the rest of doctor is real."""
+    from engine.parallel import launch
+    from tests.test_doctor import _diagnose_with_gpu
+
+    fake = {"gpu_count": count, "all_peers": peers, "nccl": nccl, "nccl_version": "2.27.3"}
+    fake |= {"gloo": True, "peer_access": [], "max_gpus": count}
+    monkeypatch.setattr(launch, "topology", lambda: fake)
+    r = _diagnose_with_gpu(monkeypatch, tmp_path, "h200x4-832x480", "NVIDIA H200", "9.0", 141.0)
+    assert r["parallel"] == fake
+    multi = [p for p in r["problems"] if "GPUs" in p or "NCCL" in p]
+    assert multi == ([] if problem is None else [m for m in multi if problem in m]) and (
+        (problem is None) == (not multi)
+    ), r["problems"]
+    peer_warnings = [w for w in r["warnings"] if "peer access" in w]
+    assert bool(peer_warnings) == (warning is not None), r["warnings"]
+
+
 # --------------------------------------------------------------------------- slow
 
 SCENARIO = ROOT / "tests" / "parallel_scenario.py"
