@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -276,6 +277,10 @@ def shows(tmp_path_factory):
     hang[hang.index("--record") + 1 : hang.index("--record") + 1] = [str(rec2)]
     hang[hang.index("--rank-timeout") + 1] = "10"
     procs["hang"] = (_start_show(hang, tmp / "hang.log"), (rec2, shm2))
+    orphan = [a for a in hang if a != shm2 and a != str(rec2)]
+    orphan.remove("--record")
+    orphan[orphan.index("--shm")] = "--no-shm"
+    procs["orphan"] = (_start_show(orphan, tmp / "orphan.log"), tmp / "orphan.log")
     yield procs
     for proc, _ in procs.values():
         for pid in _children(proc.pid):  # a stopped rank does not watch its parent
@@ -440,3 +445,23 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
     except OSError:
         return ""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ranks_leave_when_rank_0_is_killed(shows):
+    """SIGKILL on rank 0 leaves no one to stop the others: they see their parent gone."""
+    proc, log = shows["orphan"]
+    deadline = time.monotonic() + 400
+    while max(map(int, re.findall(r"running +block +(\d+)", log.read_text())), default=0) < 3:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no blocks"
+        time.sleep(0.2)
+    followers = [p for p in _children(proc.pid) if "spawn_main" in _cmdline(p)]
+    assert len(followers) == 1
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 15
+    while _alive(followers[0]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(followers[0])
