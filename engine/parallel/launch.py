@@ -233,6 +233,7 @@ def _follower_main(rank: int, world: int, port: int, spec: RankSpec, parent: int
             session,
             on_block=on_block,
             heartbeat=lambda i: store.set(f"block/{rank}", str(i)),
+            await_message=lambda n: _await_key(store, f"msg/{n}"),
         )
         if device.type == "cuda":  # for `dreamdeck bench --gpus N`: memory per rank
             store.set(f"peak/{rank}", str(torch.cuda.max_memory_allocated(device)))
@@ -250,6 +251,18 @@ def _follower_main(rank: int, world: int, port: int, spec: RankSpec, parent: int
                 traceback.print_exc(file=sys.stderr)
         sys.stderr.flush()
         os._exit(1)
+
+
+def _await_key(store: dist.TCPStore, key: str) -> None:
+    """Block until `key` is set, however long (a paused show); a vanished rank 0 (its
+    store gone) raises."""
+    while True:
+        try:
+            store.wait([key], timedelta(seconds=300))
+            return
+        except dist.DistStoreError as e:
+            if "timeout" not in str(e).lower():
+                raise
 
 
 def _wait_keys(store: dist.TCPStore, keys: list[str], procs: list, what: str) -> None:
@@ -389,8 +402,17 @@ class World:
         self.store.set("go", "1")
         leader = lead(session)
         leader.diagnose = self.diagnose
+        leader.announce = self._announce
         self.leader = leader
         return leader
+
+    def _announce(self, n: int) -> None:
+        self.store.set(f"msg/{n}", "1")
+        # Keep the store small over a long show. Every block has all-to-alls that need
+        # every rank, so no follower is more than a couple of messages behind: n-8 is
+        # long waited for.
+        if n >= 8:
+            self.store.delete_key(f"msg/{n - 8}")
 
     def close(self, leader: LeaderSession | None = None, timeout: float = 30.0) -> list[str]:
         """Stop the followers: a stop message when the group is healthy, then terminate,

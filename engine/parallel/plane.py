@@ -107,6 +107,8 @@ class LeaderSession(StreamSession):
     _warned_video: bool
     diagnose: Any  # (block index) -> "rank 2 killed by SIGKILL", set by launch.World
     lost: bool  # a collective failed: the group is broken
+    announce: Any  # (message number) -> None: tell the followers a message is coming
+    _sent: int
 
     def _lost(self, what: str, e: BaseException) -> RankLost:
         self.lost = True  # launch.World.close sends no stop message into a broken group
@@ -114,6 +116,11 @@ class LeaderSession(StreamSession):
         return RankLost(f"{diag} ({what}: {type(e).__name__}: {str(e)[:200]})")
 
     def _send(self, msg: dict) -> None:
+        if self.announce is not None:
+            # The followers wait for this on the store, with no timeout: the time between
+            # blocks is the show's (a pause, a slow prompt encode), not a fault.
+            self.announce(self._sent)
+        self._sent += 1
         try:
             _bcast_object(msg, self.group)
         except Exception as e:  # noqa: BLE001 - any collective failure means a lost rank
@@ -192,6 +199,8 @@ def lead(session: StreamSession, group: dist.ProcessGroup | None = None) -> Lead
     session._warned_video = False
     session.diagnose = None
     session.lost = False
+    session.announce = None
+    session._sent = 0
     return session  # type: ignore[return-value]
 
 
@@ -211,15 +220,22 @@ def follow(
     *,
     on_block=None,
     heartbeat=None,
+    await_message=None,
 ) -> int:
     """A follower's loop: run every block rank 0 announces, until it says stop. Returns
     the number of blocks run. `on_block(FollowRecord, BlockOutput)` sees each block;
     `heartbeat(index)` is called before each (the launcher stores it, so a hang can be
-    pinned on the rank that stopped). A block that fails the session's own checks fails
+    pinned on the rank that stopped). `await_message(n)` blocks until rank 0 announces
+    message n (`LeaderSession.announce`), so that waiting between blocks is not bound by
+    the collective timeout. A block that fails the session's own checks fails
     identically on rank 0 (same inputs, same state), so it is skipped here as there."""
     text: Tensor | None = None
     blocks = 0
+    received = 0
     while True:
+        if await_message is not None:
+            await_message(received)
+        received += 1
         msg = _bcast_object(None, group)
         op = msg["op"]
         if op == "stop":
