@@ -212,7 +212,7 @@ def _follower_main(rank: int, world: int, port: int, spec: RankSpec, parent: int
         store.set(f"ready/{rank}", "1")
         # Collectives time out after timeout_s, and rank 0 may take much longer than that
         # to build the rest (decoder, text encoder): wait for its go on the store instead.
-        store.wait(["go"])
+        _await_key(store, "go")
         trace = None
         if spec.trace is not None:
             trace = open(os.path.join(spec.trace, f"rank{rank}.jsonl"), "w")  # noqa: SIM115
