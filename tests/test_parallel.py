@@ -18,6 +18,8 @@ import json
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -280,7 +282,11 @@ def shows(tmp_path_factory):
     orphan = [a for a in hang if a != shm2 and a != str(rec2)]
     orphan.remove("--record")
     orphan[orphan.index("--shm")] = "--no-shm"
-    procs["orphan"] = (_start_show(orphan, tmp / "orphan.log"), tmp / "orphan.log")
+    port = _free_udp_port()
+    orphan[orphan.index("--no-osc")] = "--osc-port"
+    orphan[orphan.index("--osc-port") + 1 : orphan.index("--osc-port") + 1] = [str(port)]
+    orphan += ["--no-oscquery", "--no-zeroconf", "--no-osc-feedback"]
+    procs["orphan"] = (_start_show(orphan, tmp / "orphan.log"), (tmp / "orphan.log", port))
     yield procs
     for proc, _ in procs.values():
         for pid in _children(proc.pid):  # a stopped rank does not watch its parent
@@ -440,6 +446,23 @@ def test_a_hung_rank_ends_the_run_after_the_timeout_naming_it(shows):
     _fault(shows, "hang", signal.SIGSTOP, 10 + 30, "rank 1 hung")
 
 
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _osc_int(port: int, address: str, value: int) -> None:
+    """One OSC message with one int32, encoded by hand (OSC 1.0: padded strings)."""
+
+    def pad(b: bytes) -> bytes:
+        return b + b"\0" * (4 - len(b) % 4)
+
+    msg = pad(address.encode()) + pad(b",i") + struct.pack(">i", value)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(msg, ("127.0.0.1", port))
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
@@ -449,14 +472,34 @@ def _cmdline(pid: int) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_ranks_leave_when_rank_0_is_killed(shows):
-    """SIGKILL on rank 0 leaves no one to stop the others: they see their parent gone."""
-    proc, log = shows["orphan"]
-    deadline = time.monotonic() + 400
-    while max(map(int, re.findall(r"running +block +(\d+)", log.read_text())), default=0) < 3:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, "no blocks"
+def test_a_pause_longer_than_the_rank_timeout_then_rank_0_killed(shows):
+    """A paused show (over OSC) waits longer than --rank-timeout (10 s) between blocks:
+    that is no fault, the show goes on after it. Then SIGKILL on rank 0 leaves no one to
+    stop the others: they see their parent gone and leave."""
+    proc, (log, port) = shows["orphan"]
+
+    def blocks() -> int:
+        return max(map(int, re.findall(r"running +block +(\d+)", log.read_text())), default=0)
+
+    def wait_blocks(n: int) -> None:
+        deadline = time.monotonic() + 400
+        while blocks() < n:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no blocks"
+            time.sleep(0.2)
+
+    wait_blocks(3)
+    _osc_int(port, "/dd/pause", 1)
+    deadline = time.monotonic() + 60
+    while not re.search(r"paused +block", log.read_text()):
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
         time.sleep(0.2)
+    time.sleep(15)
+    assert proc.poll() is None, log.read_text()[-3000:]
+    held = blocks()
+    _osc_int(port, "/dd/pause", 0)
+    wait_blocks(held + 2)
+    assert "RankLost" not in log.read_text()
     followers = [p for p in _children(proc.pid) if "spawn_main" in _cmdline(p)]
     assert len(followers) == 1
     proc.kill()
