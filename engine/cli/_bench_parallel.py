@@ -86,11 +86,10 @@ def run_parallel(args, cfg, device, dtype, backend, height, width, steps) -> int
     if args.vace or args.v2v is not None:
         raise UsageError("--gpus N runs text-only for now (no --vace, --v2v)")
     world = World.start(spec, args.gpus)
-    leader = None
     try:
         return _measure(args, spec, world, cfg, device, dtype, backend, steps)
     finally:
-        world.close(getattr(world, "leader", None) if leader is None else leader)
+        world.close(world.leader)  # at once if _measure closed it already
 
 
 def _measure(args, spec, world, cfg, device, dtype, backend, steps) -> int:
@@ -147,7 +146,6 @@ def _measure(args, spec, world, cfg, device, dtype, backend, steps) -> int:
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     leader = world.attach(session())
-    world.leader = leader
     got, timings = [], []
     t_warm = time.perf_counter()
     for i in range(total):
@@ -213,7 +211,6 @@ def _measure(args, spec, world, cfg, device, dtype, backend, steps) -> int:
         },
     }
     ranks = world.close(leader)
-    world.leader = None
     if cuda:
         peaks = [result["peak_memory_allocated_gb"]]
         for r in range(1, world.n):

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -449,10 +449,6 @@ class World:
             log.debug("destroy_process_group: %s", e)
         self._closed = [f"rank {r} {_cause(p.exitcode)}" for r, p in enumerate(self.procs, start=1)]
         return self._closed
-
-
-def spec_with(spec: RankSpec, **changes: Any) -> RankSpec:
-    return replace(spec, **changes)
 
 
 def spec_for_preset(
