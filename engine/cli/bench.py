@@ -192,6 +192,31 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    g = p.add_argument_group("several GPUs (engine/parallel; see engine/cli/_bench_parallel.py)")
+    g.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the stream over N ranks (NCCL GPUs, or gloo processes on a CPU)",
+    )
+    g.add_argument(
+        "--cross",
+        choices=("tokens", "heads"),
+        default="tokens",
+        help="cross-attention K/V per rank: all heads (no traffic) or the rank's heads",
+    )
+    g.add_argument(
+        "--comm-volume",
+        action="store_true",
+        help="print the bytes each rank sends per block for --gpus N (runs nothing)",
+    )
+    g.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="--gpus N: skip the one-process run the split stream is compared with",
+    )
+    g.add_argument("--rank-timeout", type=float, default=None, help="seconds per collective")
     p.add_argument(
         "--profile",
         metavar="TRACE",
@@ -291,6 +316,12 @@ def run(args: argparse.Namespace) -> int:
         else:
             print_report(report)
         return 0
+    if args.gpus != 1 or args.comm_volume:
+        from engine.cli._bench_parallel import run_parallel
+
+        if args.suite or args.accuracy or args.drift or args.profile:
+            raise UsageError("--gpus runs on its own (not with --suite, --accuracy, --profile)")
+        return run_parallel(args, cfg, device, dtype, backend, height, width, steps)
     # block by block: fused and quantised as each block is made (a small peak)
     prepare = block_preparer(fuse=not args.no_fuse_qkv, fp8=args.fp8, scaling=args.fp8_scaling)
     if args.compile and cuda and not args.no_compile_cache:

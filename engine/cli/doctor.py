@@ -285,6 +285,22 @@ def diagnose(args) -> dict[str, Any]:
             )
         if "selection_error" in report["attention"]:
             problems.append(f"attention: {report['attention']['selection_error']}")
+    from engine.parallel.launch import topology
+
+    par = report["parallel"] = topology()
+    if preset is not None and preset.gpus > 1:
+        if preset.gpus > par["gpu_count"] and preset.device != "cpu":
+            problems.append(
+                f"preset {report['preset']} needs {preset.gpus} GPUs (gpus: {preset.gpus});"
+                f" {par['gpu_count']} visible"
+            )
+        elif preset.device != "cpu" and not par["nccl"]:
+            problems.append("gpus > 1 needs NCCL, and this torch build has none")
+        elif par["all_peers"] is False:
+            warnings.append(
+                "some GPU pairs have no peer access: NCCL goes through host memory, and the"
+                " speed-up of gpus > 1 will be far below the NVLink one"
+            )
     report["ok"] = not problems
     return report
 
@@ -332,6 +348,14 @@ def _human(r: dict[str, Any]) -> str:
     if hm:
         lines.append(
             f"host memory: {hm.get('available_gb', float('nan')):.1f}/{hm.get('total_gb', float('nan')):.1f} GB available"
+        )
+    par = r.get("parallel")
+    if par is not None:
+        peers = {None: "n/a", True: "all pairs", False: "NOT all pairs"}[par["all_peers"]]
+        lines.append(
+            f"several GPUs (--gpus): {par['gpu_count']} GPU(s), peer access {peers},"
+            f" NCCL {par['nccl_version'] or 'yes' if par['nccl'] else 'no'},"
+            f" gloo {'yes' if par['gloo'] else 'no'}"
         )
     a = r["attention"]
     avail = [

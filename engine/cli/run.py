@@ -288,6 +288,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="cap this process's GPU memory (PyTorch's allocator) to check that a preset for a "
         "smaller card fits, on a bigger one; the peak is logged at the end",
     )
+    g = p.add_argument_group("several GPUs (engine/parallel: sequence parallelism)")
+    g.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        metavar="N",
+        help="split each block over N GPUs (N gloo processes on a CPU; N divides the heads);"
+        " default: the preset's gpus (1)",
+    )
+    g.add_argument(
+        "--rank-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a rank silent this long ends the run (default 120 on GPUs, 30 on a CPU)",
+    )
     hooks = discover_hooks()
     for hook in hooks:
         try:
@@ -480,6 +495,27 @@ def _build_output(args: argparse.Namespace, preset: Any, pipeline: Any, sinks: l
     return FramePath(sinks, pacer, interpolator=interp)
 
 
+def _start_ranks(args: argparse.Namespace, preset: Any, gpus: int) -> Any:
+    """--gpus N: check N and start ranks 1..N-1 (engine/parallel/launch.py); they build
+    their share of the transformer while this process builds the rest."""
+    from engine.parallel.launch import World, spec_for_preset
+    from engine.parallel.ulysses import ParallelConfigError
+    from engine.runtime.pipeline import PipelineError
+
+    if args.rank_timeout is not None and not args.rank_timeout > 0:
+        raise UsageError(f"--rank-timeout must be positive, got {args.rank_timeout}")
+    try:
+        spec = spec_for_preset(
+            preset,
+            models_dir=args.models_dir,
+            random_weights=args.random_weights,
+            timeout_s=args.rank_timeout,
+        )
+        return World.start(spec, gpus)
+    except (ParallelConfigError, PipelineError) as e:
+        raise UsageError(str(e)) from None
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[ModuleType]) -> int:
     if args.blocks is not None and args.blocks < 1:
         raise UsageError("--blocks must be at least 1")
@@ -519,14 +555,31 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
     phases.add("launch (imports, flags, outputs)", time.perf_counter() - _T_IMPORT)
     if preset.compile and preset.device != "cpu":
         use_compile_cache(args.models_dir, preset.name, preset.device)
+    gpus = args.gpus if args.gpus is not None else preset.gpus
+    world = _start_ranks(args, preset, gpus) if gpus != 1 else None
     pipeline = build_or_explain(preset, args.models_dir, args.random_weights, phases)
     if pipeline is None:
+        if world is not None:
+            world.close()
         return 1
     try:
         check_loras(preset, pipeline)
     except UsageError:
         pipeline.close()
+        if world is not None:
+            world.close()
         raise
+    leader = None
+    if world is not None:
+        from engine.parallel.plane import RankLost
+
+        try:
+            leader = world.attach(pipeline.session)
+        except RankLost as e:
+            world.close()
+            pipeline.close()
+            print(f"dreamdeck run: {e}", file=sys.stderr)
+            return 1
     recorder = None
     if record is not None:
         try:
@@ -608,6 +661,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
             except Exception:  # noqa: BLE001
                 log.exception("closing a bridge failed")
         engine.stop()
+        if world is not None:
+            log.info("ranks: %s", ", ".join(world.close(leader)))
         took = watchdog.done()
         if took is not None:
             log.info("shutdown: finished %.2f s after the signal", took)

@@ -200,6 +200,15 @@ class SelfAttention(_Projections):
         mode: str = SELF,
         log_bias: Tensor | None = None,
     ) -> Tensor:
+        q, k, v = self.project(x, cos, sin)
+        return self.o(self.attend(q, k, v, attn, cache, mode, log_bias).flatten(2))
+
+    # `project` and `attend` are separate so that engine/parallel can put its all-to-all
+    # between them (tokens -> heads) and after `attend` (heads -> tokens).
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v [B, N, H, D] of tokens x [B, N, dim], normed over the full dim and with
+        RoPE on q and k (cos/sin: one row per token of x)."""
         shape = (*x.shape[:2], self.heads, -1)
         if self.fused:
             q, k, v = self.qkv(x).chunk(3, dim=-1)
@@ -207,7 +216,20 @@ class SelfAttention(_Projections):
             q, k, v = self.q(x), self.k(x), self.v(x)
         q = apply_rope(self.norm_q(q).view(shape), cos, sin)
         k = apply_rope(self.norm_k(k).view(shape), cos, sin)
-        v = v.reshape(shape)
+        return q, k, v.reshape(shape)
+
+    @staticmethod
+    def attend(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        attn: Attention,
+        cache: LayerKV | None,
+        mode: str,
+        log_bias: Tensor | None,
+    ) -> Tensor:
+        """Attention of q over k, v (and the cache, by `mode`) -> [B, N, H, D]. Works on any
+        subset of heads, as long as the cache holds the same heads."""
         if mode == SELF:
             out = attn(q, k, v)
         elif mode == CONTEXT:
@@ -216,7 +238,7 @@ class SelfAttention(_Projections):
         else:  # DENOISE: RoPE is already in the cached keys, so key order is free.
             kb, vb, kr, vr = denoise_keys(cache, k, v)
             out = attn.biased(q, kb, vb, kr, vr, log_bias)
-        return self.o(out.flatten(2))
+        return out
 
 
 def fuse_qkv(module: nn.Module) -> int:

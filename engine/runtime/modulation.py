@@ -48,7 +48,13 @@ import yaml
 SLOTS = 16
 SHAPES = ("sine", "triangle", "saw", "square", "sh")
 CURVES = ("linear", "square", "cube", "sqrt", "smooth")
-PRESET_DIR = Path(__file__).resolve().parents[2] / "presets" / "mod"
+def _preset_dir() -> Path:
+    from engine.shipped import shipped_dir  # the checkout's presets/mod, or the wheel's
+
+    return shipped_dir("presets/mod")
+
+
+PRESET_DIR = _preset_dir()
 SLOT_KEYS = (
     "source",
     "target",

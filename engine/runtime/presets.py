@@ -127,6 +127,7 @@ class EnginePreset:
     # the targeted weights: merges and the return to strength 0 in ms, not ~1 s; big cards)
     lora_pristine: str = "host"
     warmup_blocks: int = 1
+    gpus: int = 1  # ranks the stream is split over (engine/parallel); `run --gpus` wins
     outputs: Outputs = field(default_factory=Outputs)
     ports: Ports = field(default_factory=Ports)
 
@@ -146,6 +147,8 @@ class EnginePreset:
             raise PresetError(f"{where}: kv_bias: {self.kv_bias} is outside 0.01..1")
         if not 0 <= self.seed <= 2**31 - 1:
             raise PresetError(f"{where}: seed: {self.seed} is outside 0..2147483647")
+        if not 1 <= self.gpus <= 64:
+            raise PresetError(f"{where}: gpus: {self.gpus} is outside 1..64")
         if self.transition_blocks < 0:
             raise PresetError(f"{where}: transition_blocks: must be >= 0")
         if self.outputs.shm_slots < 2:

@@ -19,6 +19,7 @@ _REPO = Path(__file__).resolve().parents[2]
 KINDS = {
     "presets/engine": (_REPO / "presets" / "engine", ("presets", "engine")),
     "presets/midi": (_REPO / "presets" / "midi", ("presets", "midi")),
+    "presets/mod": (_REPO / "presets" / "mod", ("presets", "mod")),
     "touchdesigner": (_REPO / "examples" / "touchdesigner", ("touchdesigner",)),
     "timelines": (_REPO / "examples" / "timelines", ("timelines",)),
 }
