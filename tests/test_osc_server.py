@@ -96,7 +96,10 @@ def _test_value(p, current):
     if p.type == "float":
         lo, hi = p.range or (0.0, 1.0)
         v = lo + 0.25 * (hi - lo)
-        return [v if v != current else lo + 0.5 * (hi - lo)]
+        v = v if v != current else lo + 0.5 * (hi - lo)
+        if not _accepts(p.path, v):  # a validated float (output/fps: 0 or 1..240)
+            v = next(c for c in (30.0, 2.0, 0.5) if c != current and _accepts(p.path, c))
+        return [v]
     if p.type == "int":
         lo, hi = p.range or (0, 100)
         v = int(lo + 3) if current != int(lo + 3) else int(lo + 2)

@@ -177,6 +177,9 @@ def test_the_engine_shows_a_lost_ring_as_its_last_error():
     eng.start()
     try:
         assert eng.wait_frames(9, timeout=60)
+        deadline = time.monotonic() + 60  # the publisher thread opens the ring on its frame
+        while not sink.published and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert sink.on_problem is not None and eng.status()["last_error"] is None
         os.unlink(f"/dev/shm/{name}")
         n = eng.frames_out
@@ -186,3 +189,21 @@ def test_the_engine_shows_a_lost_ring_as_its_last_error():
     finally:
         eng.stop()
     assert not Path(f"/dev/shm/{name}").exists()
+
+
+def test_a_ring_unlinked_before_the_writer_looked_at_its_name_is_lost():
+    """A reader can unlink the name between the writer creating the segment and taking its
+    identity (the engine's first frame races a reader's start): the writer then holds the
+    identity of 'nothing there', which must count as lost, not as 'still ours'."""
+    from engine.runtime import shm_ring
+
+    name = _name()
+    w = shm_ring.ShmRingWriter(name, 8, 8)
+    try:
+        assert w.lost() is None
+        os.unlink(f"/dev/shm/{name}")
+        w._identity = shm_ring._name_identity(name)  # what resize records after the race
+        assert w._identity == (-1, -1)
+        assert w.lost() == "removed by another process"
+    finally:
+        w.close()

@@ -350,8 +350,8 @@ class ShmRingWriter:
             return None  # Windows: a name lives as long as any handle, ours included
         ident = _name_identity(self.name)
         if ident is not None:
-            if ident == self._identity:
-                return None
+            if ident == self._identity and ident != (-1, -1):  # (-1, -1): gone before we
+                return None  # could even look (unlinked between create and stat)
             return "removed by another process" if ident == (-1, -1) else "replaced"
         try:  # macOS: no files for names; ask the segment under the name who it is
             seg = _Segment(self.name, track=False)
