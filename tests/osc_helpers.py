@@ -71,8 +71,8 @@ class BlockLoop:
     """Stands in for the generation thread: calls registry.begin_block at a steady rate
     (the real registry), keeping the last blocks' controls."""
 
-    def __init__(self, registry, period: float = 0.005) -> None:
-        self.registry, self.period = registry, period
+    def __init__(self, registry, period: float = 0.005, keep: int = 256) -> None:
+        self.registry, self.period, self.keep = registry, period, keep
         self.blocks: list = []
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -83,7 +83,7 @@ class BlockLoop:
         while not self._stop.is_set():
             c = self.registry.begin_block(i)
             self.blocks.append(c)
-            del self.blocks[:-256]  # bounded: the flood test watches memory
+            del self.blocks[: -self.keep]  # bounded: the flood test watches memory
             i += 1
             time.sleep(self.period)
 
