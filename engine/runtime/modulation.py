@@ -49,9 +49,12 @@ SLOTS = 16
 SHAPES = ("sine", "triangle", "saw", "square", "sh")
 CURVES = ("linear", "square", "cube", "sqrt", "smooth")
 def _preset_dir() -> Path:
-    from engine.shipped import shipped_dir  # the checkout's presets/mod, or the wheel's
+    from engine.shipped import KINDS, shipped_dir  # the checkout's presets/mod, or the wheel's
 
-    return shipped_dir("presets/mod")
+    try:
+        return shipped_dir("presets/mod")
+    except FileNotFoundError:  # a broken install: loading a preset by name says so later
+        return KINDS["presets/mod"][0]
 
 
 PRESET_DIR = _preset_dir()
