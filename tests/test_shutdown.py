@@ -185,7 +185,7 @@ def test_an_orderly_stop_is_quick_and_clean(runs):
     """Nothing stuck: exit 0 with the recording finalised, the engine's own measure well
     inside 5 s, and the process gone soon after (no slow interpreter teardown)."""
     run = runs["orderly"]
-    run.wait_line("ready: first frames", 240)
+    run.wait_line("start-up: first frames", 240)
     time.sleep(1.0)
     rc, wall = run.stop(signal.SIGTERM)
     log = "".join(run.lines)
