@@ -41,6 +41,26 @@ def test_bench_tiny_json():
     assert (c["model"], c["dim"], c["layers"], c["height"], c["width"]) == ("tiny", 64, 2, 64, 96)
     assert c["steps"] == [1000, 750, 500] and c["kv_bias"] == 0.3 and c["dtype"] == "fp32"
     assert out["attention"] == "sdpa" and out["device"].startswith("cpu")
+    # latency: half a block waiting for the boundary, then the block (computed, said so)
+    assert abs(out["latency_median_ms"] - 1.5 * out["block_ms"]) < 1e-6
+    st = out["startup_s"]
+    assert st["build"] > 0 and st["compile_and_warmup"] == out["warmup_s"] > 0
+    assert st["compile_cache"] is None  # no compile on the CPU: no cache folder made
+
+
+def test_bench_suite_table_is_well_formed():
+    """The suite's markdown: every row has the header's columns (latency and start-up
+    included), one row per case, in order."""
+    from engine.cli._bench_suite import ROWS
+
+    r = bench("--suite", "--blocks", "1", "--warmup", "1")
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("|")]
+    head, rule, *rows = lines
+    assert "latency median ms" in head and "compile + warm-up s" in head
+    n = head.count("|")
+    assert rule.count("|") == n and all(row.count("|") == n for row in rows)
+    assert [row.split("|")[1].strip() for row in rows] == [label for label, *_ in ROWS] * 2
 
 
 def test_bench_bad_flags_are_one_clear_line(capsys):

@@ -81,6 +81,7 @@ def _row(r: dict) -> str:
         f" {r['block_ms']:.0f} | {st.get('recompute', 0):.0f} | {step:.0f} |"
         f" {st.get('decode', 0):.0f} | {st.get('encode', 0):.0f} |"
         f" {r['peak_memory_allocated_gb'] or 0:.1f} / {r['peak_memory_reserved_gb'] or 0:.1f} |"
+        f" {r.get('latency_median_ms') or 0:.0f} | {r.get('warmup_s') or 0:.1f} |"
     )
 
 
@@ -93,7 +94,8 @@ def _table(results: list[dict], args) -> str:
         f"`{cmd}` (random weights, median of {r0['blocks']} steady blocks after"
         f" {r0['warmup']} warm-up)\n\n"
         "| case | weights | fps | target | met | block ms | recompute ms | step ms |"
-        " decode ms | anchor encode ms | peak GB alloc / reserved |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|"
+        " decode ms | anchor encode ms | peak GB alloc / reserved | latency median ms |"
+        " compile + warm-up s |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     return "\n".join([head, *(_row(r) for r in results)]) + "\n"
