@@ -48,6 +48,8 @@ import yaml
 SLOTS = 16
 SHAPES = ("sine", "triangle", "saw", "square", "sh")
 CURVES = ("linear", "square", "cube", "sqrt", "smooth")
+
+
 def _preset_dir() -> Path:
     from engine.shipped import KINDS, shipped_dir  # the checkout's presets/mod, or the wheel's
 
