@@ -57,9 +57,17 @@ def test_cache_folder_stays_inside_the_models_folder(tmp_path):
 
 @pytest.fixture
 def clean_env(monkeypatch):
+    """No cache variables during the test, and none left behind: use_compile_cache sets
+    them in os.environ, which every later subprocess of the session would inherit."""
+    saved = {k: os.environ.get(k) for k in startup.CACHE_ENV}
     for k in startup.CACHE_ENV:
         monkeypatch.delenv(k, raising=False)
-    return monkeypatch
+    yield monkeypatch
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def test_use_compile_cache_points_pytorch_at_the_models_folder(tmp_path, clean_env):

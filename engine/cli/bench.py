@@ -517,7 +517,8 @@ def measure(
         "startup_s": {
             "build": getattr(args, "_build_s", None),
             "compile_and_warmup": warmup_s,
-            "compile_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+            # where compiled code was cached: only meaningful when something compiled
+            "compile_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR") if args.compile else None,
         },
         "blocks": args.blocks,
         "warmup": max(1, args.warmup),
