@@ -38,6 +38,7 @@ from bridges.midi.messages import (
     Binding,
 )
 from engine.runtime.registry import ControlError, Registry, coerce
+from engine.runtime.yaml_lines import LineDict, LineList, LineLoader
 from engine.shipped import shipped_dir
 
 PRESET_DIR = shipped_dir("presets/midi")  # the checkout's presets/midi, or the wheel's
@@ -61,46 +62,8 @@ class MapFileError(MapError):
     """The file cannot be read as a map at all (missing, unreadable, not UTF-8 text)."""
 
 
-# -- a YAML loader that keeps line numbers ---------------------------------------------
-class _Dict(dict):
-    line = 0
-    lines: dict[Any, int]
-
-
-class _List(list):
-    line = 0
-    lines: list[int]
-    flow = False
-
-
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-def _mapping(loader: _Loader, node: yaml.MappingNode) -> _Dict:
-    loader.flatten_mapping(node)
-    d = _Dict()
-    d.line, d.lines = node.start_mark.line + 1, {}
-    for k_node, v_node in node.value:
-        k = loader.construct_object(k_node, deep=True)
-        if k in d:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {k!r}", k_node.start_mark
-            )
-        d[k] = loader.construct_object(v_node, deep=True)
-        d.lines[k] = v_node.start_mark.line + 1
-    return d
-
-
-def _sequence(loader: _Loader, node: yaml.SequenceNode) -> _List:
-    out = _List(loader.construct_object(n, deep=True) for n in node.value)
-    out.line, out.lines = node.start_mark.line + 1, [n.start_mark.line + 1 for n in node.value]
-    out.flow = bool(node.flow_style)
-    return out
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _sequence)
+# a YAML loader that keeps line numbers: engine/runtime/yaml_lines.py
+_Dict, _List, _Loader = LineDict, LineList, LineLoader
 
 
 def parse_yaml(text: str, file: str) -> Any:

@@ -45,6 +45,8 @@ from typing import Any
 
 import yaml
 
+from engine.runtime.yaml_lines import LineDict, LineList, LineLoader
+
 SLOTS = 16
 SHAPES = ("sine", "triangle", "saw", "square", "sh")
 CURVES = ("linear", "square", "cube", "sqrt", "smooth")
@@ -355,43 +357,8 @@ class ModPresetError(ValueError):
         self.problems = list(problems)
 
 
-class _Dict(dict):
-    line = 1
-    lines: dict[Any, int]
-
-
-class _List(list):
-    line = 1
-    lines: list[int]
-
-
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-def _mapping(loader: _Loader, node: yaml.MappingNode) -> _Dict:
-    loader.flatten_mapping(node)
-    d = _Dict()
-    d.line, d.lines = node.start_mark.line + 1, {}
-    for k_node, v_node in node.value:
-        k = loader.construct_object(k_node, deep=True)
-        if k in d:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {k!r}", k_node.start_mark
-            )
-        d[k] = loader.construct_object(v_node, deep=True)
-        d.lines[k] = v_node.start_mark.line + 1
-    return d
-
-
-def _sequence(loader: _Loader, node: yaml.SequenceNode) -> _List:
-    out = _List(loader.construct_object(n, deep=True) for n in node.value)
-    out.line, out.lines = node.start_mark.line + 1, [n.start_mark.line + 1 for n in node.value]
-    return out
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _sequence)
+# a YAML loader that keeps line numbers: engine/runtime/yaml_lines.py
+_Dict, _List, _Loader = LineDict, LineList, LineLoader
 
 MAX_PRESET_BYTES = 256 * 1024
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)(?:\s*/\s*(\d+))?\s*(beats?|bars?)?\s*$")
