@@ -341,35 +341,28 @@ def run(args: argparse.Namespace) -> int:
         from engine.cli._bench_suite import run_suite
 
         return run_suite(args, model, cfg, device, dtype, backend, measure)
-    result = measure(
-        model,
-        cfg,
-        device,
-        dtype,
-        backend,
-        args,
-        height=height,
-        width=width,
-        steps=steps,
-        decoder_kind=args.decoder,
-    )
+
+    def measure_once() -> dict:
+        return measure(
+            model,
+            cfg,
+            device,
+            dtype,
+            backend,
+            args,
+            height=height,
+            width=width,
+            steps=steps,
+            decoder_kind=args.decoder,
+        )
+
+    result = measure_once()
     if args.interp is not None:
         from engine.cli._bench_interp import measure_interp
 
         result["interp"] = measure_interp(
             args,
-            lambda: measure(
-                model,
-                cfg,
-                device,
-                dtype,
-                backend,
-                args,
-                height=height,
-                width=width,
-                steps=steps,
-                decoder_kind=args.decoder,
-            ),
+            measure_once,
             result,
             height=height,
             width=width,
