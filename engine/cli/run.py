@@ -162,6 +162,28 @@ def _fall_back_to_tiny(preset: Any, models_dir: str | None) -> bool:
     return True
 
 
+def _warmup_blocks(args: argparse.Namespace, preset: Any, cache: Any) -> int:
+    """How many throwaway warm-up blocks run before the show: `--warmup-blocks`, else none
+    when this preset's compile cache is warm (engine/runtime/startup.py), else the
+    preset's own count."""
+    from engine.runtime.startup import is_warm
+
+    if args.warmup_blocks is not None:
+        if args.warmup_blocks < 0:
+            raise UsageError(f"--warmup-blocks {args.warmup_blocks}: must be 0 or more")
+        return args.warmup_blocks
+    want = int(preset.warmup_blocks)
+    if want > 0 and is_warm(cache, preset.name, want):
+        log.info(
+            "warm start: %s holds this preset's compiled blocks; the show starts without"
+            " warm-up blocks (its first blocks load compiled code; --warmup-blocks N forces"
+            " a warm-up)",
+            cache,
+        )
+        return 0
+    return want
+
+
 # -- bridge hooks -----------------------------------------------------------------------------
 
 
@@ -281,6 +303,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("run length (tests, soak runs)")
     g.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this many seconds")
     g.add_argument("--blocks", type=int, metavar="N", help="stop after N blocks")
+    g.add_argument(
+        "--warmup-blocks",
+        type=int,
+        metavar="N",
+        help="throwaway warm-up blocks before the show (default: the preset's warmup_blocks,"
+        " or none when the preset's compile cache is warm from an earlier run or"
+        " `dreamdeck warmup`)",
+    )
     g.add_argument(
         "--memory-cap-gb",
         type=float,
@@ -549,12 +579,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
     except SinkError as e:
         raise UsageError(str(e)) from None
 
-    from engine.runtime.startup import Phases, use_compile_cache
+    from engine.runtime.startup import Phases, mark_warm, use_compile_cache
 
     phases = Phases(t0=_T_IMPORT)
     phases.add("launch (imports, flags, outputs)", time.perf_counter() - _T_IMPORT)
+    cache = None
     if preset.compile and preset.device != "cpu":
-        use_compile_cache(args.models_dir, preset.name, preset.device)
+        cache = use_compile_cache(args.models_dir, preset.name, preset.device)
+    warmup_blocks = _warmup_blocks(args, preset, cache)
     gpus = args.gpus if args.gpus is not None else preset.gpus
     world = _start_ranks(args, preset, gpus) if gpus != 1 else None
     pipeline = build_or_explain(preset, args.models_dir, args.random_weights, phases)
@@ -604,6 +636,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
         duration=args.duration,
         phases=phases,
         record_clock=args.record_clock,
+        warmup_blocks=warmup_blocks,
+        on_warm=lambda n: mark_warm(cache, preset.name, n),
     )
     if preset.vace.enabled or preset.vace.source != "none":
         log.info(

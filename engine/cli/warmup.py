@@ -41,7 +41,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def warmup(args: argparse.Namespace) -> int:
     from engine.cli.run import build_or_explain, preset_from_args
-    from engine.runtime.startup import Phases, save_cache_artifacts, use_compile_cache
+    from engine.runtime.startup import (
+        Phases,
+        mark_warm,
+        save_cache_artifacts,
+        use_compile_cache,
+    )
 
     preset = preset_from_args(args)
     if args.blocks is not None and args.blocks < 1:
@@ -78,6 +83,7 @@ def warmup(args: argparse.Namespace) -> int:
     if cache is not None:
         with phases.phase("save cache artifacts"):
             saved = save_cache_artifacts(cache)
+        mark_warm(cache, preset.name, blocks)
     pipeline.close()
     summary = {
         "preset": preset.name,

@@ -60,9 +60,17 @@ class Engine:
         on_block: Callable[[BlockResult], None] | None = None,
         phases: Any = None,
         record_clock: str = "wall",
+        warmup_blocks: int | None = None,
+        on_warm: Callable[[int], None] | None = None,
     ):
         preset = pipeline.preset
         self.phases = phases  # engine.runtime.startup.Phases from the launch, or None
+        # throwaway blocks before the show (0: a warm compile cache, see startup.py); after
+        # they all ran, on_warm(n) is told (run marks the compile cache warm)
+        self.warmup_blocks = preset.warmup_blocks if warmup_blocks is None else warmup_blocks
+        if self.warmup_blocks < 0:
+            raise ValueError(f"warmup_blocks must be >= 0, got {self.warmup_blocks}")
+        self.on_warm = on_warm
         self.pipeline = pipeline
         self.preset = preset
         self.registry = registry or make_registry(
@@ -400,24 +408,29 @@ class Engine:
         log.info("generation thread: native id %d", threading.get_native_id())
         try:
             t_warm = time.perf_counter()
+            n_warm = self.warmup_blocks
             bar = None
-            if self.phases is not None and self.preset.warmup_blocks > 0:
-                bar = self.phases.bar("warm-up (compile, autotune)", self.preset.warmup_blocks)
+            if self.phases is not None and n_warm > 0:
+                bar = self.phases.bar("warm-up (compile, autotune)", n_warm)
             try:
                 self.driver.warmup(
                     self.registry.snapshot(),
-                    self.preset.warmup_blocks,
+                    n_warm,
                     self._stop.is_set,
                     on_block=None if bar is None else bar.update,
                 )
             finally:
                 if bar is not None:
                     bar.close()
-            if self.phases is not None:
+            if self.phases is not None and n_warm > 0:
                 self.phases.add(
-                    f"compile + warm-up ({self.preset.warmup_blocks} blocks)",
-                    time.perf_counter() - t_warm,
+                    f"compile + warm-up ({n_warm} blocks)", time.perf_counter() - t_warm
                 )
+            if n_warm > 0 and not self._stop.is_set() and self.on_warm is not None:
+                try:
+                    self.on_warm(n_warm)
+                except Exception as e:  # noqa: BLE001 - a marker is an optimisation
+                    log.warning("warm-up marker: %s", e)
             t_end = None if self.duration is None else time.monotonic() + self.duration
             # Changes that arrived during warm-up count from here: latency is what a
             # performer waits for, not how long the compile took.

@@ -186,6 +186,16 @@ def build_pipeline(
             prepared(block)
         blocks_bar.update()
 
+    # The text encoder (UMT5-XXL: 11 GB in bf16) loads in a thread beside the transformer:
+    # both are mostly file reads and host-to-device copies, which overlap (issue 15: a
+    # restart waited for one after the other). Its phase is logged with "(beside the
+    # transformer)"; what is left to wait for shows as "weights: text encoder (wait)".
+    te_job = _Background(
+        lambda: _build_text_encoder(preset, weights, device, dtype, cfg),
+        "text encoder",
+        phases,
+        "weights: text encoder (beside the transformer)",
+    )
     with phases.phase("weights: transformer"):
         try:
             if random_init:
@@ -210,7 +220,11 @@ def build_pipeline(
                     prepare_block=prepare,
                 )
         except AttentionError as e:
+            te_job.abandon()
             raise PipelineError(f"preset {preset.name!r}: {e}") from None
+        except BaseException:
+            te_job.abandon()
+            raise
         finally:
             blocks_bar.close()
     if preset.fp8:
@@ -233,8 +247,8 @@ def build_pipeline(
         dtype=dtype,
         kv_cache=preset.kv_cache,
     )
-    with phases.phase("weights: text encoder"):
-        text_encoder = _build_text_encoder(preset, weights, device, dtype, cfg)
+    with phases.phase("weights: text encoder (wait)"):
+        text_encoder = te_job.result()
     cache = EmbeddingCache(text_encoder, capacity=cache_capacity)
     mixer = PromptMixer(cache)
     pipeline = Pipeline(
@@ -358,6 +372,42 @@ def _build_inputs(pipeline: Pipeline, seed: int) -> None:
         model, vace, vae, height=preset.height, width=preset.width, assets_dir=v.assets_dir
     )
     log.info("VACE on (%d hint layers)", len(vace.vcfg.layers))
+
+
+class _Background:
+    """Run `fn` on a thread now; `result()` joins it and returns its value or raises its
+    error in the caller's thread. `abandon()` joins it and drops the result (a failure
+    elsewhere: the encoder must not keep loading into a GPU that the caller is giving up)."""
+
+    def __init__(self, fn: Any, what: str, phases: Any, phase: str) -> None:
+        import threading
+        import time
+
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self.what = what
+
+        def work() -> None:
+            t = time.perf_counter()
+            try:
+                self._value = fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller in result()
+                self._error = e
+            finally:
+                phases.add(phase, time.perf_counter() - t)
+
+        self._thread = threading.Thread(target=work, name=f"load {what}", daemon=True)
+        self._thread.start()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def abandon(self) -> None:
+        self._thread.join()
+        self._value = None
 
 
 def _build_text_encoder(preset: EnginePreset, weights: dict[str, Path], device, dtype, cfg):

@@ -10,6 +10,14 @@ cache that the show then reads. PyTorch reads TORCHINDUCTOR_CACHE_DIR and TRITON
 whenever it looks up its caches, so setting them before the first compile is enough; a user
 who set them already keeps theirs.
 
+A warm folder also spares the throwaway warm-up blocks: after a run or `dreamdeck warmup`
+has compiled every block variant of the preset, `warm.json` records it (with a fingerprint
+of the model code that the compiled graphs came from), and the next `run` of that preset
+starts the show at once. Its first blocks load their compiled code from the cache as they
+run (a second or two each, measured in docs/PERFORMANCE.md) instead of the screen staying
+dark through warm-up blocks whose frames are thrown away. A changed fingerprint, another
+preset or a damaged marker means cold: the warm-up runs as before.
+
 `Phases` is a stopwatch with names: `run` logs each phase as it ends and `bench --json`
 reports them, so a slow start says where its time went. It also hands out progress bars
 (`Phases.bar`) for the long steps: loading the transformer block by block (28 GB for the
@@ -152,7 +160,7 @@ def use_compile_cache(
         return None
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     os.environ.setdefault("TRITON_CACHE_DIR", str(path / "triton"))
-    filled = any(p.name != ARTIFACTS for p in path.iterdir())
+    filled = any(p.name not in (ARTIFACTS, WARM_MARK) for p in path.iterdir())
     log.info("compile cache: %s (%s)", path, "reused" if filled else "empty: first compile")
     if not filled:
         load_cache_artifacts(path)
@@ -160,6 +168,76 @@ def use_compile_cache(
 
 
 ARTIFACTS = "artifacts.bin"
+WARM_MARK = "warm.json"
+# The code whose compiled graphs the cache holds: a change here can mean new graphs, and a
+# "warm" start that then compiles for minutes during the first live blocks.
+_FINGERPRINT_PACKAGES = ("engine.models", "engine.stream")
+
+
+def code_fingerprint() -> str:
+    """A short hash of the model and stream code (the compiled graphs depend on it)."""
+    import hashlib
+    import importlib
+
+    h = hashlib.sha256()
+    for name in _FINGERPRINT_PACKAGES:
+        folder = Path(importlib.import_module(name).__file__).parent
+        for f in sorted(folder.glob("*.py")):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def mark_warm(path: Path | None, preset_name: str, blocks: int) -> None:
+    """Record that `blocks` warm-up blocks of `preset_name` compiled into `path`."""
+    if path is None or blocks < 1:
+        return
+    import json
+
+    import torch
+
+    mark = {
+        "preset": preset_name,
+        "blocks": int(blocks),
+        "code": code_fingerprint(),
+        "torch": torch.__version__,
+    }
+    try:
+        tmp = path / (WARM_MARK + ".tmp")
+        tmp.write_text(json.dumps(mark))
+        tmp.replace(path / WARM_MARK)
+    except OSError as e:
+        log.warning("compile cache: warm marker not written to %s: %s", path, e)
+
+
+def is_warm(path: Path | None, preset_name: str, blocks: int) -> bool:
+    """True when `path` holds a marker of this preset, this code and PyTorch, and at least
+    `blocks` warm-up blocks: the throwaway warm-up can be skipped. Anything unreadable or
+    odd (a directory, a huge or hostile file) is simply not warm."""
+    if path is None:
+        return False
+    import json
+
+    import torch
+
+    f = path / WARM_MARK
+    try:
+        if not f.is_file() or f.stat().st_size > 4096:
+            return False
+        mark = json.loads(f.read_text())
+        if not any(p.name not in (WARM_MARK, WARM_MARK + ".tmp") for p in path.iterdir()):
+            return False  # the marker outlived the cache it describes
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return (
+        isinstance(mark, dict)
+        and mark.get("preset") == preset_name
+        and mark.get("code") == code_fingerprint()
+        and mark.get("torch") == torch.__version__
+        and isinstance(mark.get("blocks"), int)
+        and not isinstance(mark.get("blocks"), bool)
+        and mark["blocks"] >= blocks
+    )
 
 
 def save_cache_artifacts(path: Path) -> Path | None:
