@@ -490,12 +490,13 @@ def measure(
 
     stages = sorted({k for m in measured for k in m if k != "total"}, key=_stage_order)
     block_ms = statistics.median(m["total"] for m in measured)
+    stage_ms = {k: statistics.median(m.get(k, 0.0) for m in measured) for k in stages}
     result = {
         "fps": STEADY_FRAMES * 1000.0 / block_ms,
         "frames_per_block": STEADY_FRAMES,
         "block_ms": block_ms,
         "latency_ms": block_ms,  # a control applied at a block's start shows at its end
-        "stages_ms": {k: statistics.median(m.get(k, 0.0) for m in measured) for k in stages},
+        "stages_ms": stage_ms,
         "transformer_share": sum(
             statistics.median(m.get(k, 0.0) for m in measured)
             for k in stages
@@ -504,7 +505,9 @@ def measure(
         / block_ms,
         # A control arriving at a uniformly random moment waits for the next block boundary
         # (half a block at the median), then that block: its frames all come out at its end.
-        "latency_median_ms": 1.5 * block_ms,
+        # A prompt change joins the block in flight at its next step (block_driver.py).
+        "latency_median_ms": join_latency_ms(stage_ms, block_ms),
+        "latency_median_boundary_ms": 1.5 * block_ms,
         "first_block_ms": first.get("total"),
         "warmup_s": warmup_s,
         "startup_s": {
@@ -765,6 +768,30 @@ def _attach_inputs(session, model, cfg, args, device, dtype, height, width, enco
     for n in range(1, args.vace_refs + 1):
         cond.refs.set_frame(n, rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
     session.vace = cond
+
+
+def join_latency_ms(stages: dict[str, float], block_ms: float, q: float = 0.5) -> float:
+    """The q-quantile of a prompt change's latency (arrival to the end of the block whose
+    frames first use it) for arrivals uniform over a block of `block_ms` with these stage
+    times. A change joins the block in flight before its next step (any step after the
+    recompute pass, not the first step of a block without one): J, the start of the last
+    step it can join, is the sum of the stages before that step. Arriving at a <= J it
+    shows at the block's end (B - a); later, at the next block's end (2B - a). Uniform a
+    makes the latency uniform over [B - J, 2B - J], so the quantile is (1 + q)·B - J; with
+    no join point (J = 0) that is the boundary-only (1 + q)·B."""
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must be in [0, 1], got {q}")
+    steps = sorted((k for k in stages if k.startswith("step")), key=_stage_order)
+    if not steps:
+        return (1.0 + q) * block_ms
+    before = sum(v for k, v in stages.items() if _stage_order(k)[0] < 3)
+    joinable = steps if "recompute" in stages else steps[1:]
+    if not joinable:
+        return (1.0 + q) * block_ms
+    last = joinable[-1]
+    j = before + sum(stages[k] for k in steps if _stage_order(k) < _stage_order(last))
+    j = min(j, block_ms)
+    return (1.0 + q) * block_ms - j
 
 
 def _stage_order(name: str) -> tuple[int, int]:

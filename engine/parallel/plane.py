@@ -131,8 +131,14 @@ class LeaderSession(StreamSession):
             self._send({"op": "reset"})
         super().reset()
 
+    # the ranks get a block's text before it starts; a text joining mid-block would
+    # reach rank 0 alone (the block driver asks this before passing `late`)
+    accepts_late_text = False
+
     @torch.no_grad()
-    def next_block(self, inputs: BlockInputs) -> BlockOutput:
+    def next_block(self, inputs: BlockInputs, late=None) -> BlockOutput:
+        if late is not None:
+            raise ValueError("several GPUs: a text cannot join a block in flight")
         if inputs.video is not None:
             if not self._warned_video:
                 log.warning(

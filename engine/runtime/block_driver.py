@@ -12,6 +12,17 @@ Either way the block where the move really started records the target (``record
 ["prompt"]``), and a replay (``step(controls, prompt=...)``) sets exactly those targets at
 exactly those blocks: a recorded show replays to the same frames.
 
+A prompt change that arrives while a block is being made joins that block at its next
+denoising step, live, when it arrived alone (nothing else staged beside it: changes sent
+together land together, at the boundary), its prompts are not modulated, and its encodings
+are ready (else they are asked for and it waits for a later step or the boundary). The
+block's remaining steps use the new text, so the change shows in the frames of the block
+in flight: at the median half a block after it arrived instead of one and a half (issue
+15's latency). Its control-log entry is the target with the step ("prompt": {...,
+"step": i}); a replay joins it at the same step, so the show replays to the same frames.
+Render (``sync_prompts``) never joins mid-block, nor do several GPUs (the other ranks got
+the block's text before it began).
+
 Input video (VACE and V2V): the `vace/*` and `v2v/*` controls are applied to the live
 input and the reference images at the block boundary; a change that cannot be applied
 (a source that cannot open, an image that does not decode, a grab with no input frame)
@@ -59,6 +70,8 @@ class BlockResult:
     clean: bool = False
     # the mixer target at rest when this block began (what a replay starting here sets)
     rest_prompt: dict[str, Any] | None = None
+    # when the prompt change that joined this block in flight arrived (time.time()), if one did
+    late_received: float | None = None
 
     @property
     def frames(self) -> int:
@@ -100,6 +113,10 @@ class BlockDriver:
         self._lora_started = False  # the first block waits for its LoRA files
         self._t_last: float | None = None
         self._rest: dict[str, Any] | None = None  # the last target the mixer started
+        # a prompt target that joined the block in flight: (target, received) — see _late
+        self._joined: tuple[dict[str, Any], float | None] | None = None
+        self._late_refused: dict[str, Any] | None = None  # not tried again until it changes
+        self._sent_received: float | None = None  # when the change behind `_sent` arrived
 
     def _fail(self, message: str, path: str | None = None, value: Any = None) -> None:
         """A control that could not be applied: say so, and set the registry back."""
@@ -324,6 +341,69 @@ class BlockDriver:
             if self.registry is not None:
                 self.registry.set("decoder", self.pipeline.decoder_kind)
 
+    # -- prompt changes joining a block in flight -------------------------------------------
+    def _late_live(self, step: int) -> tuple[torch.Tensor, Hashable] | None:
+        """Asked by the session before each denoising step (live only). A prompt target
+        that is ready now starts in this block, as it would have at the next one: one
+        taken at a block boundary whose encodings were not ready then, or a change staged
+        since the block began, alone (nothing else staged with it, so changes sent
+        together still land together) and already encoded. Its control-log entry records
+        the step ("prompt": {..., "step": i}) and a replay joins it at the same step."""
+        if self._joined is not None:
+            return None
+        mixer = self.pipeline.mixer
+        if self._sent is not None and mixer.waiting:  # taken at the boundary, was encoding
+            return self._join(step, self._sent_received)
+        if self.registry is None:
+            return None
+        got = self.registry.pending_within(PROMPT_PATHS)
+        if got is None:
+            return None
+        values, received = got
+        target = prompt_target(values)
+        if target is None or target == self._late_refused:
+            return None
+        texts = [str(t) for t, _ in target["prompts"]]
+        if any(mixer.cache.get(t) is None for t in texts):
+            for t in texts:  # ask now: ready for a later step, or for the block boundary
+                mixer.cache.request(t)
+            return None
+        before = self.last_error
+        self._set_target(target)
+        if self._sent is not target:  # refused, or the mixer's target already
+            if self.last_error is not before:
+                self._late_refused = target
+            return None
+        return self._join(step, received)
+
+    def _join(self, step: int, received: float | None) -> tuple[torch.Tensor, Hashable] | None:
+        """Start the mixer's waiting target (`_sent`) at this step of the block in flight."""
+        joined = self.pipeline.mixer.join_now()
+        if joined is None:  # not ready (or its encoding went away): a later step or boundary
+            return None
+        target = self._sent
+        self._joined = ({**target, "step": step}, received)
+        self._rest, self._sent = target, None
+        emb, key = joined
+        self._text = emb.to(self.pipeline.device, self.pipeline.dtype)
+        self._text_key = key
+        return self._text, key
+
+    def _late_replay(self, target: Mapping[str, Any]) -> Callable[[int], Any]:
+        """The recorded join (control log "prompt" with a "step"): at that step, exactly."""
+        want = target["step"]
+        clean = {k: v for k, v in target.items() if k != "step"}
+
+        def late(step: int) -> tuple[torch.Tensor, Hashable] | None:
+            if step != want:
+                return None
+            self._set_target(clean)  # sync: waits for its encodings
+            if self._sent is None:
+                return None  # refused (last_error says why) or the target already
+            return self._join(step, None)
+
+        return late
+
     # -- the block ------------------------------------------------------------------------
     def step(
         self,
@@ -346,6 +426,27 @@ class BlockDriver:
             pipeline.session.reset()
         self._apply_input_controls(controls)
         lora_installed = self._apply_loras(controls, replay, loras)
+        session = pipeline.session
+        late = None
+        if replay and prompt is not None and "step" in prompt:
+            step_at = prompt["step"]
+            if isinstance(step_at, bool) or not isinstance(step_at, int) or not 0 <= step_at < 8:
+                self.last_error = f"block {controls.block}: prompt step {step_at!r} is not 0..7"
+                log.error(self.last_error)
+                prompt = {k: v for k, v in prompt.items() if k != "step"}
+            elif self._text_key is None:
+                prompt = {k: v for k, v in prompt.items() if k != "step"}  # nothing to join
+            else:
+                late = self._late_replay(prompt)
+                prompt = None  # set at its step, not at the boundary
+        elif (
+            not replay
+            and not self.sync_prompts
+            and self._text_key is not None
+            and getattr(session, "accepts_late_text", False)
+        ):
+            late = self._late_live
+        self._joined = None
         if replay and (prompt is not None or self._text_key is not None):
             if prompt is not None:
                 self._set_target(dict(prompt))
@@ -353,6 +454,7 @@ class BlockDriver:
             target = prompt_target(values)
             if target is not None:
                 self._set_target(target)
+                self._sent_received = controls.received
             elif self._text_key is None:
                 raise RuntimeError("no prompt: every prompt slot is empty")
             else:
@@ -376,7 +478,7 @@ class BlockDriver:
             kv_bias=float(values["kv_bias"]),
             **video,
         )
-        out = pipeline.session.next_block(inputs)
+        out = session.next_block(inputs) if late is None else session.next_block(inputs, late)
         if out.frames is None:
             raise RuntimeError("the stream session has no decoder attached")
         rgba = to_rgba8(out.frames)
@@ -384,13 +486,19 @@ class BlockDriver:
         record["index"] = out.index
         if started is not None:
             record["prompt"] = started
+        late_received = None
+        if self._joined is not None:  # a prompt change joined this block at a step
+            record["prompt"], late_received = self._joined
+            self._joined = None
         if lora_installed:
             record["lora"] = {str(n + 1): f for n, f in sorted(lora_installed.items())}
         # A replay can start at this block when the stream starts here and the mixer's
         # embedding does not depend on earlier blocks: at rest (no transition under way)
         # and not moving away from an earlier target in this very block.
-        clean = out.index == 0 and (
-            fresh or (not moving and (started is None or int(started["blocks"]) == 0))
+        clean = (
+            out.index == 0
+            and out.text_step is None  # two texts in one block: not a place to begin
+            and (fresh or (not moving and (started is None or int(started["blocks"]) == 0)))
         )
         if "video" in video:  # what the input gave this block (not replayable)
             record["input"] = {
@@ -407,6 +515,7 @@ class BlockDriver:
             timings=out.timings,
             clean=clean,
             rest_prompt=None if rest is None else {**rest, "blocks": 0},
+            late_received=late_received,
         )
 
     def warmup(

@@ -503,8 +503,11 @@ class Engine:
         self.registry.lookahead = self._block_ema
         with self._cond:
             self.block_ms = dt * 1e3
-            if controls.received is not None:
-                received = max(controls.received, getattr(self, "_live_since", controls.received))
+            # the newest change this block carries: a prompt that joined it in flight, else
+            # the block's own controls
+            got = result.late_received if result.late_received is not None else controls.received
+            if got is not None:
+                received = max(got, getattr(self, "_live_since", got))
                 self.latency_ms = (done - received) * 1e3
             if self.frames_out == 0 and self.phases is not None:
                 self.phases.add("first block", dt)

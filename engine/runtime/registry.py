@@ -543,6 +543,26 @@ class Registry:
         self._modulated = frozenset(mods)
         return out, eff
 
+    def pending_within(self, paths: frozenset[str]) -> tuple[dict[str, Any], float] | None:
+        """The staged changes, not taken (begin_block still applies them), when every one
+        of them lies in `paths`, none of `paths` is modulated, and no trigger is waiting:
+        (base values with the changes applied, when the earliest change arrived). None
+        otherwise, or when nothing is staged. A block in flight uses this to take a prompt
+        change early; anything else staged beside it keeps the whole batch for the block
+        boundary, so changes sent together still land together."""
+        with self._lock:
+            if not self._pending or self._events:
+                return None
+            if any(k not in paths for k in self._pending):
+                return None
+            if self._modulated.intersection(paths):
+                return None
+            values = dict(self._values)
+            for k, (_, v, _) in self._pending.items():
+                values[k] = v
+            received = min(rec for _, _, rec in self._pending.values())
+            return values, received
+
     def pending_count(self) -> int:
         with self._lock:
             return len(self._pending) + len(self._events) + len(self._scheduled)

@@ -230,6 +230,20 @@ class PromptMixer:
             assert self._out is not None
             return self._out, self._version
 
+    def join_now(self) -> tuple[Tensor, Hashable] | None:
+        """Start the latest target inside the block in flight (after its `next_block`): when
+        its encodings are ready, the move begins as a `next_block` would begin it, and the
+        new (embedding, key) is returned for the block's remaining steps; the next
+        `next_block` goes on from there. None (nothing changed) while they are not ready."""
+        with self._lock:
+            if self._pending is None or self._current is None:
+                return None
+            self._promote()
+            if self._pending is not None or self.last_error is not None:
+                return None  # still encoding, or dropped (last_error says why)
+            self._advance()
+            return self._out, self._version
+
     # -- internals (lock held) -----------------------------------------------------------------
 
     def _promote(self) -> None:

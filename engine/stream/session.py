@@ -45,7 +45,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -101,6 +101,7 @@ class BlockOutput:
     vace: bool = False  # VACE hints ran in this block
     v2v_strength: float | None = None  # the V2V strength used (after motion adaptation)
     steps: tuple[int, ...] = ()  # the timesteps run (V2V cuts the list)
+    text_step: int | None = None  # the step a late text joined at (see next_block's `late`)
 
 
 class _Timer:
@@ -264,15 +265,7 @@ class StreamSession:
             ) from None
         if not 0.0 < bias <= 1.0:
             raise ValueError(f"kv_bias must be in (0, 1], got {bias}")
-        t = inputs.text
-        if (
-            not isinstance(t, Tensor)
-            or t.dim() != 3
-            or t.shape[0] != 1
-            or t.shape[2] != self.cfg.text_dim
-        ):
-            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"text embedding must be [1, L, {self.cfg.text_dim}], got {got}")
+        self._check_text(inputs.text)
         if isinstance(inputs.seed, bool) or not isinstance(inputs.seed, int):
             raise ValueError(f"seed must be an integer, got {inputs.seed!r}")
         scale = _number(inputs.vace_scale, "vace_scale", 0.0, 2.0)
@@ -283,6 +276,16 @@ class StreamSession:
                 raise ValueError("V2V needs a video encoder: the session has none attached")
         self._check_video(inputs)
         return steps, bias, scale, strength
+
+    def _check_text(self, t) -> None:
+        if (
+            not isinstance(t, Tensor)
+            or t.dim() != 3
+            or t.shape[0] != 1
+            or t.shape[2] != self.cfg.text_dim
+        ):
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"text embedding must be [1, L, {self.cfg.text_dim}], got {got}")
 
     def _check_video(self, inputs: BlockInputs) -> None:
         v, m = inputs.video, inputs.video_mask
@@ -299,8 +302,22 @@ class StreamSession:
             got = list(m.shape) if isinstance(m, Tensor) else type(m).__name__
             raise ValueError(f"video mask must be {[1, 1, *want[2:]]}, got {got}")
 
+    # A late text (next_block's `late`) changes the cross-attention inputs between steps on
+    # this process only: a session whose steps run elsewhere too (engine/parallel) says no.
+    accepts_late_text = True
+
     @torch.no_grad()
-    def next_block(self, inputs: BlockInputs) -> BlockOutput:
+    def next_block(
+        self,
+        inputs: BlockInputs,
+        late: Callable[[int], tuple[Tensor, Hashable] | None] | None = None,
+    ) -> BlockOutput:
+        """Make the next block. `late(i)`, when given, is asked before denoising step i
+        (every step after the recompute pass, none before the first step of block 0): a
+        (text embedding, key) it returns replaces the block's text from that step on, so
+        a prompt change that arrives during a block shows in that block's frames instead
+        of waiting for the next one (the block driver's prompt joins). A replay must return
+        the same at the same step; None keeps the text."""
         steps, bias, scale, strength = self._check(inputs)
         model, dev = self.model, self.device
         timer = _Timer(dev, self.timing)
@@ -344,7 +361,18 @@ class StreamSession:
                 log_bias = self._log_bias
 
         x0 = x  # V2V at strength 0: the block is the encoded input
+        text_step = None
         for i, t in enumerate(steps):
+            if late is not None and (i > 0 or mode == DENOISE):
+                got = late(i)
+                if got is not None:
+                    text, key = got
+                    self._check_text(text)
+                    with timer.stage("text"):
+                        self._cross = model.cross_kv(text.to(dev))
+                        if vace_on:
+                            self.vace.set_text(text, key)
+                    self._text_key, text_step = key, i
             with timer.stage(f"step{i}"):
                 tt = torch.full((1,), float(t), device=dev)
                 vace, vin = (
@@ -379,6 +407,7 @@ class StreamSession:
             vace=vace_on,
             v2v_strength=used_s,
             steps=tuple(steps),
+            text_step=text_step,
         )
 
     def _v2v(self, inputs: BlockInputs, strength: float, steps, noise: Tensor, timer: _Timer):

@@ -293,15 +293,19 @@ class VaceConditioner:
         self, frames: Tensor | None, mask: Tensor | None, text: Tensor, text_key
     ) -> None:
         """Encode this block's context (or drop it: text only). Cross K/V follow the text."""
-        from engine.models.vace import vace_cross_kv
-
         if frames is None:
             self.ctx = None
             return
         dev = self.model.device
         self.ctx = self.encoder.encode_block(frames.to(dev), None if mask is None else mask.to(dev))
+        self.set_text(text, text_key)
+
+    def set_text(self, text: Tensor, text_key) -> None:
+        """The VACE blocks' cross K/V for `text` (also when a text joins a block in flight)."""
+        from engine.models.vace import vace_cross_kv
+
         if self._cross is None or text_key != self._text_key:
-            self._cross = vace_cross_kv(self.model, self.vace, text.to(dev))
+            self._cross = vace_cross_kv(self.model, self.vace, text.to(self.model.device))
             self._text_key = text_key
 
     def step_inputs(self, sigma: float, scale: float):
