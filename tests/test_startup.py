@@ -153,8 +153,10 @@ def test_warmup_command_reports_every_phase(tmp_path):
     assert all(v >= 0 for v in out["phases_s"].values())
     # the text encoder loads on a thread beside the transformer: its phase overlaps the
     # others; the phases one after another add up to no more than the whole
-    beside = [n for n in names if "(beside the transformer)" in n]
-    assert beside == ["weights: text encoder (beside the transformer)"]
+    from engine.runtime.pipeline import TEXT_ENCODER_LOAD
+
+    beside = [n for n in names if n.startswith("weights: text encoder (beside")]
+    assert len(beside) == (0 if TEXT_ENCODER_LOAD == "serial" else 1)
     serial = sum(v for n, v in out["phases_s"].items() if n not in beside)
     assert out["total_s"] >= serial - 0.05
     assert out["compile_cache"] is None  # the tiny preset runs eager on the CPU: no cache
@@ -273,7 +275,7 @@ def test_the_engine_runs_exactly_its_warm_up_blocks_and_then_reports_warm():
         seen: list[int] = []
         real = pipeline.session.next_block
 
-        def counted(inputs, real=real):
+        def counted(inputs, real=real, calls=calls):
             out = real(inputs)
             calls.append(out.index)
             return out
@@ -295,3 +297,59 @@ def test_the_engine_runs_exactly_its_warm_up_blocks_and_then_reports_warm():
         assert seen == ([n] if n else [])
     with pytest.raises(ValueError, match="warmup_blocks"):
         Engine(build_pipeline(preset), warmup_blocks=-1)
+
+
+@pytest.mark.parametrize("mode", ["beside", "after", "serial"])
+def test_the_text_encoder_loads_where_it_is_told_and_gives_the_same_encoding(mode, monkeypatch):
+    from engine.runtime.pipeline import build_pipeline
+    from engine.runtime.presets import load_preset
+
+    monkeypatch.setenv("DREAMDECK_TEXT_ENCODER_LOAD", mode)
+    phases = startup.Phases(log_each=False)
+    pipeline = build_pipeline(load_preset("tiny").replace(height=64, width=64), phases=phases)
+    try:
+        names = list(phases.times)
+        threaded = [n for n in names if n.startswith("weights: text encoder (beside")]
+        waited = "weights: text encoder (wait)" in names
+        if mode == "serial":
+            assert not threaded and not waited and "weights: text encoder" in names
+        else:
+            assert len(threaded) == 1 and waited
+            # on its thread, it started before the main thread finished what it overlaps
+            assert ("transformer" in threaded[0]) == (mode == "beside")
+        got = pipeline.text_encoder.encode(["a red cube"])
+        monkeypatch.setenv("DREAMDECK_TEXT_ENCODER_LOAD", "serial")
+        ref = build_pipeline(load_preset("tiny").replace(height=64, width=64))
+        assert torch.equal(got, ref.text_encoder.encode(["a red cube"]))
+        ref.close()
+    finally:
+        pipeline.close()
+
+
+@pytest.mark.parametrize("bad", ["", "parallel", "BESIDE", "beside;rm -rf /", "x" * 10_000])
+def test_a_bad_text_encoder_load_setting_is_named(bad, monkeypatch):
+    from engine.runtime.pipeline import PipelineError, build_pipeline
+    from engine.runtime.presets import load_preset
+
+    monkeypatch.setenv("DREAMDECK_TEXT_ENCODER_LOAD", bad)
+    with pytest.raises(PipelineError, match="DREAMDECK_TEXT_ENCODER_LOAD"):
+        build_pipeline(load_preset("tiny").replace(height=64, width=64))
+
+
+def test_a_failing_transformer_load_joins_the_text_encoder_thread(monkeypatch):
+    import threading
+
+    from engine.runtime import pipeline as pl
+    from engine.runtime.presets import load_preset
+
+    monkeypatch.setenv("DREAMDECK_TEXT_ENCODER_LOAD", "beside")
+
+    def boom(*a, **k):
+        raise RuntimeError("out of memory (test)")
+
+    import engine.weights.transformer as wt
+
+    monkeypatch.setattr(wt, "random_transformer", boom)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pl.build_pipeline(load_preset("tiny").replace(height=64, width=64))
+    assert not [t for t in threading.enumerate() if t.name == "load text encoder"]

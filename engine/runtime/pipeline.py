@@ -15,6 +15,7 @@ else an encoder-only Wan VAE.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,16 +187,29 @@ def build_pipeline(
             prepared(block)
         blocks_bar.update()
 
-    # The text encoder (UMT5-XXL: 11 GB in bf16) loads in a thread beside the transformer:
-    # both are mostly file reads and host-to-device copies, which overlap (issue 15: a
-    # restart waited for one after the other). Its phase is logged with "(beside the
-    # transformer)"; what is left to wait for shows as "weights: text encoder (wait)".
-    te_job = _Background(
-        lambda: _build_text_encoder(preset, weights, device, dtype, cfg),
-        "text encoder",
-        phases,
-        "weights: text encoder (beside the transformer)",
-    )
+    # The text encoder (UMT5-XXL: 11 GB in bf16) can load on a thread while the main
+    # thread goes on (issue 15: a restart waited for one part after the other). Where it
+    # starts is DREAMDECK_TEXT_ENCODER_LOAD: "beside" the transformer, "after" it (beside
+    # the compile set-up and the decoder) or "serial"; docs/PERFORMANCE.md has the
+    # measured start-up of each. Its phase names where it ran; what the main thread still
+    # waits for shows as "weights: text encoder (wait)".
+    te_mode = os.environ.get("DREAMDECK_TEXT_ENCODER_LOAD", TEXT_ENCODER_LOAD)
+    if te_mode not in ("beside", "after", "serial"):
+        raise PipelineError(
+            f"DREAMDECK_TEXT_ENCODER_LOAD={te_mode!r}: expected beside, after or serial"
+        )
+    te_job: _Background | None = None
+
+    def start_text_encoder(where: str) -> _Background:
+        return _Background(
+            lambda: _build_text_encoder(preset, weights, device, dtype, cfg),
+            "text encoder",
+            phases,
+            f"weights: text encoder ({where})",
+        )
+
+    if te_mode == "beside":
+        te_job = start_text_encoder("beside the transformer")
     with phases.phase("weights: transformer"):
         try:
             if random_init:
@@ -220,15 +234,19 @@ def build_pipeline(
                     prepare_block=prepare,
                 )
         except AttentionError as e:
-            te_job.abandon()
+            if te_job is not None:
+                te_job.abandon()
             raise PipelineError(f"preset {preset.name!r}: {e}") from None
         except BaseException:
-            te_job.abandon()
+            if te_job is not None:
+                te_job.abandon()
             raise
         finally:
             blocks_bar.close()
     if preset.fp8:
         log.info("fp8: transformer blocks' linears quantised (e4m3, per-channel scales)")
+    if te_mode == "after":
+        te_job = start_text_encoder("beside the compile set-up and decoder")
     if preset.compile and device.type == "cuda":
         with phases.phase("compile set-up (imports Inductor)"):
             model.compile_blocks()
@@ -247,8 +265,12 @@ def build_pipeline(
         dtype=dtype,
         kv_cache=preset.kv_cache,
     )
-    with phases.phase("weights: text encoder (wait)"):
-        text_encoder = te_job.result()
+    if te_job is None:
+        with phases.phase("weights: text encoder"):
+            text_encoder = _build_text_encoder(preset, weights, device, dtype, cfg)
+    else:
+        with phases.phase("weights: text encoder (wait)"):
+            text_encoder = te_job.result()
     cache = EmbeddingCache(text_encoder, capacity=cache_capacity)
     mixer = PromptMixer(cache)
     pipeline = Pipeline(
@@ -272,6 +294,9 @@ def build_pipeline(
         raise
     return pipeline
 
+
+# Where the text encoder loads (see build_pipeline; DREAMDECK_TEXT_ENCODER_LOAD overrides).
+TEXT_ENCODER_LOAD = "beside"
 
 # Sites (linears) merged per block boundary on a GPU after a LoRA strength stops moving:
 # each copies its pristine weight from the host (52-141 MB on the 14B), so merging all
