@@ -579,7 +579,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
     except SinkError as e:
         raise UsageError(str(e)) from None
 
-    from engine.runtime.startup import Phases, mark_warm, use_compile_cache
+    from engine.runtime.startup import Phases, is_warm, mark_warm, use_compile_cache
 
     phases = Phases(t0=_T_IMPORT)
     phases.add("launch (imports, flags, outputs)", time.perf_counter() - _T_IMPORT)
@@ -637,7 +637,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
         phases=phases,
         record_clock=args.record_clock,
         warmup_blocks=warmup_blocks,
-        on_warm=lambda n: mark_warm(cache, preset.name, n),
+        on_warm=None
+        if cache is None or is_warm(cache, preset.name, max(1, preset.warmup_blocks))
+        else lambda n: mark_warm(cache, preset.name, n),
     )
     if preset.vace.enabled or preset.vace.source != "none":
         log.info(

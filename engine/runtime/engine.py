@@ -65,8 +65,9 @@ class Engine:
     ):
         preset = pipeline.preset
         self.phases = phases  # engine.runtime.startup.Phases from the launch, or None
-        # throwaway blocks before the show (0: a warm compile cache, see startup.py); after
-        # they all ran, on_warm(n) is told (run marks the compile cache warm)
+        # throwaway blocks before the show (0: a warm compile cache, see startup.py). Once
+        # the preset's warm-up count of blocks ran (throwaway or, without a warm-up, the
+        # show's own), on_warm(n) is told, once: run marks the compile cache warm
         self.warmup_blocks = preset.warmup_blocks if warmup_blocks is None else warmup_blocks
         if self.warmup_blocks < 0:
             raise ValueError(f"warmup_blocks must be >= 0, got {self.warmup_blocks}")
@@ -426,11 +427,8 @@ class Engine:
                 self.phases.add(
                     f"compile + warm-up ({n_warm} blocks)", time.perf_counter() - t_warm
                 )
-            if n_warm > 0 and not self._stop.is_set() and self.on_warm is not None:
-                try:
-                    self.on_warm(n_warm)
-                except Exception as e:  # noqa: BLE001 - a marker is an optimisation
-                    log.warning("warm-up marker: %s", e)
+            if n_warm > 0 and not self._stop.is_set():
+                self._tell_warm(n_warm)
             t_end = None if self.duration is None else time.monotonic() + self.duration
             # Changes that arrived during warm-up count from here: latency is what a
             # performer waits for, not how long the compile took.
@@ -474,6 +472,15 @@ class Engine:
             self.state = "stopped"
             with self._cond:
                 self._cond.notify_all()
+
+    def _tell_warm(self, blocks: int) -> None:
+        on_warm, self.on_warm = self.on_warm, None  # once
+        if on_warm is None:
+            return
+        try:
+            on_warm(blocks)
+        except Exception as e:  # noqa: BLE001 - a marker is an optimisation
+            log.warning("warm-up marker: %s", e)
 
     def _one_block(self) -> None:
         t0 = time.perf_counter()
@@ -522,6 +529,8 @@ class Engine:
             self._rate.append((time.monotonic(), self.frames_out))
             self.block += 1
             self._cond.notify_all()
+        if self.on_warm is not None and self.block >= max(1, self.preset.warmup_blocks):
+            self._tell_warm(self.block)  # no warm-up ran: the show's first blocks compiled
         if self.on_block is not None:
             self.on_block(result)
 

@@ -210,6 +210,11 @@ def build_pipeline(
 
     if te_mode == "beside":
         te_job = start_text_encoder("beside the transformer")
+    # torch.compile's first use imports Dynamo and Inductor (~3 s): done on a thread while
+    # the weights load, so the compile set-up below only waits for what is left of it.
+    compiler = None
+    if preset.compile and device.type == "cuda":
+        compiler = _Background(_import_compiler, "compiler", phases, "compiler imports (beside)")
     with phases.phase("weights: transformer"):
         try:
             if random_init:
@@ -234,12 +239,14 @@ def build_pipeline(
                     prepare_block=prepare,
                 )
         except AttentionError as e:
-            if te_job is not None:
-                te_job.abandon()
+            for job in (te_job, compiler):
+                if job is not None:
+                    job.abandon()
             raise PipelineError(f"preset {preset.name!r}: {e}") from None
         except BaseException:
-            if te_job is not None:
-                te_job.abandon()
+            for job in (te_job, compiler):
+                if job is not None:
+                    job.abandon()
             raise
         finally:
             blocks_bar.close()
@@ -249,6 +256,8 @@ def build_pipeline(
         te_job = start_text_encoder("beside the compile set-up and decoder")
     if preset.compile and device.type == "cuda":
         with phases.phase("compile set-up (imports Inductor)"):
+            if compiler is not None:
+                compiler.result()
             model.compile_blocks()
     elif preset.compile:
         log.info("compile: skipped on the CPU")
@@ -397,6 +406,14 @@ def _build_inputs(pipeline: Pipeline, seed: int) -> None:
         model, vace, vae, height=preset.height, width=preset.width, assets_dir=v.assets_dir
     )
     log.info("VACE on (%d hint layers)", len(vace.vcfg.layers))
+
+
+def _import_compiler() -> None:
+    """The modules torch.compile's first call imports (the slow part of its set-up)."""
+    import importlib
+
+    for name in ("torch._dynamo", "torch._inductor.compile_fx"):
+        importlib.import_module(name)
 
 
 class _Background:
