@@ -382,6 +382,7 @@ class BlockDriver:
         if joined is None:  # not ready (or its encoding went away): a later step or boundary
             return None
         target = self._sent
+        log.info("prompt change joins the block in flight at step %d", step)
         self._joined = ({**target, "step": step}, received)
         self._rest, self._sent = target, None
         emb, key = joined
