@@ -282,3 +282,21 @@ def test_gpu_bf16_compiled_vace_stream_close_to_fp32_eager(parts):
     for x, y in zip(*outs, strict=True):
         assert x.is_cuda and y.dtype == torch.float32
         assert ((y - x).norm() / x.norm()).item() < 5e-2
+
+
+def test_the_compiled_context_encoder_traces_whole_and_gives_the_same_context(parts):
+    """torch.compile of the stream encoder (the GPU presets compile it, issue 15) must
+    trace as one graph per shape, cache included, and change no value: eager backend here,
+    over a video start, two steady blocks and a restart."""
+    import torch._dynamo
+
+    vae = parts[2]
+    blocks = [video(9), video(12, 9), video(12, 21), video(9, 40)]
+    plain = VaceContextEncoder(vae)
+    want = [plain.encode_block(v) for v in blocks]
+    torch._dynamo.reset()
+    fast = VaceContextEncoder(vae)
+    fast.stream.compile(backend="eager")
+    got = [fast.encode_block(v) for v in blocks]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

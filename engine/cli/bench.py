@@ -120,6 +120,11 @@ def add_parser(subparsers) -> None:
         "--vace-scale", type=float, default=1.0, help="with --vace: hint strength (0..2)"
     )
     p.add_argument(
+        "--vace-encode-eager",
+        action="store_true",
+        help="with --vace --compile: leave the VACE context encoder eager (to compare)",
+    )
+    p.add_argument(
         "--v2v",
         type=float,
         default=None,
@@ -764,6 +769,8 @@ def _attach_inputs(session, model, cfg, args, device, dtype, height, width, enco
     if args.compile:
         compile_vace(vace)
     cond = VaceConditioner(model, vace, vae, height=height, width=width, assets_dir=None)
+    if args.compile and device.type == "cuda" and not getattr(args, "vace_encode_eager", False):
+        cond.encoder.stream.compile()
     rng = np.random.default_rng(args.seed)
     for n in range(1, args.vace_refs + 1):
         cond.refs.set_frame(n, rng.integers(0, 256, (height, width, 3), dtype=np.uint8))

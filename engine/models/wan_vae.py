@@ -472,7 +472,15 @@ class WanStreamEncoder:
 
     def __init__(self, vae: WanVAE) -> None:
         self.vae = vae
+        self._encode = vae.encode
         self.reset()
+
+    def compile(self, **kw) -> WanStreamEncoder:
+        """torch.compile the encoder as the decoder is (whole graph, the cache is plain
+        Python state): a video start, then steady blocks. The VACE context encode (two
+        streams of 12 frames at 832x480) took 243 ms a block eager (issue 15)."""
+        self._encode = torch.compile(self.vae.encode, fullgraph=True, **kw)
+        return self
 
     def reset(self) -> None:
         self.cache = StreamCache()
@@ -490,7 +498,7 @@ class WanStreamEncoder:
             )
             raise ValueError(f"Wan VAE encode: got {t} frames, the stream encoder needs {want}")
         self.started = True
-        return self.vae.normalize(self.vae.encode(to_model(self.vae, frames), self.cache))
+        return self.vae.normalize(self._encode(to_model(self.vae, frames), self.cache))
 
 
 # ---- construction ---------------------------------------------------------------------

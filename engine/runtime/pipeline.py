@@ -405,6 +405,8 @@ def _build_inputs(pipeline: Pipeline, seed: int) -> None:
     session.vace = pipeline.vace = VaceConditioner(
         model, vace, vae, height=preset.height, width=preset.width, assets_dir=v.assets_dir
     )
+    if preset.compile and device.type == "cuda":
+        pipeline.vace.encoder.stream.compile()
     log.info("VACE on (%d hint layers)", len(vace.vcfg.layers))
 
 
