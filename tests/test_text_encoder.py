@@ -285,3 +285,22 @@ def test_tiny_text_encoder_is_deterministic_and_distinct():
     assert torch.equal(x[0], y[0]) and torch.equal(x[0], x[1])
     assert (x[0] - x[2]).abs().max() > 0.1
     assert x[0, 4:].abs().max() == 0 and x[0, :4].norm(dim=-1).min() > 0  # 3 words + EOS
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the encoder's own stream)")
+def test_a_gpu_encode_does_not_wait_for_work_queued_on_the_default_stream():
+    """A prompt change must not wait behind the denoising steps queued on the default
+    stream (issue 15's latency): the encode runs on its own stream and returns while
+    earlier default-stream work is still running, with the same embedding."""
+    from engine.models.text_encoder import TinyTextEncoder
+
+    enc = TinyTextEncoder(device="cuda")
+    ref = enc.encode(["a red cube on a table"])
+    torch.cuda.synchronize()
+    busy_done = torch.cuda.Event()
+    torch.cuda._sleep(int(3e9))  # ~2 s of GPU time queued on the default stream
+    busy_done.record()
+    out = enc.encode(["a red cube on a table"])
+    assert not busy_done.query(), "the encode waited for the default stream's queue"
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref)

@@ -414,13 +414,41 @@ class TextEncoder:
         self.output_dtype = output_dtype
         self.placement = placement
         self.dim = int(model.config.d_model)
+        self._stream: torch.cuda.Stream | None = None
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> Tensor:
+        """[N, L, D] on `output_device`. On a GPU the work runs on a high-priority stream
+        of its own and this call waits for that stream only: the generation thread keeps
+        up to a few denoising steps of kernels queued on the default stream, and an encode
+        queued behind them would hold a prompt change back by that much (issue 15's
+        latency). The result is marked as used by the default stream, where the mixer
+        blends it, so its memory is not reused while work queued there may still read it."""
         if isinstance(texts, str) or not texts:
             raise ValueError("encode takes a non-empty list of strings")
         if not all(isinstance(t, str) for t in texts):
             raise ValueError("encode takes strings only")
+        side = self._side_stream()
+        if side is None:
+            return self._encode(texts)
+        with torch.cuda.stream(side):
+            out = self._encode(texts)
+        side.synchronize()
+        if out.is_cuda:
+            out.record_stream(torch.cuda.default_stream(out.device))
+        return out
+
+    def _side_stream(self) -> torch.cuda.Stream | None:
+        dev = self.output_device if self.output_device.type == "cuda" else self.device
+        if dev.type != "cuda":
+            return None
+        if self._stream is None:
+            # the weights were placed by work on the default stream: finished once, here
+            torch.cuda.current_stream(dev).synchronize()
+            self._stream = torch.cuda.Stream(dev, priority=-1)
+        return self._stream
+
+    def _encode(self, texts: Sequence[str]) -> Tensor:
         ids, lengths = self.tokenizer([clean_text(t) for t in texts], self.length)
         mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
         hidden = self.model(
