@@ -182,6 +182,8 @@ def test_a_prompt_change_mid_block_joins_it_and_replays_to_the_same_frames():
     # the boundary after it takes the same change again: no second start
     assert results[2].controls.changed.get("prompt/1/text") == new
     assert "prompt" not in results[2].record
+    # ...and says so: its latency is not that change's (it showed one block earlier)
+    assert results[2].echo_only and not results[1].echo_only and not results[0].echo_only
     records = [r.record for r in results]
     again = _replay(records)
     assert all(torch.equal(x.rgba, y.rgba) for x, y in zip(results, again, strict=True))
@@ -206,6 +208,7 @@ def test_changes_sent_together_wait_for_the_boundary_together():
     r2 = driver.step(registry.begin_block(2))
     assert r2.controls.changed == {"prompt/1/text": new, "seed": 77}
     assert r2.record["prompt"]["prompts"] == [[new, 1.0]] and "step" not in r2.record["prompt"]
+    assert not r2.echo_only
     pipeline.close()
 
 

@@ -72,6 +72,9 @@ class BlockResult:
     rest_prompt: dict[str, Any] | None = None
     # when the prompt change that joined this block in flight arrived (time.time()), if one did
     late_received: float | None = None
+    # this block's only changes are the prompt change that joined the block before it: the
+    # registry hands them over at this boundary, but they showed one block earlier
+    echo_only: bool = False
 
     @property
     def frames(self) -> int:
@@ -115,6 +118,7 @@ class BlockDriver:
         self._rest: dict[str, Any] | None = None  # the last target the mixer started
         # a prompt target that joined the block in flight: (target, received) — see _late
         self._joined: tuple[dict[str, Any], float | None] | None = None
+        self._joined_target: dict[str, Any] | None = None  # the last block's joined target
         self._late_refused: dict[str, Any] | None = None  # not tried again until it changes
         self._sent_received: float | None = None  # when the change behind `_sent` arrived
 
@@ -382,6 +386,7 @@ class BlockDriver:
         if joined is None:  # not ready (or its encoding went away): a later step or boundary
             return None
         target = self._sent
+        self._joined_target = target
         log.info("prompt change joins the block in flight at step %d", step)
         self._joined = ({**target, "step": step}, received)
         self._rest, self._sent = target, None
@@ -421,6 +426,14 @@ class BlockDriver:
         from engine.stream.session import BlockInputs
 
         pipeline, values = self.pipeline, controls.values
+        echo_only = bool(
+            self._joined_target is not None
+            and controls.changed
+            and PROMPT_PATHS.issuperset(controls.changed)
+            and not controls.events
+            and prompt_target(values) == self._joined_target
+        )
+        self._joined_target = None
         if "decoder" in controls.changed and values["decoder"] != pipeline.decoder_kind:
             self._reload_decoder(values["decoder"])
         if "reset" in controls.events:
@@ -517,6 +530,7 @@ class BlockDriver:
             clean=clean,
             rest_prompt=None if rest is None else {**rest, "blocks": 0},
             late_received=late_received,
+            echo_only=echo_only,
         )
 
     def warmup(

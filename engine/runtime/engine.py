@@ -512,7 +512,9 @@ class Engine:
             self.block_ms = dt * 1e3
             # the newest change this block carries: a prompt that joined it in flight, else
             # the block's own controls
-            got = result.late_received if result.late_received is not None else controls.received
+            got = result.late_received
+            if got is None and not result.echo_only:
+                got = controls.received
             if got is not None:
                 received = max(got, getattr(self, "_live_since", got))
                 self.latency_ms = (done - received) * 1e3
