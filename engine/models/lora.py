@@ -50,7 +50,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.models.fp8 import Fp8Linear, quantize_rowwise
+from engine.models.fp8 import Fp8Linear
+from engine.models.lora_merge import (
+    fp8_merge_rows_,
+    linear_merge_rows_,
+    merge_rows_reference,
+    triton_usable,
+)
 from engine.models.wan import CONFIGS, SelfAttention, WanModel
 
 log = logging.getLogger(__name__)
@@ -61,6 +67,9 @@ class LoraError(ValueError):
 
 
 SLOTS = 4
+# float32 elements of the one scratch buffer the general merge path works through
+# (engine/models/lora_merge.py): 32 MB; the fast GPU paths need none.
+MERGE_CHUNK_ELEMS = 1 << 23
 # Modules whose output feeds the cached cross-attention K/V (engine/stream/session.py):
 # changing them means recomputing that cache.
 _TEXT_KV = re.compile(r"(^text_embedding\.)|(\.cross_attn\.(k|v|norm_k)$)")
@@ -112,6 +121,22 @@ class _Entry:
 
 
 @dataclass
+class _Part:
+    """The low-rank factors of every slot on one row range of a site (all rows; or q, k or
+    v of a fused qkv), columns in slot order: a merge is one GEMM per part,
+    ``W[rows] += (B · diag(strength[slot] · escale)) @ A``. A and B are views into the
+    site's side-path stacks when it has a side path, else their own tensors: the only
+    device copy of the factors either way."""
+
+    r0: int  # first row
+    A: Tensor  # rank x in
+    B: Tensor  # rows x rank
+    slot: Tensor  # per rank column: its slot (device, long)
+    escale: Tensor  # per rank column: alpha/rank (device, float32)
+    slots: frozenset[int]
+
+
+@dataclass
 class _Site:
     name: str  # the module's name in the model (after q/k/v fusion)
     module: nn.Module  # LoraLinear, or a norm holding weight/bias
@@ -124,6 +149,7 @@ class _Site:
     side: tuple | None = None  # (on, merged, strengths) the side path was last set for
     rank_slots: list[int] = field(default_factory=list)  # slot of each stacked rank column
     need: bool = False  # the side path must be on (a strength differs from the merged one)
+    parts: list[_Part] = field(default_factory=list)  # low-rank factors by row range
 
     @property
     def group(self) -> str:
@@ -165,15 +191,25 @@ class LoraSlots:
         merge_per_block: int | None = None,
         max_bytes: int | None = None,
         rank_bucket: int | None = None,
+        remerge: bool | None = None,
+        merge_chunk_elems: int = MERGE_CHUNK_ELEMS,
     ):
         self.model = model
-        # Static shapes for torch.compile (see `_prewrap`): every block linear wrapped up
-        # front, factors zero-padded to a multiple of `rank_bucket`, the side path switched
-        # per transformer block. None: wrap on demand, exact sizes (eager, the CPU).
-        self.rank_bucket = rank_bucket
         self.config = config_name(model)
         self.device = model.device
         self.pristine_device = torch.device(pristine_device)
+        # Moving strengths: re-merge every targeted weight at every block from pristine
+        # weights kept on the device (exact, ~2-4 B of traffic per weight, no side path,
+        # no wrapped modules), or ride the low-rank side path (pristine on the host).
+        # Default: re-merge when the pristine weights live on an accelerator.
+        self.remerge = self.pristine_device.type != "cpu" if remerge is None else remerge
+        # Static shapes for torch.compile (see `_prewrap`): every block linear wrapped up
+        # front, factors zero-padded to a multiple of `rank_bucket`, the side path switched
+        # per transformer block. None: wrap on demand, exact sizes (eager, the CPU). A
+        # re-merging model has no side path, so nothing to wrap or pad.
+        self.rank_bucket = None if self.remerge else rank_bucket
+        self.merge_chunk_elems = max(1, int(merge_chunk_elems))
+        self._scratch: Tensor | None = None  # float32 rows of the general merge, reused
         self.merge_per_block = merge_per_block
         self.max_bytes = max_bytes
         self.slots: list[PreparedLora | None] = [None] * SLOTS
@@ -293,6 +329,10 @@ class LoraSlots:
                     )
                 )
                 self._rebuild_side(site)
+            # The sites' stacks (or parts) now hold the only device copy of the factors.
+            for d in lora.targets.values():
+                d.pop("down", None)
+                d.pop("up", None)
         self._apply_groups()
         return dirty
 
@@ -301,7 +341,7 @@ class LoraSlots:
             if site.module is module or site.target is module:
                 return site
         full = next(k for k, m in self.model.named_modules() if m is module)
-        if isinstance(module, (nn.Linear, Fp8Linear)):
+        if isinstance(module, (nn.Linear, Fp8Linear)) and not self.remerge:
             parent_name, _, leaf = full.rpartition(".")
             parent = self.model.get_submodule(parent_name)
             wrapped = LoraLinear(module)
@@ -324,50 +364,92 @@ class LoraSlots:
         self._apply_groups()
 
     def _rebuild_side(self, site: _Site) -> None:
-        """Stack the low-rank factors of every slot on a site into one A, B pair (zero
-        padded to the rank bucket in static mode)."""
+        """Lay out the low-rank factors of every slot on a site: the parts (one per row
+        range, columns in slot order) and, on a wrapped site, the side path's stacks A, B
+        (zero padded to the rank bucket in static mode) that the parts are views of. The
+        entries' factors become views too, so one device copy of each factor remains."""
         m = site.module
-        if not isinstance(m, LoraLinear):
-            return
-        lows = [e for e in site.entries if e.down is not None]
+        lows = sorted(
+            (e for e in site.entries if e.down is not None),
+            key=lambda e: (e.rows.start or 0, e.slot),
+        )
         site.side = None
-        bucket = self.rank_bucket
-        if not lows and bucket is None:
+        dev = self.device
+        wrapped = isinstance(m, LoraLinear)
+        A = B = None
+        if wrapped and (lows or self.rank_bucket is not None):
+            bucket = self.rank_bucket
+            R = sum(e.down.shape[0] for e in lows)
+            if bucket is not None and site.name.endswith(".qkv"):
+                bucket *= 3  # q, k and v each bring their own rank
+            Rp = R if bucket is None else bucket * max(1, -(-R // bucket))
+            dtype = lows[0].down.dtype if lows else self.model.dtype
+            A = torch.zeros(Rp, m.in_features, device=dev, dtype=dtype)
+            B = torch.zeros(m.out_features, Rp, device=dev, dtype=dtype)
+            slot, escale, off = [0] * Rp, [0.0] * Rp, 0
+            for e in lows:
+                r = e.down.shape[0]
+                A[off : off + r] = e.down
+                B[e.rows, off : off + r] = e.up
+                slot[off : off + r] = [e.slot] * r
+                escale[off : off + r] = [e.scale] * r
+                off += r
+            site.rank_slots = slot
+            tensors = {
+                "A": A,
+                "B": B,
+                "slot": torch.tensor(slot, device=dev),
+                "escale": torch.tensor(escale, device=dev, dtype=torch.float32),
+                "offset": torch.zeros(Rp, device=dev, dtype=torch.float32),
+            }
+            for name, t in tensors.items():
+                old = getattr(m, name)
+                if old is not None and old.shape == t.shape and old.dtype == t.dtype:
+                    old.copy_(t)  # same tensors: nothing for a compiled graph to notice
+                else:
+                    setattr(m, name, t)
+            m.strength = self._strength
+            A, B = m.A, m.B
+        elif wrapped:
             m.A = m.B = m.slot = m.escale = m.offset = m.strength = None
             m.side_on = site.need = False
-            return
-        R = sum(e.down.shape[0] for e in lows)
-        if bucket is not None and site.name.endswith(".qkv"):
-            bucket *= 3  # q, k and v each bring their own rank
-        Rp = R if bucket is None else bucket * max(1, -(-R // bucket))
-        dtype = lows[0].down.dtype if lows else self.model.dtype
-        dev = self.device
-        A = torch.zeros(Rp, m.in_features, device=dev, dtype=dtype)
-        B = torch.zeros(m.out_features, Rp, device=dev, dtype=dtype)
-        slot, escale, off = [0] * Rp, [0.0] * Rp, 0
-        for e in lows:
-            r = e.down.shape[0]
-            A[off : off + r] = e.down
-            B[e.rows, off : off + r] = e.up
-            slot[off : off + r] = [e.slot] * r
-            escale[off : off + r] = [e.scale] * r
-            off += r
-        site.rank_slots = slot
-        tensors = {
-            "A": A,
-            "B": B,
-            "slot": torch.tensor(slot, device=dev),
-            "escale": torch.tensor(escale, device=dev, dtype=torch.float32),
-            "offset": torch.zeros(Rp, device=dev, dtype=torch.float32),
-        }
-        for name, t in tensors.items():
-            old = getattr(m, name)
-            if old is not None and old.shape == t.shape and old.dtype == t.dtype:
-                old.copy_(t)  # same tensors: nothing for a compiled graph to notice
+        parts: list[_Part] = []
+        off = 0
+        i = 0
+        while i < len(lows):
+            j = i
+            while j < len(lows) and lows[j].rows == lows[i].rows:
+                j += 1
+            group, rows = lows[i:j], lows[i].rows
+            r = sum(e.down.shape[0] for e in group)
+            if A is not None:
+                Ag, Bg = A[off : off + r], B[rows, off : off + r]
+            elif len(group) == 1:
+                Ag, Bg = group[0].down, group[0].up
             else:
-                setattr(m, name, t)
-        m.strength = self._strength
-        self._set_side(site)
+                Ag = torch.cat([e.down for e in group])
+                Bg = torch.cat([e.up for e in group], dim=1)
+            c, cols = 0, []
+            for e in group:
+                k = e.down.shape[0]
+                e.down, e.up = Ag[c : c + k], Bg[:, c : c + k]
+                cols += [(e.slot, e.scale)] * k
+                c += k
+            parts.append(
+                _Part(
+                    rows.start or 0,
+                    Ag,
+                    Bg,
+                    torch.tensor([x[0] for x in cols], device=dev),
+                    torch.tensor([x[1] for x in cols], device=dev, dtype=torch.float32),
+                    frozenset(e.slot for e in group),
+                )
+            )
+            off += r
+            i = j
+        site.parts = parts
+        if wrapped and A is not None:
+            self._set_side(site)
 
     def _set_side(self, site: _Site) -> bool:
         """Whether the site needs its side path (a slot's strength differs from what is
@@ -418,7 +500,11 @@ class LoraSlots:
             self._apply_groups(True if on else None)
 
     def _push_strengths(self) -> None:
-        self._strength.copy_(torch.tensor(self.strengths, dtype=torch.float32))
+        t = torch.tensor(self.strengths, dtype=torch.float32)
+        if self.device.type == "cuda":
+            self._strength.copy_(t.pin_memory(), non_blocking=True)  # no host sync
+        else:
+            self._strength.copy_(t)
 
     @torch.no_grad()
     def update(self, strengths: Sequence[float]) -> bool:
@@ -446,10 +532,9 @@ class LoraSlots:
             merged = site.merged
             if zero:
                 merged = [0.0] * SLOTS  # strength 0: the pristine weight back, at once
-            elif (
-                not moved
-                and target != merged
-                and (budget is None or budget > 0 or site.group == merging)
+            elif target != merged and (
+                self.remerge  # every block, from the device pristine: no side path
+                or (not moved and (budget is None or budget > 0 or site.group == merging))
             ):
                 merged = target  # still since the last block: merge at these strengths
                 merging = site.group if self.rank_bucket is not None else None
@@ -482,36 +567,77 @@ class LoraSlots:
             for n in wnames + bnames:
                 p = getattr(t, n).detach().to(self.pristine_device, copy=True)
                 site.pristine[n] = p.pin_memory() if pin else p
-        pr, dev = site.pristine, self.device
+        pr = site.pristine
         if weight and w_zero:
             for n in wnames:
                 getattr(t, n).copy_(pr[n], non_blocking=True)
         elif weight:
-            if isinstance(t, Fp8Linear):
-                w = pr["weight"].to(dev).float() * pr["weight_scale"].to(dev).view(-1, 1)
-            else:
-                w = _f32_copy(pr["weight"], dev)
-            for e in site.entries:
-                m, s = site.merged[e.slot], site.wdiffs[e.slot]
-                if m != 0.0 and e.down is not None:
-                    w[e.rows] += (m * e.scale) * (e.up.float() @ e.down.float())
-                if s != 0.0 and e.diff is not None:
-                    w[e.rows] += s * e.diff.float()
-            if isinstance(t, Fp8Linear):
-                q, sc = quantize_rowwise(w)
-                t.weight.copy_(q)
-                t.weight_scale.copy_(sc.view(1, -1))
-            else:
-                t.weight.copy_(w.to(t.weight.dtype))
+            self._merge_weight(site)
         if bias and bnames and b_zero:
             t.bias.copy_(pr["bias"], non_blocking=True)
         elif bias and bnames:
-            b = _f32_copy(pr["bias"], dev)
+            b = _f32_copy(pr["bias"], self.device)
             for e in site.entries:
                 s = site.bdiffs[e.slot]
                 if s != 0.0 and e.diff_b is not None:
                     b[e.rows] += s * e.diff_b.float()
             t.bias.copy_(b.to(t.bias.dtype))
+
+    def _merged_strengths(self, site: _Site) -> Tensor:
+        """The slot strengths a site is merged at, as a device tensor: the shared strength
+        tensor when they are this block's (always, but mid-install), else a small copy."""
+        if site.merged == self.strengths:
+            return self._strength
+        return _to_device(torch.tensor(site.merged, dtype=torch.float32), self.device)
+
+    def _merge_weight(self, site: _Site) -> None:
+        """The site's weight := pristine + merged low-rank parts + `.diff`s, in place in
+        the weight's own storage (compiled graphs keep their inputs), with no host sync:
+        bf16/fp32 by one `addmm` per part, fp8 by the Triton merge kernel, anything else
+        (the CPU's fp8, `.diff`s) through the bounded float32 scratch
+        (engine/models/lora_merge.py)."""
+        t, pr, dev = site.target, site.pristine, self.device
+        fp8 = isinstance(t, Fp8Linear)
+        sv = self._merged_strengths(site)
+        parts = [
+            (p.r0, p.B, p.A, sv[p.slot] * p.escale)
+            for p in site.parts
+            if any(site.merged[i] != 0.0 for i in p.slots)
+        ]
+        diffs = [
+            (e.rows.start or 0, site.wdiffs[e.slot], e.diff)
+            for e in site.entries
+            if e.diff is not None and site.wdiffs[e.slot] != 0.0
+        ]
+        dst_s = t.weight_scale.view(-1) if fp8 else None
+        src_s = pr["weight_scale"].view(-1) if fp8 else None
+        if diffs or (fp8 and not triton_usable(dev)):
+            merge_rows_reference(t.weight, dst_s, pr["weight"], src_s, parts, diffs, self._scratch_rows())
+            return
+        src_w = pr["weight"]
+        if src_w.device != dev:  # host pristine: stage it in the weight, merge in place
+            t.weight.copy_(src_w, non_blocking=True)
+            src_w = t.weight
+            if fp8:
+                t.weight_scale.copy_(pr["weight_scale"], non_blocking=True)
+                src_s = dst_s
+        covered = [(r0, r0 + B.shape[0]) for r0, B, _, _ in parts]
+        if src_w is not t.weight:  # rows no part touches get the pristine back
+            for a, b in _gaps(covered, t.weight.shape[0]):
+                t.weight[a:b].copy_(src_w[a:b])
+                if fp8:
+                    dst_s[a:b].copy_(src_s[a:b])
+        for r0, B, A, cs in parts:
+            r1 = r0 + B.shape[0]
+            if fp8:
+                fp8_merge_rows_(t.weight[r0:r1], dst_s[r0:r1], src_w[r0:r1], src_s[r0:r1], B, A, cs)
+            else:
+                linear_merge_rows_(t.weight[r0:r1], src_w[r0:r1], B, A, cs)
+
+    def _scratch_rows(self) -> Tensor:
+        if self._scratch is None:
+            self._scratch = torch.empty(self.merge_chunk_elems, device=self.device)
+        return self._scratch
 
     # -- reporting ------------------------------------------------------------------------
     def describe(self) -> list[dict | None]:
@@ -532,6 +658,26 @@ class LoraSlots:
     @property
     def device_bytes(self) -> int:
         return sum(p.nbytes for p in self.slots if p is not None)
+
+
+def _gaps(spans: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """The row ranges of 0..n that no span covers."""
+    out, at = [], 0
+    for a, b in sorted(spans):
+        if a > at:
+            out.append((at, a))
+        at = max(at, b)
+    if at < n:
+        out.append((at, n))
+    return out
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor on `device` without a host sync (pinned, non-blocking on CUDA;
+    the caching host allocator keeps the pinned copy alive until the transfer is done)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _f32_copy(t: Tensor, device: torch.device) -> Tensor:

@@ -1,0 +1,218 @@
+"""Merging low-rank LoRA deltas into weights in place, with bounded scratch memory.
+
+Why a module of its own: the LoRA slots (engine/models/lora.py) merge
+``W = base + (B · diag(c)) @ A`` (``c`` the per-rank-column strength × alpha/rank) every
+time strengths settle, and, with the pristine weights on the device, at EVERY block while a
+strength moves. On the 14B that is 14 G weights per block, so the bytes moved decide the
+cost (H100, ~3 TB/s):
+
+- bf16 / fp32 linears: one ``addmm`` per part, written straight into the weight's storage
+  (``out=``): read the pristine once, write the weight once, 4 B per bf16 weight, no
+  float32 scratch (cuBLAS adds C in float32 before its one rounding).
+- fp8 linears (engine/models/fp8.py, one scale per row): the merged row must be
+  re-quantised with a new row scale, which needs the row's absolute maximum before any
+  value is written. `fp8_merge_rows_` does it in one Triton kernel: each program owns a few
+  rows, computes ``src·scale + (B·c) @ A`` tile by tile in registers (the low-rank product
+  is recomputed, K = rank is small), takes the row maximum in a first pass and writes fp8
+  values in a second: ~2 B per weight (read fp8, write fp8), no scratch tensor. The kernel
+  may run in place (src is dst): a program reads a tile before it writes that tile, and no
+  other program touches its rows.
+- Anything else (CPU, `.diff` full differences): `merge_rows_reference`, float32 in row
+  chunks of at most `chunk_elems` through one reused scratch buffer, so the scratch is
+  bounded (was: a float32 copy of the whole weight plus the float32 delta, ~0.6 GB for a
+  14B FFN linear) and the allocator sees one block size, not hundreds.
+
+The rounding is the still path's: float32 sums, one cast (or per-row re-quantisation with
+`quantize_rowwise`'s formula).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from engine.models.fp8 import FP8, FP8_MAX, quantize_rowwise
+
+# Rows per program and weight columns per tile of the fp8 merge kernel.
+_BM = 32
+_BK = 128
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (max(1, n) - 1).bit_length())
+
+
+def scaled_up(B: Tensor, colscale: Tensor) -> Tensor:
+    """``B · diag(colscale)`` in float32 (rows × rank: small)."""
+    return B.float() * colscale
+
+
+def linear_merge_rows_(dst: Tensor, src: Tensor, B: Tensor, A: Tensor, colscale: Tensor) -> None:
+    """dst := src + (B·diag(colscale)) @ A for a bf16/fp16/fp32 weight's rows. `dst` and
+    `src` may be the same tensor (the pristine staged into the weight first)."""
+    if dst.dtype == torch.float32:
+        Bs, Af = scaled_up(B, colscale), A.float()
+    else:  # cuBLAS: float32 accumulation, C added in float32, one rounding
+        Bs, Af = scaled_up(B, colscale).to(dst.dtype), A.to(dst.dtype)
+    if dst.data_ptr() == src.data_ptr():
+        dst.addmm_(Bs, Af)
+    else:
+        torch.addmm(src, Bs, Af, out=dst)
+
+
+def merge_rows_reference(
+    dst_w: Tensor,
+    dst_s: Tensor | None,
+    src_w: Tensor,
+    src_s: Tensor | None,
+    parts: list[tuple[int, Tensor, Tensor, Tensor]],
+    diffs: list[tuple[int, float, Tensor]],
+    scratch: Tensor,
+) -> None:
+    """The general merge, in float32 row chunks through `scratch` (1-D float32; its size
+    decides the chunk): rows of dst := src (dequantised when `src_s`) + Σ parts + Σ diffs,
+    cast, or re-quantised per row when `dst_s` (fp8). `parts`: (first row, B rows × r,
+    A r × in, colscale r); `diffs`: (first row, strength, rows × in). `src_w` may live on
+    the host (copied chunk by chunk)."""
+    if dst_w.dim() == 1:  # a norm's weight (`.diff` only): one row
+        dst_w, src_w = dst_w.view(1, -1), src_w.view(1, -1)
+        diffs = [(r0, s, d.view(1, -1)) for r0, s, d in diffs]
+    n_out, n_in = dst_w.shape
+    per = max(1, scratch.numel() // n_in)
+    lows = [(r0, scaled_up(B, c), A.float()) for r0, B, A, c in parts]
+    for a in range(0, n_out, per):
+        b = min(n_out, a + per)
+        w = scratch[: (b - a) * n_in].view(b - a, n_in)
+        w.copy_(src_w[a:b])
+        if src_s is not None:
+            w.mul_(src_s[a:b].to(w.device).view(-1, 1))
+        for r0, Bs, Af in lows:
+            lo, hi = max(a, r0), min(b, r0 + Bs.shape[0])
+            if lo < hi:
+                w[lo - a : hi - a].addmm_(Bs[lo - r0 : hi - r0], Af)
+        for r0, s, d in diffs:
+            lo, hi = max(a, r0), min(b, r0 + d.shape[0])
+            if lo < hi:
+                w[lo - a : hi - a].add_(d[lo - r0 : hi - r0].float(), alpha=s)
+        if dst_s is not None:
+            q, sc = quantize_rowwise(w)
+            dst_w[a:b].copy_(q)
+            dst_s[a:b].copy_(sc.view(-1))
+        else:
+            dst_w[a:b].copy_(w)
+
+
+def fp8_merge_rows_(
+    dst_q: Tensor, dst_s: Tensor, src_q: Tensor, src_s: Tensor, B: Tensor, A: Tensor, colscale: Tensor
+) -> None:
+    """fp8 rows: dst := quantize_rowwise(src_q · src_s + (B·diag(colscale)) @ A), in one
+    Triton kernel (CUDA, or the Triton interpreter on the CPU), in place allowed.
+    dst_s / src_s: 1-D float32 row scales of these rows."""
+    n, k = dst_q.shape
+    r = A.shape[0]
+    if n == 0:
+        return
+    for t in (dst_q, src_q):
+        if t.stride(1) != 1:
+            raise ValueError("fp8 merge: weight rows must be contiguous")
+    kern = _kernel()
+    br = _pow2(r)
+    bk = _BK if br <= 128 else 64
+    grid = (triton_cdiv(n, _BM),)
+    kern[grid](
+        src_q, src_s, dst_q, dst_s, B, A, colscale.float().contiguous(),
+        n, k, r, src_q.stride(0), dst_q.stride(0), B.stride(0), B.stride(1),
+        A.stride(0), A.stride(1),
+        BM=_BM, BK=bk, BR=br, EXACT=_interpret(),
+    )  # fmt: skip
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_usable(device: torch.device) -> bool:
+    """The fp8 kernel runs here: a CUDA device with Triton, or the interpreter (tests)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and _interpret())
+
+
+_KERNEL = None
+
+
+def _kernel():
+    """Built on first use, so importing this module needs no Triton (CPU installs)."""
+    global _KERNEL
+    if _KERNEL is not None:
+        return _KERNEL
+    import triton
+    import triton.language as tl
+
+    from engine.models.triton_attention import _to_fp8
+
+    @triton.jit
+    def _fp8_merge(
+        src, src_s, dst, dst_s, b_ptr, a_ptr, cs_ptr, N, K, R,
+        s_src, s_dst, s_b0, s_b1, s_a0, s_a1,
+        BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, EXACT: tl.constexpr,
+    ):  # fmt: skip
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        rok = rows < N
+        rr = tl.arange(0, BR)
+        b = tl.load(
+            b_ptr + rows[:, None] * s_b0 + rr[None, :] * s_b1,
+            mask=rok[:, None] & (rr[None, :] < R),
+            other=0.0,
+        ).to(tl.float32)
+        b = b * tl.load(cs_ptr + rr, mask=rr < R, other=0.0)[None, :]
+        ps = tl.load(src_s + rows, mask=rok, other=0.0)
+        amax = tl.zeros([BM], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            cols = k0 + tl.arange(0, BK)
+            cok = cols < K
+            a = tl.load(
+                a_ptr + rr[:, None] * s_a0 + cols[None, :] * s_a1,
+                mask=(rr[:, None] < R) & cok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            m = rok[:, None] & cok[None, :]
+            p = tl.load(src + rows[:, None] * s_src + cols[None, :], mask=m, other=0.0)
+            w = p.to(tl.float32) * ps[:, None] + tl.dot(b, a)
+            amax = tl.maximum(amax, tl.max(tl.where(m, tl.abs(w), 0.0), axis=1))
+        scale = tl.maximum(amax, 1e-12) / 448.0
+        for k0 in range(0, K, BK):
+            cols = k0 + tl.arange(0, BK)
+            cok = cols < K
+            a = tl.load(
+                a_ptr + rr[:, None] * s_a0 + cols[None, :] * s_a1,
+                mask=(rr[:, None] < R) & cok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            m = rok[:, None] & cok[None, :]
+            p = tl.load(src + rows[:, None] * s_src + cols[None, :], mask=m, other=0.0)
+            w = p.to(tl.float32) * ps[:, None] + tl.dot(b, a)
+            y = tl.minimum(tl.maximum(w / scale[:, None], -448.0), 448.0)
+            tl.store(dst + rows[:, None] * s_dst + cols[None, :], _to_fp8(y, EXACT), mask=m)
+        tl.store(dst_s + rows, scale, mask=rok)
+
+    _KERNEL = _fp8_merge
+    return _KERNEL
+
+
+__all__ = [
+    "FP8",
+    "FP8_MAX",
+    "fp8_merge_rows_",
+    "linear_merge_rows_",
+    "merge_rows_reference",
+    "triton_usable",
+]
