@@ -512,6 +512,9 @@ class LoraSlots:
         True when the text K/V cache must be recomputed (cross-attention K/V changed)."""
         s = [float(strengths[i]) if self.slots[i] is not None else 0.0 for i in range(SLOTS)]
         moved = s != self.strengths
+        # A slot whose strength moved this block rides the side path (or, re-merging, is
+        # merged at once); the slots standing still are merged meanwhile.
+        moving = [a != b for a, b in zip(s, self.strengths, strict=True)]
         self.strengths = s
         if moved:
             self._push_strengths()
@@ -528,15 +531,18 @@ class LoraSlots:
                 if e.diff_b is not None:
                     bd[e.slot] = s[e.slot]
                 if e.down is not None:
-                    target[e.slot] = s[e.slot]
+                    still = self.remerge or not moving[e.slot]
+                    target[e.slot] = s[e.slot] if still else site.merged[e.slot]
             merged = site.merged
             if zero:
                 merged = [0.0] * SLOTS  # strength 0: the pristine weight back, at once
             elif target != merged and (
                 self.remerge  # every block, from the device pristine: no side path
-                or (not moved and (budget is None or budget > 0 or site.group == merging))
+                or budget is None
+                or budget > 0
+                or site.group == merging
             ):
-                merged = target  # still since the last block: merge at these strengths
+                merged = target  # the still slots (all, re-merging) at these strengths
                 merging = site.group if self.rank_bucket is not None else None
                 if budget is not None:
                     budget -= 1
@@ -655,8 +661,50 @@ class LoraSlots:
             isinstance(s.module, LoraLinear) and s.module.side_on for s in self._sites.values()
         )
 
+    def memory(self) -> dict[str, int]:
+        """Every byte the LoRA slots hold on the model's device, by kind (each storage
+        counted once, views included):
+        - `factors`: the low-rank factors (the sites' parts / side-path stacks, with the
+          static mode's zero padding) and their per-rank-column slot/scale/offset vectors;
+        - `diffs`: `.diff` / `.diff_b` full differences;
+        - `pristine`: base weights kept on the device (`pristine_device` = the device);
+        - `scratch`: the general merge's float32 rows;
+        - `total`: their sum.
+        Transient memory (a merge's small scaled factor, the side path's activations) is
+        not held and so not here: docs/PERFORMANCE.md accounts for it."""
+        seen: set[int] = set()
+
+        def size(*ts: Tensor | None) -> int:
+            n = 0
+            for t in ts:
+                if t is None or t.device != self.device:
+                    continue
+                st = t.untyped_storage()
+                if st.data_ptr() in seen or st.nbytes() == 0:
+                    continue
+                seen.add(st.data_ptr())
+                n += st.nbytes()
+            return n
+
+        out = {"factors": 0, "diffs": 0, "pristine": 0, "scratch": size(self._scratch)}
+        out["factors"] += size(self._strength)
+        for site in self._sites.values():
+            m = site.module
+            if isinstance(m, LoraLinear):
+                out["factors"] += size(m.A, m.B, m.slot, m.escale, m.offset)
+            for p in site.parts:
+                out["factors"] += size(p.A, p.B, p.slot, p.escale)
+            for e in site.entries:
+                out["factors"] += size(e.down, e.up)
+                out["diffs"] += size(e.diff, e.diff_b)
+            out["pristine"] += size(*(site.pristine or {}).values())
+        out["total"] = sum(out.values())
+        return out
+
     @property
     def device_bytes(self) -> int:
+        """The loaded LoRAs' own size on the device (what the memory budget counts; safe
+        from any thread). `memory()` has everything the slots hold."""
         return sum(p.nbytes for p in self.slots if p is not None)
 
 
