@@ -216,7 +216,10 @@ class LoraSlots:
         self.strengths = [0.0] * SLOTS  # what `update` was last given (0 for empty slots)
         self._strength = torch.zeros(SLOTS, device=self.device, dtype=torch.float32)
         self._sites: dict[str, _Site] = {}
-        if rank_bucket is not None:
+        # Static mode: whether the wrapped sites hold their (zero-padded) stacks now. Only
+        # while warming up or while a LoRA is loaded: a show without LoRAs pays nothing.
+        self._stacked = False
+        if self.rank_bucket is not None:
             self._prewrap()
 
     # -- placing a loaded file (any thread) ------------------------------------------------
@@ -311,6 +314,7 @@ class LoraSlots:
                     self._rebuild_side(site)
                     dirty |= site.text_kv
         self.slots[n] = lora
+        self._restack(any(p is not None for p in self.slots))
         self.strengths[n] = 0.0
         self._push_strengths()
         if lora is not None:
@@ -353,15 +357,25 @@ class LoraSlots:
         return site
 
     def _prewrap(self) -> None:
-        """Wrap every linear of every block now, with zero factors of one rank bucket, so
-        that loading a LoRA later changes no module structure and no tensor shape (a
-        compiled block runs on). `warm` runs the side path once, for its graph."""
+        """Wrap every linear of every block now, so that loading a LoRA later changes no
+        module structure (a compiled block runs on). The zero factors of one rank bucket
+        that make every tensor shape static are allocated by `_restack` only while they
+        are needed (warm-up, a LoRA loaded): same shapes, dtypes and strides each time,
+        so the compiled side-path graph takes them as they come."""
         for i, block in enumerate(self.model.blocks):
             for name, mod in list(block.named_modules()):
                 if isinstance(mod, (nn.Linear, Fp8Linear)):
-                    site = self._site_for(mod, f"blocks.{i}.{name}")
-                    self._rebuild_side(site)
+                    self._site_for(mod, f"blocks.{i}.{name}")
         self._apply_groups()
+
+    def _restack(self, want: bool) -> None:
+        """Static mode: give every wrapped site its zero-padded stacks (want) or free them
+        (no LoRA loaded any more, warm-up over)."""
+        if self.rank_bucket is None or want == self._stacked:
+            return
+        self._stacked = want
+        for site in self._sites.values():
+            self._rebuild_side(site)
 
     def _rebuild_side(self, site: _Site) -> None:
         """Lay out the low-rank factors of every slot on a site: the parts (one per row
@@ -377,7 +391,7 @@ class LoraSlots:
         dev = self.device
         wrapped = isinstance(m, LoraLinear)
         A = B = None
-        if wrapped and (lows or self.rank_bucket is not None):
+        if wrapped and (lows or (self.rank_bucket is not None and self._stacked)):
             bucket = self.rank_bucket
             R = sum(e.down.shape[0] for e in lows)
             if bucket is not None and site.name.endswith(".qkv"):
@@ -497,7 +511,11 @@ class LoraSlots:
         """Static mode: every side path on (adding exact zeros where nothing moves) for a
         warm-up block, so its compiled graph exists before the show; off again after."""
         if self.rank_bucket is not None:
+            if on:
+                self._restack(True)
             self._apply_groups(True if on else None)
+            if not on:
+                self._restack(any(p is not None for p in self.slots))
 
     def _push_strengths(self) -> None:
         t = torch.tensor(self.strengths, dtype=torch.float32)
@@ -618,7 +636,9 @@ class LoraSlots:
         dst_s = t.weight_scale.view(-1) if fp8 else None
         src_s = pr["weight_scale"].view(-1) if fp8 else None
         if diffs or (fp8 and not triton_usable(dev)):
-            merge_rows_reference(t.weight, dst_s, pr["weight"], src_s, parts, diffs, self._scratch_rows())
+            merge_rows_reference(
+                t.weight, dst_s, pr["weight"], src_s, parts, diffs, self._scratch_rows()
+            )
             return
         src_w = pr["weight"]
         if src_w.device != dev:  # host pristine: stage it in the weight, merge in place

@@ -35,7 +35,9 @@ from torch import Tensor
 
 from engine.models.fp8 import FP8, FP8_MAX, quantize_rowwise
 
-# Rows per program and weight columns per tile of the fp8 merge kernel.
+# Rows per GEMM of the general merge (fixed, so chunking never changes a result); rows per
+# program and weight columns per tile of the fp8 merge kernel.
+TILE = 64
 _BM = 32
 _BK = 128
 
@@ -72,40 +74,73 @@ def merge_rows_reference(
     scratch: Tensor,
 ) -> None:
     """The general merge, in float32 row chunks through `scratch` (1-D float32; its size
-    decides the chunk): rows of dst := src (dequantised when `src_s`) + Σ parts + Σ diffs,
-    cast, or re-quantised per row when `dst_s` (fp8). `parts`: (first row, B rows × r,
-    A r × in, colscale r); `diffs`: (first row, strength, rows × in). `src_w` may live on
-    the host (copied chunk by chunk)."""
+    decides the chunk, at least `TILE` rows): rows of dst := src (dequantised when
+    `src_s`) + Σ parts + Σ diffs, cast, or re-quantised per row when `dst_s` (fp8).
+    `parts`: (first row, B rows × r, A r × in, colscale r); `diffs`: (first row,
+    strength, rows × in). `src_w` may live on the host (copied chunk by chunk).
+
+    The result does not depend on the chunk size, bit for bit: every low-rank product is
+    one GEMM per `TILE` rows counted from its part's first row, whatever the chunking
+    (a BLAS GEMM's rounding may depend on how many rows it is given), and everything else
+    is elementwise or per row."""
     if dst_w.dim() == 1:  # a norm's weight (`.diff` only): one row
         dst_w, src_w = dst_w.view(1, -1), src_w.view(1, -1)
         diffs = [(r0, s, d.view(1, -1)) for r0, s, d in diffs]
     n_out, n_in = dst_w.shape
-    per = max(1, scratch.numel() // n_in)
+    per = max(TILE, scratch.numel() // n_in)
+    if per * n_in > scratch.numel():
+        scratch = torch.empty(per * n_in, device=scratch.device)  # too small: a bigger one
     lows = [(r0, scaled_up(B, c), A.float()) for r0, B, A, c in parts]
-    for a in range(0, n_out, per):
-        b = min(n_out, a + per)
+    # row blocks: one part's tile at most, so a chunk holds whole GEMM tiles
+    # (parts cover disjoint rows; rows outside them are cut every TILE rows too)
+    cuts, spans = {0, n_out}, []
+    for r0, Bs, _ in lows:
+        cuts.update(range(r0, r0 + Bs.shape[0], TILE))
+        cuts.add(r0 + Bs.shape[0])
+        spans.append((r0, r0 + Bs.shape[0]))
+    at = 0
+    for g0, g1 in sorted(spans) + [(n_out, n_out)]:
+        cuts.update(range(at, g0, TILE))
+        at = max(at, g1)
+    bounds = sorted(c for c in cuts if 0 <= c <= n_out)
+    a = 0
+    while a < n_out:
+        b = a
+        for c in bounds:  # the furthest block boundary within `per` rows (at least one)
+            if c > a and (c - a <= per or b == a):
+                b = c
+            elif c > a:
+                break
         w = scratch[: (b - a) * n_in].view(b - a, n_in)
         w.copy_(src_w[a:b])
         if src_s is not None:
             w.mul_(src_s[a:b].to(w.device).view(-1, 1))
         for r0, Bs, Af in lows:
-            lo, hi = max(a, r0), min(b, r0 + Bs.shape[0])
-            if lo < hi:
-                w[lo - a : hi - a].addmm_(Bs[lo - r0 : hi - r0], Af)
+            r1 = r0 + Bs.shape[0]
+            for t0 in range(max(a, r0), min(b, r1), TILE):  # tile starts: r0 + j * TILE
+                t1 = min(t0 + TILE, r1)
+                w[t0 - a : t1 - a].addmm_(Bs[t0 - r0 : t1 - r0], Af)
         for r0, s, d in diffs:
             lo, hi = max(a, r0), min(b, r0 + d.shape[0])
-            if lo < hi:
-                w[lo - a : hi - a].add_(d[lo - r0 : hi - r0].float(), alpha=s)
+            if lo < hi:  # product then sum, both rounded alike in SIMD and scalar code
+                w[lo - a : hi - a].add_(d[lo - r0 : hi - r0].float() * s)
         if dst_s is not None:
             q, sc = quantize_rowwise(w)
             dst_w[a:b].copy_(q)
             dst_s[a:b].copy_(sc.view(-1))
         else:
             dst_w[a:b].copy_(w)
+        a = b
 
 
 def fp8_merge_rows_(
-    dst_q: Tensor, dst_s: Tensor, src_q: Tensor, src_s: Tensor, B: Tensor, A: Tensor, colscale: Tensor
+    dst_q: Tensor,
+    dst_s: Tensor,
+    src_q: Tensor,
+    src_s: Tensor,
+    B: Tensor,
+    A: Tensor,
+    colscale: Tensor,
 ) -> None:
     """fp8 rows: dst := quantize_rowwise(src_q · src_s + (B·diag(colscale)) @ A), in one
     Triton kernel (CUDA, or the Triton interpreter on the CPU), in place allowed.

@@ -53,4 +53,3 @@ def fp8_merge_kernel(
         y = tl.minimum(tl.maximum(w / scale[:, None], -448.0), 448.0)
         tl.store(dst + rows[:, None] * s_dst + cols[None, :], _to_fp8(y, EXACT), mask=m)
     tl.store(dst_s + rows, scale, mask=rok)
-
