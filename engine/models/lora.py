@@ -517,6 +517,25 @@ class LoraSlots:
             if not on:
                 self._restack(any(p is not None for p in self.slots))
 
+    @torch.no_grad()
+    def warm_merges(self, ranks: Sequence[int] = (16, 32, 64, 128)) -> int:
+        """Compile the fp8 merge kernel (Triton JIT, ~1 s per rank class) before the show,
+        so the first LoRA merged on a GPU does not stall a block: one merge of 32 rows of a
+        real fp8 weight into a throwaway tensor per rank class (the kernel specialises on
+        the rank's power of two, not on the weight's size). Returns the launches made."""
+        if self.device.type != "cuda" or not triton_usable(self.device):
+            return 0
+        w = next((m for m in self.model.blocks.modules() if isinstance(m, Fp8Linear)), None)
+        if w is None:
+            return 0
+        src, src_s = w.weight[:32], w.weight_scale.view(-1)[:32]
+        dst, dst_s = torch.empty_like(src), torch.empty_like(src_s)
+        for r in ranks:
+            B = torch.zeros(src.shape[0], r, device=self.device, dtype=self.model.dtype)
+            A = torch.zeros(r, src.shape[1], device=self.device, dtype=self.model.dtype)
+            fp8_merge_rows_(dst, dst_s, src, src_s, B, A, torch.zeros(r, device=self.device))
+        return len(ranks)
+
     def _push_strengths(self) -> None:
         t = torch.tensor(self.strengths, dtype=torch.float32)
         if self.device.type == "cuda":
