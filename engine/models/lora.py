@@ -210,6 +210,7 @@ class LoraSlots:
         self.rank_bucket = None if self.remerge else rank_bucket
         self.merge_chunk_elems = max(1, int(merge_chunk_elems))
         self._scratch: Tensor | None = None  # float32 rows of the general merge, reused
+        self._kernel_ok = True  # the fp8 merge kernel built (else: the float32 reference)
         self.merge_per_block = merge_per_block
         self.max_bytes = max_bytes
         self.slots: list[PreparedLora | None] = [None] * SLOTS
@@ -531,9 +532,16 @@ class LoraSlots:
         src, src_s = w.weight[:32], w.weight_scale.view(-1)[:32]
         dst, dst_s = torch.empty_like(src), torch.empty_like(src_s)
         for r in ranks:
+            if not self._kernel_ok:
+                return 0
             B = torch.zeros(src.shape[0], r, device=self.device, dtype=self.model.dtype)
             A = torch.zeros(r, src.shape[1], device=self.device, dtype=self.model.dtype)
-            fp8_merge_rows_(dst, dst_s, src, src_s, B, A, torch.zeros(r, device=self.device))
+            try:
+                fp8_merge_rows_(dst, dst_s, src, src_s, B, A, torch.zeros(r, device=self.device))
+            except Exception:
+                log.exception("fp8 LoRA merge kernel failed; merges use the float32 reference")
+                self._kernel_ok = False
+                return 0
         return len(ranks)
 
     def _push_strengths(self) -> None:
@@ -654,7 +662,7 @@ class LoraSlots:
         ]
         dst_s = t.weight_scale.view(-1) if fp8 else None
         src_s = pr["weight_scale"].view(-1) if fp8 else None
-        if diffs or (fp8 and not triton_usable(dev)):
+        if diffs or (fp8 and not (self._kernel_ok and triton_usable(dev))):
             merge_rows_reference(
                 t.weight, dst_s, pr["weight"], src_s, parts, diffs, self._scratch_rows()
             )
@@ -675,7 +683,18 @@ class LoraSlots:
         for r0, B, A, cs in parts:
             r1 = r0 + B.shape[0]
             if fp8:
-                fp8_merge_rows_(t.weight[r0:r1], dst_s[r0:r1], src_w[r0:r1], src_s[r0:r1], B, A, cs)
+                try:
+                    fp8_merge_rows_(
+                        t.weight[r0:r1], dst_s[r0:r1], src_w[r0:r1], src_s[r0:r1], B, A, cs
+                    )
+                except Exception:  # a Triton that cannot build the kernel: slower, still exact
+                    log.exception("fp8 LoRA merge kernel failed; using the float32 reference")
+                    self._kernel_ok = False
+                    merge_rows_reference(  # from the pristine: rows done so far redone
+                        t.weight, dst_s, pr["weight"], pr["weight_scale"].view(-1), parts, [],
+                        self._scratch_rows(),
+                    )  # fmt: skip
+                    return
             else:
                 linear_merge_rows_(t.weight[r0:r1], src_w[r0:r1], B, A, cs)
 
