@@ -102,8 +102,14 @@ class LoraLinear(nn.Module):
         y = self.base(x)
         if self.side_on:
             scale = self.strength[self.slot] * self.escale - self.offset  # (s - m) alpha/r
-            u = (F.linear(x.to(self.A.dtype), self.A).float() * scale).to(self.B.dtype)
-            y = y + F.linear(u, self.B).to(y.dtype)
+            u = (F.linear(x.to(self.A.dtype), self.A).float() * scale).to(y.dtype)
+            # One GEMM that adds the layer's output in its epilogue (float32, one rounding):
+            # the up-projection's output is never written and read back on its own, which
+            # halves the side path's memory traffic (docs/PERFORMANCE.md, LoRA slots).
+            y2 = torch.addmm(
+                y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), self.B.t().to(y.dtype)
+            )
+            y = y2.view(y.shape)
         return y
 
 
