@@ -487,10 +487,11 @@ class LoraSlots:
         if state == site.side:
             return False
         if site.side is None or site.side[1] != merged:
+            merged = [site.merged[i] for i in site.rank_slots]
             m.offset.copy_(
-                torch.tensor([site.merged[i] for i in site.rank_slots], dtype=torch.float32)
-                .to(m.offset.device)
-                .mul_(m.escale)
+                _to_device(torch.tensor(merged, dtype=torch.float32), m.offset.device).mul_(
+                    m.escale
+                )
             )
         site.need = on
         site.side = state
