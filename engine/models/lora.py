@@ -2,23 +2,27 @@
 boundary, with no per-frame cost while they stand still and the base model's exact
 output at strength 0.
 
-The mechanism, per targeted linear (a "site"), picked by whether a strength is moving:
+The mechanism, per targeted linear (a "site"):
 
 - **Merged** (strengths still): the weight holds ``W = base + sum_i m_i * d_i`` where
   ``d_i = (alpha/rank) * up @ down`` and ``m_i`` the slot strengths it was merged at. The
   forward is the plain linear: no extra cost. The sum is always computed from the
-  *pristine* base weight, in float32, then cast (or, for fp8 weights, re-quantised row
-  by row with new scales, engine/models/fp8.py), so merging never drifts however often
-  strengths move. The pristine weights live on the host (`pristine_device`, pinned on
-  CUDA) and are copied there once, the first time a site is merged: GPU memory grows
-  by the LoRA factors only.
-- **Side path** (a strength just moved): the forward adds ``B @ (scale * (A @ x))`` with
-  the stacked factors of every slot and ``scale`` the per-rank tensor
-  ``(s_i - m_i) * alpha_i / rank_i``. Moving strengths only rewrite that small tensor
-  (no recompile; the path is switched on and off per site by a Python flag, two graphs).
-  When the strengths have stood still for a block, the sites are merged at the new
-  strengths (`merge_per_block` sites per boundary, so a 14B merge can be spread out) and
-  their side paths switch off.
+  *pristine* base weight, then cast (or, for fp8 weights, re-quantised row by row with
+  new scales), in place in the weight's storage by engine/models/lora_merge.py (one GEMM
+  per row range for all slots; fp8 in one Triton kernel; no large scratch), so merging
+  never drifts however often strengths move. A slot standing still is merged even while
+  another moves.
+- **Moving** strengths, by where the pristine weights live (`pristine_device`):
+  - host (pinned on CUDA; GPU memory grows by the LoRA factors only): a **side path**.
+    The forward adds ``B @ (scale * (A @ x))`` (one `addmm` into the layer's output) with
+    the stacked factors of every slot and ``scale`` the per-rank tensor
+    ``(s_i - m_i) * alpha_i / rank_i``. Moving strengths only rewrite that small tensor
+    (no recompile). When a slot has stood still for a block its sites are merged
+    (`merge_per_block` sites per boundary, so a host-to-device merge is spread out) and
+    the side paths switch off.
+  - device (`remerge`): every site is **re-merged at every block** from the device
+    pristine (no side path, no wrapped module): ~3 B of memory traffic per fp8 weight,
+    1-2 % of a 14B block, at the memory cost of the pristine copy.
 - **Exactness at 0**: when every slot's strength is 0 (or every slot is empty) each
   merged site gets its pristine weight back, copied, not subtracted: the model is the
   base model bit for bit from that very block. A LoRA loaded at strength 0 touches
@@ -26,11 +30,13 @@ The mechanism, per targeted linear (a "site"), picked by whether a strength is m
 - Full differences (`.diff`, `.diff_b`, also on norms) are merged at once at every
   change, from the pristine tensors (they are rare and small or full-rank, where a side
   path would cost as much as the layer).
-
-- **Compiled models** (`rank_bucket`): every block linear is wrapped up front with zero
-  factors padded to a rank bucket and the side path is switched per transformer block,
-  so loading, moving and merging change no module structure, shape or guard: `warm`
-  runs the side-path graph once during warm-up and the show compiles nothing new.
+- **Compiled models** (`rank_bucket`, side path only): every block linear is wrapped up
+  front and, while a LoRA is loaded (or during warm-up), holds zero factors padded to a
+  rank bucket; the side path is switched per transformer block, so loading, moving,
+  merging and unloading change no module structure, shape or guard: `warm` runs the
+  side-path graph once during warm-up and the show compiles nothing new.
+- **Memory**: the sites' stacks (or parts) are the only device copy of the factors (the
+  loaded file's tensors are dropped after install); `memory()` accounts for every byte.
 
 All changes happen in `install` and `update`, which the caller runs between blocks (the
 stream session is synchronous), so a change lands atomically at the next block. File
