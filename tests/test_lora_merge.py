@@ -276,12 +276,15 @@ def test_memory_accounting_is_every_tensor_the_slots_added(tmp_path, mode):
     added = {k: v for k, v in _storages().items() if k not in before}
     assert mem["total"] - empty == sum(added.values()), (mem, sorted(added.values()))
     files = sum(p.nbytes for p in slots.slots if p is not None)
-    if mode == "remerge":  # the factors themselves and per-column vectors (slot, scale)
-        cols = sum(len(p.slot) * 12 for site in slots._sites.values() for p in site.parts)
+    if mode == "remerge":
+        # the factors themselves (the file less its diff_b), per part and once for all
+        # parts the column vectors (slot int64, alpha/rank float32), the columns' scales
+        # (float32) and the 4 strengths: no second copy of anything
+        cols = sum(len(p.slot) for site in slots._sites.values() for p in site.parts)
         assert mem["factors"] == files - sum(
             e.diff_b.numel() * 4 for st in slots._sites.values() for e in st.entries
             if e.diff_b is not None
-        ) + cols + 16  # fmt: skip
+        ) + cols * (12 + 12 + 4) + 16  # fmt: skip
     slots.install(0, None)
     slots.install(1, None)
     if mode == "static":

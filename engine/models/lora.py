@@ -146,6 +146,7 @@ class _Part:
     slot: Tensor  # per rank column: its slot (device, long)
     escale: Tensor  # per rank column: alpha/rank (device, float32)
     slots: frozenset[int]
+    off: int = -1  # first column in LoraSlots' all-parts column vectors (`_colscales`)
 
 
 @dataclass
@@ -223,6 +224,8 @@ class LoraSlots:
         self.merge_chunk_elems = max(1, int(merge_chunk_elems))
         self._scratch: Tensor | None = None  # float32 rows of the general merge, reused
         self._kernel_ok = True  # the fp8 merge kernel built (else: the float32 reference)
+        self._cols: tuple[Tensor, Tensor] | None = None  # all parts' column slots, scales
+        self._cs: Tensor | None = None  # their strength · alpha/rank, this block's
         self.merge_per_block = merge_per_block
         self.max_bytes = max_bytes
         self.slots: list[PreparedLora | None] = [None] * SLOTS
@@ -475,6 +478,7 @@ class LoraSlots:
             off += r
             i = j
         site.parts = parts
+        self._cols = None  # the all-parts column layout changed
         if wrapped and A is not None:
             self._set_side(site)
 
@@ -558,6 +562,7 @@ class LoraSlots:
         return len(ranks)
 
     def _push_strengths(self) -> None:
+        self._cs = None  # the column scales follow the strengths
         t = torch.tensor(self.strengths, dtype=torch.float32)
         if self.device.type == "cuda":
             self._strength.copy_(t.pin_memory(), non_blocking=True)  # no host sync
@@ -662,12 +667,13 @@ class LoraSlots:
         (engine/models/lora_merge.py)."""
         t, pr, dev = site.target, site.pristine, self.device
         fp8 = isinstance(t, Fp8Linear)
-        sv = self._merged_strengths(site)
-        parts = [
-            (p.r0, p.B, p.A, sv[p.slot] * p.escale)
-            for p in site.parts
-            if any(site.merged[i] != 0.0 for i in p.slots)
-        ]
+        live = [p for p in site.parts if any(site.merged[i] != 0.0 for i in p.slots)]
+        if site.merged == self.strengths:  # always, but mid-install: one gather per update
+            cs = self._colscales()
+            parts = [(p.r0, p.B, p.A, cs[p.off : p.off + len(p.slot)]) for p in live]
+        else:
+            sv = self._merged_strengths(site)
+            parts = [(p.r0, p.B, p.A, sv[p.slot] * p.escale) for p in live]
         diffs = [
             (e.rows.start or 0, site.wdiffs[e.slot], e.diff)
             for e in site.entries
@@ -710,6 +716,29 @@ class LoraSlots:
                     return
             else:
                 linear_merge_rows_(t.weight[r0:r1], src_w[r0:r1], B, A, cs)
+
+    def _colscales(self) -> Tensor:
+        """strength[slot] · alpha/rank for every rank column of every part, this block's
+        strengths: two kernels per update instead of two per part (a 14B re-merge has 400
+        parts, and their launches, not their bytes, would bound it)."""
+        if self._cols is None:
+            sites = list(self._sites.values())
+            off, slot, escale = 0, [], []
+            for site in sites:
+                for p in site.parts:
+                    p.off = off
+                    off += len(p.slot)
+                    slot.append(p.slot)
+                    escale.append(p.escale)
+            empty = torch.zeros(0, device=self.device)
+            self._cols = (
+                torch.cat(slot) if slot else empty.long(),
+                torch.cat(escale) if escale else empty,
+            )
+            self._cs = None
+        if self._cs is None:
+            self._cs = self._strength[self._cols[0]] * self._cols[1]
+        return self._cs
 
     def _scratch_rows(self) -> Tensor:
         if self._scratch is None:
@@ -758,7 +787,7 @@ class LoraSlots:
             return n
 
         out = {"factors": 0, "diffs": 0, "pristine": 0, "scratch": size(self._scratch)}
-        out["factors"] += size(self._strength)
+        out["factors"] += size(self._strength, *(self._cols or ()), self._cs)
         for site in self._sites.values():
             m = site.module
             if isinstance(m, LoraLinear):
