@@ -211,7 +211,7 @@ def test_remerge_on_fp8_weights_matches_the_still_path_bytes(tmp_path):
         for m, _ in models
     ]
     before = {n: (x.weight.clone(), x.weight_scale.clone()) for n, x in fp8[0].items()}
-    for s in (0.4, -1.1, 0.9):
+    for s in (0.4, -1.1):
         models[0][1].update([s, 0, 0, 0])
         models[1][1].update([s, 0, 0, 0])
         models[1][1].update([s, 0, 0, 0])
