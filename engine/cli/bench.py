@@ -655,6 +655,7 @@ class _BenchLoras:
                 self.slots.install(k, self.slots.prepare(lf))
             del lf
         self.updates = 0
+        self.merge_kernel = self.slots.warm_merges()  # as the engine does after warm-up
         # device memory the slots hold after loading (allocated, not the transient peak)
         self.held_gb = (torch.cuda.memory_allocated(device) - before) / 2**30 if cuda else None
 
@@ -701,6 +702,7 @@ class _BenchLoras:
             # what the slots hold on the device, by kind (LoraSlots.memory), in bytes
             "device_bytes": self.slots.memory(),
             "held_gb": self.held_gb,
+            "merge_kernel": self.merge_kernel,  # fp8 merge variants timed (ms), chosen
         }
 
 

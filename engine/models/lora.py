@@ -536,30 +536,35 @@ class LoraSlots:
                 self._restack(any(p is not None for p in self.slots))
 
     @torch.no_grad()
-    def warm_merges(self, ranks: Sequence[int] = (16, 32, 64, 128)) -> int:
-        """Compile the fp8 merge kernel (Triton JIT, ~1 s per rank class) before the show,
-        so the first LoRA merged on a GPU does not stall a block: one merge of 32 rows of a
-        real fp8 weight into a throwaway tensor per rank class (the kernel specialises on
-        the rank's power of two, not on the weight's size). Returns the launches made."""
-        if self.device.type != "cuda" or not triton_usable(self.device):
-            return 0
-        w = next((m for m in self.model.blocks.modules() if isinstance(m, Fp8Linear)), None)
-        if w is None:
-            return 0
-        src, src_s = w.weight[:32], w.weight_scale.view(-1)[:32]
-        dst, dst_s = torch.empty_like(src), torch.empty_like(src_s)
-        for r in ranks:
-            if not self._kernel_ok:
-                return 0
-            B = torch.zeros(src.shape[0], r, device=self.device, dtype=self.model.dtype)
-            A = torch.zeros(r, src.shape[1], device=self.device, dtype=self.model.dtype)
-            try:
+    def warm_merges(self, ranks: Sequence[int] = (16, 32, 64, 128)) -> dict:
+        """Before the show (GPU, fp8 weights): pick the fp8 merge kernel's variant by timing
+        each on the largest real weight (`lora_merge.pick_fp8_variant`), then compile it
+        (Triton JIT, ~1 s per rank class) with one merge of a few rows into a throwaway
+        tensor per rank class, so the first LoRA merge does not stall a block. Returns
+        {"variants": {name: ms or error}, "chosen": name} ({} where nothing applies)."""
+        from engine.models import lora_merge
+
+        if self.device.type != "cuda" or not triton_usable(self.device) or not self._kernel_ok:
+            return {}
+        fp8 = [m for m in self.model.blocks.modules() if isinstance(m, Fp8Linear)]
+        if not fp8:
+            return {}
+        big = max(fp8, key=lambda m: m.weight.numel())
+        try:
+            timed = lora_merge.pick_fp8_variant(big.weight, big.weight_scale.view(-1))
+            w = fp8[0]
+            src, src_s = w.weight[:64], w.weight_scale.view(-1)[:64]
+            dst, dst_s = torch.empty_like(src), torch.empty_like(src_s)
+            for r in ranks:
+                B = torch.zeros(src.shape[0], r, device=self.device, dtype=self.model.dtype)
+                A = torch.zeros(r, src.shape[1], device=self.device, dtype=self.model.dtype)
                 fp8_merge_rows_(dst, dst_s, src, src_s, B, A, torch.zeros(r, device=self.device))
-            except Exception:
-                log.exception("fp8 LoRA merge kernel failed; merges use the float32 reference")
-                self._kernel_ok = False
-                return 0
-        return len(ranks)
+        except Exception:
+            log.exception("fp8 LoRA merge kernel failed; merges use the float32 reference")
+            self._kernel_ok = False
+            return {"variants": {}, "chosen": "float32 reference"}
+        log.info("fp8 LoRA merge kernel: %s (timed: %s)", lora_merge.fp8_variant, timed)
+        return {"variants": timed, "chosen": lora_merge.fp8_variant}
 
     def _push_strengths(self) -> None:
         self._cs = None  # the column scales follow the strengths

@@ -35,10 +35,9 @@ from torch import Tensor
 
 from engine.models.fp8 import FP8, FP8_MAX, quantize_rowwise
 
-# Rows per GEMM of the general merge (fixed, so chunking never changes a result); rows per
-# program and weight columns per tile of the fp8 merge kernel.
+# Rows per GEMM of the general merge (fixed, so chunking never changes a result); weight
+# columns per tile of the fp8 merge kernel (rows per program: VARIANTS).
 TILE = 64
-_BM = 32
 _BK = 128
 
 
@@ -141,6 +140,7 @@ def fp8_merge_rows_(
     B: Tensor,
     A: Tensor,
     colscale: Tensor,
+    variant: str | None = None,
 ) -> None:
     """fp8 rows: dst := quantize_rowwise(src_q · src_s + (B·diag(colscale)) @ A), in one
     Triton kernel (CUDA, or the Triton interpreter on the CPU), in place allowed.
@@ -154,14 +154,64 @@ def fp8_merge_rows_(
             raise ValueError("fp8 merge: weight rows must be contiguous")
     kern = _kernel()
     br = _pow2(r)
+    bm, dot_bf16 = VARIANTS[variant or fp8_variant]
+    if dot_bf16 and (_interpret() or A.dtype != torch.bfloat16):
+        bm, dot_bf16 = VARIANTS["tf32-32"]  # the interpreter, or float32 factors
     bk = _BK if br <= 128 else 64
-    grid = (triton_cdiv(n, _BM),)
+    grid = (triton_cdiv(n, bm),)
     kern[grid](
         src_q, src_s, dst_q, dst_s, B, A, colscale.float().contiguous(),
         n, k, r, src_q.stride(0), dst_q.stride(0), B.stride(0), B.stride(1),
         A.stride(0), A.stride(1),
-        BM=_BM, BK=bk, BR=br, EXACT=_interpret(),
+        BM=bm, BK=bk, BR=br, EXACT=_interpret(), DOT_BF16=dot_bf16,
     )  # fmt: skip
+
+
+# Kernel variants: rows per program, low-rank product on bf16 tensor cores (else tf32).
+# "tf32-32" is the one measured on an H100 (docs/PERFORMANCE.md: 82 ms per 14B re-merge);
+# "bf16-64" halves the MMA work and the re-reads of A per weight; `pick_fp8_variant`
+# times both on a real weight at warm-up and keeps the faster one that agrees.
+VARIANTS = {"tf32-32": (32, False), "bf16-64": (64, True)}
+fp8_variant = "tf32-32"
+
+
+def pick_fp8_variant(src_q: Tensor, src_s: Tensor, rank: int = 64, reps: int = 3) -> dict:
+    """Time every kernel variant merging `src_q` (a real fp8 weight, its 1-D row scales)
+    with a random rank-`rank` delta into a throwaway tensor, check each against the
+    measured variant (row scales within 1e-3, values within one fp8 step), and make the
+    fastest correct one the default (`fp8_variant`). CUDA only; returns {variant: ms or
+    the error}."""
+    global fp8_variant
+    if src_q.device.type != "cuda":
+        return {}
+    g = torch.Generator(device=src_q.device).manual_seed(0)
+    n, k = src_q.shape
+    B = (torch.randn(n, rank, device=src_q.device, generator=g) * 0.02).to(torch.bfloat16)
+    A = (torch.randn(rank, k, device=src_q.device, generator=g) * k**-0.5).to(torch.bfloat16)
+    cs = torch.ones(rank, device=src_q.device)
+    ref_q, ref_s = torch.empty_like(src_q), torch.empty_like(src_s)
+    fp8_merge_rows_(ref_q, ref_s, src_q, src_s, B, A, cs, variant="tf32-32")
+    out: dict = {}
+    for name in VARIANTS:
+        q, s = torch.empty_like(src_q), torch.empty_like(src_s)
+        try:
+            fp8_merge_rows_(q, s, src_q, src_s, B, A, cs, variant=name)  # JIT, warm
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            ev[0].record()
+            for _ in range(reps):
+                fp8_merge_rows_(q, s, src_q, src_s, B, A, cs, variant=name)
+            ev[1].record()
+            ev[1].synchronize()
+            ok = ((s - ref_s).abs() <= 1e-3 * ref_s.abs()).all()
+            codes = (q.view(torch.uint8).int() - ref_q.view(torch.uint8).int()).abs()
+            ok = bool(ok) and int(codes.max()) <= 1
+            out[name] = ev[0].elapsed_time(ev[1]) / reps if ok else "disagrees"
+        except Exception as e:  # a variant that does not build here is not used
+            out[name] = f"{type(e).__name__}: {e}"[:200]
+    timed = {v: ms for v, ms in out.items() if isinstance(ms, float)}
+    if timed:
+        fp8_variant = min(timed, key=timed.get)
+    return out
 
 
 def triton_cdiv(a: int, b: int) -> int:

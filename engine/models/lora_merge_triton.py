@@ -14,7 +14,11 @@ def fp8_merge_kernel(
     src, src_s, dst, dst_s, b_ptr, a_ptr, cs_ptr, N, K, R,
     s_src, s_dst, s_b0, s_b1, s_a0, s_a1,
     BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, EXACT: tl.constexpr,
+    DOT_BF16: tl.constexpr,
 ):  # fmt: skip
+    # DOT_BF16: the low-rank product on bf16 tensor cores (the scaled B rounded to bf16,
+    # float32 accumulation) instead of tf32: half the MMA work of the two passes. GPU
+    # only: the interpreter's bf16 dot is unreliable (tests/test_triton_attention.py).
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rok = rows < N
     rr = tl.arange(0, BR)
@@ -24,6 +28,8 @@ def fp8_merge_kernel(
         other=0.0,
     ).to(tl.float32)
     b = b * tl.load(cs_ptr + rr, mask=rr < R, other=0.0)[None, :]
+    if DOT_BF16:
+        b = b.to(tl.bfloat16)
     ps = tl.load(src_s + rows, mask=rok, other=0.0)
     amax = tl.zeros([BM], dtype=tl.float32)
     for k0 in range(0, K, BK):
@@ -33,7 +39,7 @@ def fp8_merge_kernel(
             a_ptr + rr[:, None] * s_a0 + cols[None, :] * s_a1,
             mask=(rr[:, None] < R) & cok[None, :],
             other=0.0,
-        ).to(tl.float32)
+        ).to(tl.bfloat16 if DOT_BF16 else tl.float32)
         m = rok[:, None] & cok[None, :]
         p = tl.load(src + rows[:, None] * s_src + cols[None, :], mask=m, other=0.0)
         w = p.to(tl.float32) * ps[:, None] + tl.dot(b, a)
@@ -46,7 +52,7 @@ def fp8_merge_kernel(
             a_ptr + rr[:, None] * s_a0 + cols[None, :] * s_a1,
             mask=(rr[:, None] < R) & cok[None, :],
             other=0.0,
-        ).to(tl.float32)
+        ).to(tl.bfloat16 if DOT_BF16 else tl.float32)
         m = rok[:, None] & cok[None, :]
         p = tl.load(src + rows[:, None] * s_src + cols[None, :], mask=m, other=0.0)
         w = p.to(tl.float32) * ps[:, None] + tl.dot(b, a)
