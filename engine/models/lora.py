@@ -21,8 +21,9 @@ The mechanism, per targeted linear (a "site"):
     (`merge_per_block` sites per boundary, so a host-to-device merge is spread out) and
     the side paths switch off.
   - device (`remerge`): every site is **re-merged at every block** from the device
-    pristine (no side path, no wrapped module): ~3 B of memory traffic per fp8 weight,
-    1-2 % of a 14B block, at the memory cost of the pristine copy.
+    pristine (no side path, no wrapped module): ~3 B of memory traffic per fp8 weight
+    (1-2 % of a 14B block by bytes; 7 % measured, docs/PERFORMANCE.md), at the memory
+    cost of the pristine copy.
 - **Exactness at 0**: when every slot's strength is 0 (or every slot is empty) each
   merged site gets its pristine weight back, copied, not subtracted: the model is the
   base model bit for bit from that very block. A LoRA loaded at strength 0 touches
