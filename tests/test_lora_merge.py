@@ -334,3 +334,30 @@ def test_compiled_blocks_never_recompile_while_re_merging_or_restacking(tmp_path
                     assert torch.equal(got, base)
         assert cnt.frame_count == warmed, remerge
     torch._dynamo.reset()
+
+
+def test_a_still_slot_is_merged_while_another_moves(tmp_path):
+    """Host pristine (side path): slot 1 moves at every block, slot 2 stands still. Slot 2
+    is merged into every site after one block (within the merge budget) while slot 1 keeps
+    riding the side path, and every block equals the direct formula."""
+    cfg = CONFIGS["tiny"]
+    la, lb = random_lora(cfg, 41), random_lora(cfg, 42, rank=2, alpha=1.0, diff_b=False)
+    pa, pb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    write_lora(la, "wan", pa)
+    write_lora(lb, "wan", pb)
+    model = tiny()
+    slots = LoraSlots(model, merge_per_block=7)
+    slots.install(0, slots.prepare(load_lora(pa)))
+    slots.install(1, slots.prepare(load_lora(pb)))
+    x, t, text = inputs(cfg)
+    merged_b = []
+    with torch.no_grad():
+        for i in range(6):
+            s = [0.3 + 0.2 * i, -0.8, 0.0, 0.0]
+            slots.update(s)
+            assert slots.side_sites > 0  # slot 1 moved this block
+            merged_b.append(sum(site.merged[1] == -0.8 for site in slots._sites.values()))
+            assert rel_err(model(x, t, text), _direct([la, lb], s)(x, t, text)) <= 1e-5, i
+    n = len(slots._sites)
+    assert merged_b[0] == 0 and merged_b[1] == 7 and merged_b[-1] == n == 20  # budget 7
+    assert all(site.merged[0] == 0.0 for site in slots._sites.values())  # slot 1 never
