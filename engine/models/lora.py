@@ -498,12 +498,8 @@ class LoraSlots:
         if state == site.side:
             return False
         if site.side is None or site.side[1] != merged:
-            merged = [site.merged[i] for i in site.rank_slots]
-            m.offset.copy_(
-                _to_device(torch.tensor(merged, dtype=torch.float32), m.offset.device).mul_(
-                    m.escale
-                )
-            )
+            per_rank = torch.tensor([site.merged[i] for i in site.rank_slots])
+            m.offset.copy_(_to_device(per_rank.float(), m.offset.device).mul_(m.escale))
         site.need = on
         site.side = state
         return True
@@ -674,7 +670,8 @@ class LoraSlots:
         t, pr, dev = site.target, site.pristine, self.device
         fp8 = isinstance(t, Fp8Linear)
         live = [p for p in site.parts if any(site.merged[i] != 0.0 for i in p.slots)]
-        if site.merged == self.strengths:  # always, but mid-install: one gather per update
+        if all(site.merged[i] == self.strengths[i] for p in live for i in p.slots):
+            # merged at this block's strengths (re-merging: always): one gather per update
             cs = self._colscales()
             parts = [(p.r0, p.B, p.A, cs[p.off : p.off + len(p.slot)]) for p in live]
         else:
