@@ -361,3 +361,25 @@ def test_a_still_slot_is_merged_while_another_moves(tmp_path):
     n = len(slots._sites)
     assert merged_b[0] == 0 and merged_b[1] == 7 and merged_b[-1] == n == 20  # budget 7
     assert all(site.merged[0] == 0.0 for site in slots._sites.values())  # slot 1 never
+
+
+def test_remerge_with_a_lora_on_some_sites_only(tmp_path):
+    """Re-merging, slot 1 on every linear and slot 2 on self-attention only (its other
+    sites are merged at 0 while its strength is not): both moving, every block equals the
+    direct formula."""
+    cfg = CONFIGS["tiny"]
+    la = random_lora(cfg, 51, diff_b=False)
+    lb = {k: v for k, v in random_lora(cfg, 52, rank=3, diff_b=False).items() if "self_attn" in k}
+    pa, pb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    write_lora(la, "wan", pa)
+    write_lora(lb, "kohya", pb)
+    model = tiny()
+    fuse_qkv(model)
+    slots = LoraSlots(model, remerge=True)
+    slots.install(0, slots.prepare(load_lora(pa)))
+    slots.install(1, slots.prepare(load_lora(pb)))
+    x, t, text = inputs(cfg)
+    with torch.no_grad():
+        for s in ([0.5, 1.5], [-0.3, 1.2], [0.0, 0.9], [0.8, 0.0]):
+            slots.update([*s, 0.0, 0.0])
+            assert rel_err(model(x, t, text), _direct([la, lb], s)(x, t, text)) <= 1e-5, s
