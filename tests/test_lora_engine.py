@@ -72,9 +72,10 @@ def run_blocks(preset, blocks: int, changes: dict[int, dict] | None = None, sync
 
 
 @pytest.mark.slow
-def test_strength_zero_stream_is_base_bit_for_bit_and_change_at_k(assets):
+@pytest.mark.parametrize("pristine", ["host", "device"])  # side path / re-merge every block
+def test_strength_zero_stream_is_base_bit_for_bit_and_change_at_k(assets, pristine):
     base, _ = run_blocks(preset_for(assets), 5)
-    p = preset_for(assets, loras=[Lora("style.safetensors", 0.0)])
+    p = preset_for(assets, loras=[Lora("style.safetensors", 0.0)], lora_pristine=pristine)
     zero, records = run_blocks(p, 5)
     assert records[0]["lora"] == {"1": "style.safetensors"}
     assert all(torch.equal(a, b) for a, b in zip(base, zero, strict=True))
@@ -88,14 +89,15 @@ def test_strength_zero_stream_is_base_bit_for_bit_and_change_at_k(assets):
     assert torch.equal(back[0], base[0]) and not torch.equal(back[1], base[1])
 
 
-def test_live_engine_replay_of_the_control_log_reproduces_frames(assets, tmp_path):
+@pytest.mark.parametrize("pristine", ["host", "device"])  # side path / re-merge every block
+def test_live_engine_replay_of_the_control_log_reproduces_frames(assets, tmp_path, pristine):
     """A live engine (loader thread, async install) with a file change and strength
     moves; its control log replayed through `render`'s loop gives the same frames."""
     from bridges.timeline import load_show
     from engine.cli.render import play_show
     from engine.runtime.control_log import ControlLogWriter
 
-    preset = preset_for(assets, loras=[Lora("style.safetensors", 0.5)])
+    preset = preset_for(assets, loras=[Lora("style.safetensors", 0.5)], lora_pristine=pristine)
     log_path = tmp_path / "show.controls.jsonl"
     writer = ControlLogWriter(log_path, {"model": "tiny", "height": 32, "width": 32})
     frames: list[torch.Tensor] = []
@@ -122,7 +124,8 @@ def test_live_engine_replay_of_the_control_log_reproduces_frames(assets, tmp_pat
     assert installs[0] == {"1": "style.safetensors"} and any(
         i.get("2") == "other.safetensors" for i in installs.values()
     )
-    pipeline = build_pipeline(preset_for(assets))
+    pipeline = build_pipeline(preset_for(assets, lora_pristine=pristine))
+    assert pipeline.loras.remerge == (pristine == "device")
     reg = make_registry(
         default_prompt=preset.prompt,
         default_steps=preset.steps,

@@ -608,6 +608,8 @@ class _BenchLoras:
         from engine.weights.lora import load_lora, read_lora_header
 
         self.session, self.moving = session, args.lora_moving
+        cuda = torch.device(device).type == "cuda"
+        before = torch.cuda.memory_allocated(device) if cuda else 0
         self.n = args.loras
         # Still: merge everything at the first still boundary (the steady state the engine
         # reaches after its spread-out merges); moving: merges never happen.
@@ -615,7 +617,11 @@ class _BenchLoras:
         # with --compile, the engine's static shapes (engine/runtime/pipeline.py)
         bucket = 64 if args.compile else None
         self.slots = LoraSlots(
-            model, pristine_device=pristine, merge_per_block=None, rank_bucket=bucket
+            model,
+            pristine_device=pristine,
+            merge_per_block=None,
+            rank_bucket=bucket,
+            remerge=args.lora_pristine == "device",
         )
         self.pristine = args.lora_pristine
         names = [
@@ -657,6 +663,9 @@ class _BenchLoras:
                 self.slots.install(k, self.slots.prepare(lf))
             del lf
         self.updates = 0
+        self.merge_kernel = self.slots.warm_merges()  # as the engine does after warm-up
+        # device memory the slots hold after loading (allocated, not the transient peak)
+        self.held_gb = (torch.cuda.memory_allocated(device) - before) / 2**30 if cuda else None
 
     def step(self, index: int) -> None:
         import math
@@ -696,6 +705,12 @@ class _BenchLoras:
             "load_s": self.load_s,
             "device_mb": self.slots.device_bytes / 2**20,
             "side_sites": self.slots.side_sites,
+            # moving strengths: re-merged every block (pristine on the device) or side path
+            "moving_mechanism": "remerge" if self.slots.remerge else "side path",
+            # what the slots hold on the device, by kind (LoraSlots.memory), in bytes
+            "device_bytes": self.slots.memory(),
+            "held_gb": self.held_gb,
+            "merge_kernel": self.merge_kernel,  # fp8 merge variants timed (ms), chosen
         }
 
 

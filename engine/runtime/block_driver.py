@@ -583,4 +583,6 @@ class BlockDriver:
                 on_block()
         if extra:
             loras.warm(False)
+        if loras is not None:
+            loras.warm_merges()  # the fp8 LoRA merge kernel's JIT, before the show
         session.reset()

@@ -330,6 +330,7 @@ def _build_loras(pipeline: Pipeline) -> None:
         pristine_device=pipeline.device if on_device else "cpu",
         merge_per_block=CUDA_MERGE_PER_BLOCK if cuda and not on_device else None,
         rank_bucket=LORA_RANK_BUCKET if cuda and pipeline.preset.compile else None,
+        remerge=on_device,  # moving strengths re-merged every block, no side path
     )
     pipeline.lora_loader = LoraLoader(pipeline.loras, pipeline.preset.vace.assets_dir)
 

@@ -123,8 +123,9 @@ class EnginePreset:
     vace: Vace = field(default_factory=Vace)
     loras: list[Lora] = field(default_factory=list)  # loaded at start, slots 1.. (live: lora/*)
     # where LoRA slots keep the base weights they merge from (engine/models/lora.py):
-    # "host" (pinned RAM; GPU memory grows by the LoRAs only) or "device" (a GPU copy of
-    # the targeted weights: merges and the return to strength 0 in ms, not ~1 s; big cards)
+    # "host" (pinned RAM; GPU memory grows by the LoRAs only; a moving strength rides the
+    # low-rank side path) or "device" (a GPU copy of the targeted weights: a moving
+    # strength is re-merged every block, merges and the return to 0 in ms; big cards)
     lora_pristine: str = "host"
     warmup_blocks: int = 1
     gpus: int = 1  # ranks the stream is split over (engine/parallel); `run --gpus` wins
