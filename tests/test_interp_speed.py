@@ -1,0 +1,186 @@
+"""Issue 16, speed: the batched and cached ways of computing interpolated frames give
+the frames the plain per-time call gives (the network's math is unchanged), and they do
+what they claim: one network call per pair, one encoder pass per generated frame.
+
+The reference for each frame is the network's plain forward (``IFNet.__call__``, itself
+checked against the published equations in test_rife.py) on one time at a time."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.cli._bench_interp import tick_pattern
+from engine.models.rife import CONFIGS, random_rife
+from engine.runtime.interpolator import MAX_BATCH, Interpolator
+
+
+def stream(n, h=64, w=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (h, w, 4), dtype=torch.uint8, generator=g) for _ in range(n)]
+
+
+def reference(net, a, b, t):
+    """One time, the plain forward on [0, 1] floats, rounded as the interpolator does."""
+    x0 = a[..., :3].permute(2, 0, 1)[None].float() / 255
+    x1 = b[..., :3].permute(2, 0, 1)[None].float() / 255
+    y = net(x0, x1, t)
+    rgb = (y[0].permute(1, 2, 0) * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()
+    alpha = (a[..., 3:].float() * (1 - t) + b[..., 3:].float() * t + 0.5).to(torch.uint8)
+    return np.concatenate([rgb, alpha.numpy()], axis=2)
+
+
+@pytest.mark.parametrize("cfg", ["tiny", "v4.25"])
+def test_batch_of_times_equals_one_call_per_time(cfg):
+    net = random_rife(CONFIGS[cfg], seed=3)
+    interp = Interpolator(net, "cpu")
+    a, b = stream(2, seed=1)
+    ts = [0.1, 0.35, 0.5, 0.9]
+    got = interp.batch(a, b, ts).copy()
+    assert interp.calls == 1 and got.shape == (4, 64, 96, 4)
+    for i, t in enumerate(ts):
+        want = reference(net, a, b, t)
+        # float rounding of a different batch layout: at most one step of 255
+        assert np.abs(got[i].astype(int) - want.astype(int)).max() <= 1, t
+    # and the frames really differ with t (not one frame repeated)
+    assert len({got[i].tobytes() for i in range(4)}) == 4
+
+
+def test_flow_of_a_batch_of_times_equals_the_flow_of_each():
+    net = random_rife(CONFIGS["v4.25"], seed=5)
+    g = torch.Generator().manual_seed(2)
+    x0, x1 = torch.rand(1, 3, 64, 128, generator=g), torch.rand(1, 3, 64, 128, generator=g)
+    ts = torch.tensor([0.2, 0.7, 0.45])
+    flow, mask = net.flow(x0, x1, ts)
+    assert flow.shape == (3, 4, 64, 128)
+    for i, t in enumerate(ts.tolist()):
+        f1, m1 = net.flow(x0, x1, t)
+        torch.testing.assert_close(flow[i : i + 1], f1, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(mask[i : i + 1], m1, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="times for a batch"):
+        two0, two1 = x0.expand(2, -1, -1, -1), x1.expand(2, -1, -1, -1)
+        net.flow_padded(two0, two1, net.encode(two0), net.encode(two1), ts)
+
+
+@pytest.mark.parametrize("downscale", [1, 2])
+def test_cached_frames_equal_uncached_and_each_frame_is_encoded_once(downscale):
+    """A stream of 6 generated frames, 5 pairs, 3 times each: with per-frame keys the
+    encoder runs once per frame (6), without keys twice per pair (10); same pixels."""
+    net = random_rife(CONFIGS["tiny"], seed=7)
+    cached = Interpolator(net, "cpu", downscale=downscale)
+    plain = Interpolator(net, "cpu", downscale=downscale)
+    encodes = []
+    hook = net.encode.register_forward_hook(lambda *_: encodes.append(1))
+    try:
+        gen = stream(6, seed=4)
+        ts = [0.25, 0.5, 0.75]
+        for k in range(5):
+            got = cached.batch(gen[k], gen[k + 1], ts, key=(("f", k), ("f", k + 1)))
+            assert np.array_equal(got, plain.batch(gen[k], gen[k + 1], ts)), k
+        assert len(encodes) == 6 + 10
+    finally:
+        hook.remove()
+
+
+def test_frames_computed_ahead_are_served_without_a_network_call():
+    net = random_rife(CONFIGS["tiny"], seed=1)
+    interp = Interpolator(net, "cpu", keep=2)
+    a, b, c = stream(3, seed=9)
+    key = ("a", "b")
+    ahead = interp.batch(a, b, [0.3, 0.6], key=key).copy()
+    assert interp.has(key, 0.3) and not interp.has(key, 0.4) and not interp.has(("b", "c"), 0.3)
+    calls = interp.calls
+    assert np.array_equal(interp.frame(a, b, 0.6, key), ahead[1])
+    assert interp.calls == calls and interp.frames == 1
+    # a time not computed ahead is computed (one call), and is the same as without keys
+    one = interp.frame(a, b, 0.4, key).copy()
+    assert interp.calls == calls + 1
+    assert np.array_equal(one, Interpolator(net, "cpu").frame(a, b, 0.4))
+    # results live in `keep` rotating buffers: two more calls and the first is gone
+    interp.batch(b, c, [0.5], key=("b", "c"))
+    assert not interp.has(key, 0.3) and interp.has(("b", "c"), 0.5)
+    interp.forget()
+    assert not interp.has(("b", "c"), 0.5)
+
+
+def test_more_times_than_one_batch_are_split():
+    net = random_rife(CONFIGS["tiny"], seed=2)
+    interp = Interpolator(net, "cpu")
+    a, b = stream(2, h=32, w=48)
+    ts = [(i + 1) / (MAX_BATCH + 4) for i in range(MAX_BATCH + 3)]
+    got = interp.batch(a, b, ts)
+    assert interp.calls == 2 and got.shape[0] == len(ts)
+    assert np.array_equal(got[-1], Interpolator(net, "cpu").frame(a, b, ts[-1]))
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [([], "times"), ([0.0, 0.5], "times"), ([1.0], "times"), ([float("nan")], "times")],
+)
+def test_bad_batches_are_refused_and_change_nothing(bad, match):
+    interp = Interpolator(random_rife(CONFIGS["tiny"]), "cpu")
+    a, b = stream(2, h=32, w=48)
+    interp.batch(a, b, [0.5], key="ab")
+    with pytest.raises(ValueError, match=match):
+        interp.batch(a, b, bad, key="ab")
+    with pytest.raises(ValueError, match="frames"):
+        interp.batch(a, b[:16], [0.5], key="ab")
+    assert interp.calls == 1 and interp.has("ab", 0.5)
+    with pytest.raises(ValueError, match="compile"):
+        Interpolator(random_rife(CONFIGS["tiny"]), "cpu", compile="max")
+
+
+def test_channels_last_gives_the_same_frames():
+    net = random_rife(CONFIGS["v4.25"], seed=11)
+    a, b = stream(2, h=64, w=64, seed=3)
+    cl = Interpolator(net, "cpu", channels_last=True).batch(a, b, [0.3, 0.8]).copy()
+    net2 = random_rife(CONFIGS["v4.25"], seed=11)
+    plain = Interpolator(net2, "cpu", channels_last=False).batch(a, b, [0.3, 0.8])
+    assert np.abs(cl.astype(int) - plain.astype(int)).max() <= 1
+
+
+def test_tick_pattern_puts_output_ticks_between_the_right_frames():
+    # 10 fps generated, 30 out: ticks at 1/3 and 2/3 of each pair (0 is the frame itself)
+    pat = tick_pattern(30.0, 10.0, 4)
+    assert all(len(ts) == 2 for ts in pat)
+    np.testing.assert_allclose(pat[2], [1 / 3, 2 / 3], atol=1e-9)
+    # 60 from 10.5: every tick counted exactly once, in order, each in (0, 1)
+    pat = tick_pattern(60.0, 10.5, 21)
+    flat = [k + t for k, ts in enumerate(pat) for t in ts]
+    assert all(0 < t < 1 for ts in pat for t in ts)
+    assert flat == sorted(flat)
+    # 2 s: 120 ticks, of which ticks 0, 40 and 80 land exactly on generated frames
+    assert sum(map(len, pat)) == 117
+
+
+@pytest.mark.slow
+def test_compiled_network_equals_eager_on_cpu():
+    """Inductor on the CPU (a C++ compile: slow on a loaded 2-core machine, hence slow):
+    one graph for every batch size, the same frames as eager."""
+    net = random_rife(CONFIGS["tiny"], seed=1)
+    eager, comp = Interpolator(net, "cpu"), Interpolator(net, "cpu", compile="default")
+    a, b = stream(2, h=48, w=80)
+    for ts in ([0.3, 0.6], [0.2], [0.1, 0.4, 0.8]):
+        got, want = comp.batch(a, b, ts), eager.batch(a, b, ts)
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1, ts
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["off", "default", "cudagraphs"])
+def test_gpu_paths_equal_the_float32_reference(mode):
+    """On the device: fp16, channels-last, batched (and compiled) frames at 832x480 against
+    the float32 eager forward on the CPU, one time at a time."""
+    net = random_rife(CONFIGS["v4.25"], seed=13)
+    ref_net = random_rife(CONFIGS["v4.25"], seed=13)
+    interp = Interpolator(net, "cuda", compile=mode)
+    a, b = stream(2, h=480, w=832, seed=5)
+    ts = [0.2, 0.5, 0.8]
+    interp.warmup(480, 832, batches=(1, 3))
+    for _ in range(2):
+        got = interp.batch(a.cuda(), b.cuda(), ts, key=("a", "b")).copy()
+    for i, t in enumerate(ts):
+        want = reference(ref_net, a, b, t)
+        diff = np.abs(got[i].astype(int) - want.astype(int))
+        # fp16 network: a few levels at a few pixels, on average well under one level
+        assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 8, (t, diff.mean())
