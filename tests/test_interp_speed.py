@@ -184,3 +184,77 @@ def test_gpu_paths_equal_the_float32_reference(mode):
         diff = np.abs(got[i].astype(int) - want.astype(int))
         # fp16 network: a few levels at a few pixels, on average well under one level
         assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 8, (t, diff.mean())
+
+
+class _Keep:
+    name = "keep"
+
+    def __init__(self):
+        self.frames: list[tuple[int, np.ndarray]] = []
+
+    def open(self, w, h):
+        pass
+
+    def send(self, rgba, meta):
+        self.frames.append((meta.block, rgba.copy()))
+
+    def close(self):
+        pass
+
+
+class _Recording(Interpolator):
+    """The real interpolator, remembering what each network call was asked and gave."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.log: list[tuple[np.ndarray, np.ndarray, list[float], np.ndarray]] = []
+
+    def batch(self, a, b, ts, key=None):
+        out = super().batch(a, b, ts, key)
+        a, b = (x.numpy().copy() if torch.is_tensor(x) else np.array(x) for x in (a, b))
+        self.log.append((a, b, list(ts), out.copy()))
+        return out
+
+
+def test_frame_path_computes_pairs_ahead_in_one_call_each():
+    """Real publisher thread, 10 fps in blocks of 4, 30 fps out: about one network call
+    per pair of generated frames (not one per output frame), most frames computed
+    before their tick, every frame shown is one the network computed, and each call's
+    frames equal one plain call per time on the same pair."""
+    import time
+
+    from engine.runtime.frame_path import FramePath
+    from engine.runtime.pacer import OutputPacer
+
+    net = random_rife(CONFIGS["tiny"], seed=6)
+    interp = _Recording(net, "cpu", downscale=2)
+    sink = _Keep()
+    fp = FramePath([sink], OutputPacer(30.0), interpolator=interp)
+    g = np.random.default_rng(1)
+    blocks = [g.integers(0, 256, (4, 48, 64, 4), dtype=np.uint8) for _ in range(10)]
+    try:
+        for k, block in enumerate(blocks):
+            assert fp.submit_block(block, k)
+            time.sleep(0.4)
+        time.sleep(0.3)
+    finally:
+        fp.close()
+    st = fp.stats
+    assert st.interp_errors == 0 and st.interpolated > 40
+    assert st.interp_calls == len(interp.log)
+    print(st)
+    assert st.interp_calls <= 0.6 * st.interpolated, (st.interp_calls, st.interpolated)
+    assert st.interp_ahead >= 0.5 * st.interpolated, (st.interp_ahead, st.interpolated)
+    flat = np.concatenate(blocks)
+    generated = {f.tobytes() for f in flat}
+    computed = {f.tobytes() for *_, out in interp.log for f in out}
+    shown = [f for _, f in sink.frames if f.tobytes() not in generated]
+    assert len(shown) == st.interpolated
+    assert all(f.tobytes() in computed for f in shown)
+    # pairs are consecutive generated frames
+    index = {f.tobytes(): i for i, f in enumerate(flat)}
+    fresh = Interpolator(net, "cpu", downscale=2)
+    for a, b, ts, out in interp.log[::4]:
+        assert index[b.tobytes()] == index[a.tobytes()] + 1
+        for t, got in zip(ts, out, strict=True):
+            assert np.abs(fresh.frame(a, b, t).astype(int) - got.astype(int)).max() <= 1

@@ -23,6 +23,7 @@ sink can stall only the publisher thread, so ``submit_block`` cost stays bounded
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -73,6 +74,7 @@ class _HostBlock:
     block: int = -1
     nframes: int = 0
     arrival: float = 0.0
+    serial: int = 0  # one number per submitted block, never reused: names its frames
 
 
 @dataclass
@@ -82,6 +84,8 @@ class FramePathStats:
     published: int = 0  # frames handed to the sinks
     interpolated: int = 0  # of which computed between two generated frames
     interp_errors: int = 0
+    interp_ahead: int = 0  # interpolated frames that were computed before their tick
+    interp_calls: int = 0  # network calls (one per pair of generated frames, usually)
     sink_errors: dict[str, int] = field(default_factory=dict)
 
 
@@ -123,6 +127,7 @@ class FramePath:
         self._open_size: tuple[int, int] | None = None
         self._dead: set[int] = set()  # sinks that failed to open
         self._reconfigure: Pacer | OutputPacer | None = None  # applied by the publisher
+        self._serial = 0
         self.output: dict[str, Any] = {
             "fps": self.pacer.fixed_fps if isinstance(self.pacer, Pacer) else self.pacer.fps,
             "interpolate": isinstance(self.pacer, OutputPacer) and self.pacer.interpolate,
@@ -173,6 +178,8 @@ class FramePath:
             # when cores are contended, numpy's memcpy doesn't.
             np.copyto(hb.array[:t], rgba if isinstance(rgba, np.ndarray) else rgba.numpy())
         hb.block, hb.nframes, hb.arrival = int(block_index), t, arrival
+        self._serial += 1
+        hb.serial = self._serial
         with self._cond:
             if self._pending is not None:
                 # The publisher has not even picked up the previous block: latest wins.
@@ -316,18 +323,25 @@ class FramePath:
                 if self._reconfigure is not None:
                     continue
                 hb, self._pending = self._pending, None
+                wait = 0.0
                 if hb is None:
                     due = self.pacer.next_due()
                     wait = 0.1 if due is None else due - clock()
-                    if wait > 0.003:
-                        # Coarse wait (wakes early on a new block), then a fine sleep:
-                        # condition timeouts are only ~ms precise on some platforms.
-                        self._cond.wait(min(wait - 0.002, 0.1))
-                        continue
             if hb is not None:
                 if hb.event is not None:
                     hb.event.synchronize()
                 self.pacer.push(hb.block, hb.nframes, payload=hb, arrival=hb.arrival)
+                continue
+            if wait > 0.003:
+                # Time to spare before the next tick: compute a coming pair's frames
+                # ahead (so the tick itself only copies), one pair per pass.
+                if self._prefetch(wait - 0.002):
+                    continue
+                with self._cond:
+                    if self._pending is None and self._reconfigure is None and not self._closed:
+                        # Coarse wait (wakes early on a new block), then a fine sleep:
+                        # condition timeouts are only ~ms precise on some platforms.
+                        self._cond.wait(min(wait - 0.002, 0.1))
                 continue
             if wait > 0:
                 time.sleep(wait)
@@ -335,29 +349,89 @@ class FramePath:
             if p is not None:
                 self._publish(p)
 
+    # -- interpolation ahead of time -----------------------------------------------------
+    def _pair(self, p: Presented) -> tuple[Any, Any, tuple]:
+        """The two generated frames of an interpolated frame and the key naming them."""
+        a_blk, b_blk = p.payload, p.next_payload
+        a = a_blk.dev[p.frame] if a_blk.dev is not None else a_blk.host[p.frame]
+        b = b_blk.dev[p.next_frame] if b_blk.dev is not None else b_blk.host[p.next_frame]
+        return a, b, ((a_blk.serial, p.frame), (b_blk.serial, p.next_frame))
+
+    def _plan(self) -> list[Presented]:
+        p = self.pacer
+        if not isinstance(p, OutputPacer) or not p.interpolate or self.interpolator is None:
+            return []
+        # about two generated frames' worth of ticks: the current pair and the next
+        per_pair = p.fps / max(p.source_rate, 1e-3)
+        return p.plan(max_ticks=int(min(32, max(2, 2 * per_pair + 2))))
+
+    def _batch(self, first: Presented, plan: list[Presented]) -> None:
+        """One network call for every planned time of ``first``'s pair."""
+        a, b, key = self._pair(first)
+        ts = [first.t]
+        for q in plan:
+            if q.payload is first.payload and q.frame == first.frame:
+                if q.next_payload is first.next_payload and q.next_frame == first.next_frame:
+                    if q.t not in ts and not self.interpolator.has(key, q.t):
+                        ts.append(q.t)
+        self.interpolator.batch(a, b, ts, key)
+        self.stats.interp_calls += 1
+
+    def _prefetch(self, budget_s: float) -> bool:
+        """Compute the frames of the next pair not computed yet, if its estimated time
+        fits in ``budget_s``. True when it did (the caller re-checks the time)."""
+        plan = self._plan()
+        if not plan:
+            return False
+        for i, q in enumerate(plan):
+            a, b, key = self._pair(q)
+            if self.interpolator.has(key, q.t):
+                continue
+            last = plan[-1]
+            if i > 0 and (last.payload, last.frame) == (q.payload, q.frame):
+                return False  # the plan's last pair may be cut short: wait for more ticks
+            n = sum(1 for r in plan if (r.payload, r.frame) == (q.payload, q.frame))
+            est = self.interpolator.estimate_ms(n)
+            if est is not None and est / 1e3 > budget_s:
+                return False
+            try:
+                self._batch(q, plan)
+            except Exception:
+                self._interp_failed()
+                return False
+            return True
+        return False
+
+    def _interp_failed(self) -> None:
+        self.stats.interp_errors += 1
+        n = self.stats.interp_errors
+        if n in (1, 10, 100) or n % 1000 == 0:
+            log.exception("interpolation failed (%d times); showing the generated frame", n)
+
     def _frame_of(self, p: Presented) -> np.ndarray:
         """The pixels of presented frame ``p``: a generated frame, or one interpolated
-        between two (on failure: the earlier frame, counted and logged)."""
+        between two: computed ahead, else now together with the rest of its pair's
+        planned times (on failure: the earlier frame, counted and logged)."""
         frame = p.payload.array[p.frame]
         if p.t <= 0.0 or p.next_payload is None or self.interpolator is None:
             return frame
-        a = p.payload.dev[p.frame] if p.payload.dev is not None else p.payload.host[p.frame]
-        nb = p.next_payload
-        b = nb.dev[p.next_frame] if nb.dev is not None else nb.host[p.next_frame]
         try:
-            key = (p.meta.block, p.frame, id(nb), p.next_frame, id(p.payload))
+            a, b, key = self._pair(p)
+            if self.interpolator.has(key, p.t):
+                self.stats.interp_ahead += 1
+            else:
+                self._batch(p, self._plan())
             out = self.interpolator.frame(a, b, p.t, key)
         except Exception:
-            self.stats.interp_errors += 1
-            n = self.stats.interp_errors
-            if n in (1, 10, 100) or n % 1000 == 0:
-                log.exception("interpolation failed (%d times); showing the generated frame", n)
+            self._interp_failed()
             return frame
         self.stats.interpolated += 1
         return out
 
     def _publish(self, p: Presented) -> None:
         frame = self._frame_of(p)
+        # stamped when it goes out (after any interpolation): what a reader sees
+        meta = dataclasses.replace(p.meta, timestamp=time.time())
         h, w = frame.shape[:2]
         if self._open_size != (w, h):
             self._open_size = (w, h)
@@ -373,7 +447,7 @@ class FramePath:
             if i in self._dead:
                 continue
             try:
-                sink.send(frame, p.meta)
+                sink.send(frame, meta)
             except Exception:
                 n = self.stats.sink_errors.get(sink.name, 0) + 1
                 self.stats.sink_errors[sink.name] = n

@@ -182,6 +182,24 @@ class Pacer:
         b = self._queue[0]
         return b.payload, b.next_frame, b.index
 
+    def upcoming(self, n: int) -> list[tuple[Any, int, int, float]]:
+        """The next ``n`` queued frames as (payload, frame, block, due), due times as
+        :meth:`pop_due` will set them if nothing is pushed meanwhile (the rate changes
+        only on a push) and presentation keeps up. Changes nothing."""
+        out: list[tuple[Any, int, int, float]] = []
+        due = self._next_due
+        if due is None:
+            return out
+        rate = self.rate
+        interval = 0.0 if math.isinf(rate) else 1.0 / rate
+        for b in self._queue:
+            for f in range(b.next_frame, b.nframes):
+                if len(out) >= n:
+                    return out
+                out.append((b.payload, f, b.index, due))
+                due = due + interval
+        return out
+
     def pop_due(self, now: float | None = None) -> Presented | None:
         """The frame due at ``now``, if any; advances the schedule."""
         now = self.clock() if now is None else now
@@ -324,6 +342,36 @@ class OutputPacer:
     def added_latency(self) -> float:
         """Seconds interpolation adds: waiting for the next generated frame (one interval)."""
         return 1.0 / self.source.rate if self.interpolate else 0.0
+
+    def plan(self, max_ticks: int = 16) -> list[Presented]:
+        """The interpolated frames the next ``max_ticks`` output ticks will ask for, as
+        :meth:`pop_due` will return them if no block arrives meanwhile and the caller
+        keeps up (same pairs, same ``t``, bit for bit), up to the last tick whose next
+        generated frame is already queued. Changes nothing: the frame path computes
+        these ahead, a pair at a time, while it waits for the next tick."""
+        if not self.interpolate or self._tick is None:
+            return []
+        src = self.source.upcoming(max_ticks + 2)
+        cur = self._cur
+        tick = self._tick
+        interval = 1.0 / self.fps
+        out: list[Presented] = []
+        i = 0
+        for _ in range(max_ticks):
+            while i < len(src) and src[i][3] <= tick:
+                cur = src[i]
+                i += 1
+            if cur is None or i >= len(src):
+                break  # the frame after the current one is not there yet
+            payload, frame, block, t_k = cur
+            npay, nfr, _, t_next = src[i]
+            if t_next > t_k:
+                t = min(max((tick - t_k) / (t_next - t_k), 0.0), 1.0)
+                if 0.0 < t < 1.0:
+                    meta = FrameMeta(block=block, index=-1, timestamp=tick + self._wall_offset)
+                    out.append(Presented(payload, frame, meta, tick, npay, nfr, t))
+            tick = tick + interval
+        return out
 
     def pop_due(self, now: float | None = None) -> Presented | None:
         """The output frame due at ``now``, if any (None: not due yet, or holding)."""
