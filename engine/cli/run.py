@@ -232,6 +232,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="with --fps: present at that rate by showing the nearest generated frame",
     )
     g.add_argument(
+        "--interp-compile",
+        choices=("auto", "off", "default", "cudagraphs"),
+        default="auto",
+        help="compile the interpolation network for the frame size at start (auto: when the"
+        " preset compiles and on a GPU; cudagraphs adds CUDA graphs; off: eager)",
+    )
+    g.add_argument(
         "--speed",
         choices=("fit", "real"),
         default="fit",
@@ -469,13 +476,23 @@ def _build_output(args: argparse.Namespace, preset: Any, pipeline: Any, sinks: l
     if fps is None and preset.outputs.fps:
         fps = float(preset.outputs.fps)
     interp = None
+    mode = getattr(args, "interp_compile", "auto")
+    if mode == "auto":
+        cuda = str(pipeline.device).startswith("cuda")
+        mode = "default" if preset.compile and cuda and preset.model != "tiny" else "off"
     try:
         interp = build_interpolator(
             model=preset.model,
             device=pipeline.device,
             models_dir=args.models_dir,
             random_weights=args.random_weights,
+            compile=mode,
         )
+        if mode != "off" and fps is not None and not args.no_interpolate:
+            # compiled here, with the other start-up compiles, not at the first show frame
+            t0 = time.perf_counter()
+            interp.warmup(preset.height, preset.width)
+            log.info("interpolation: %s compile + warm-up %.1f s", mode, time.perf_counter() - t0)
     except InterpolationUnavailable as e:
         if fps is not None and not args.no_interpolate:
             print(

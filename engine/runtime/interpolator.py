@@ -339,6 +339,7 @@ def build_interpolator(
     models_dir: str | Path | None = None,
     random_weights: bool = False,
     scale: float | None = None,
+    compile: str = "off",
 ) -> Interpolator:
     """The interpolator for an engine: the tiny RIFE (random weights) with the tiny model,
     a full-size random one with ``--random-weights`` (timing), else the downloaded v4.25
@@ -352,7 +353,7 @@ def build_interpolator(
         net = random_rife(CONFIGS["tiny"], device=device)
         return Interpolator(net, device, scale=scale or 1.0, downscale=4, name="rife-tiny")
     if random_weights:
-        return Interpolator(random_rife(device=device), device, scale=scale or 1.0)
+        return Interpolator(random_rife(device=device), device, scale=scale or 1.0, compile=compile)
     f = FILES["rife"]
     path = f.path(models_dir)
     why = check_file(path)
@@ -370,7 +371,7 @@ def build_interpolator(
             f"interpolation: the RIFE weights cannot be used: {e}; fetch them again with"
             " `dreamdeck download --rife` (after deleting the file)"
         ) from None
-    return Interpolator(net, device, scale=scale or 1.0)
+    return Interpolator(net, device, scale=scale or 1.0, compile=compile)
 
 
 class BlockResampler:
