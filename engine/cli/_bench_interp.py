@@ -18,7 +18,9 @@ from ~10 fps, 5-6 at 60):
   with ``--interp-only``);
 - ``added_latency_ms``: one generated frame at the measured rate (the wait for the next
   frame) plus one call;
-- ``memory_gb``: peak GPU memory of the interpolator alone.
+- ``memory_gb``: peak GPU memory of the interpolator alone;
+- ``diff_vs_eager_max`` / ``_mean``: the measured path's frames against the plain eager
+  path's for one pair (uint8 levels; fp16 rounding only, the math is the same).
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ def measure_interp(args, measure_again, base: dict[str, Any], *, height: int, wi
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    interp = Interpolator(random_rife(device=device, seed=args.seed), device, compile=mode)
+    cl = not getattr(args, "interp_no_channels_last", False)
+    net = random_rife(device=device, seed=args.seed)
+    interp = Interpolator(net, device, compile=mode, channels_last=None if cl else False)
     g = torch.Generator(device).manual_seed(args.seed)
     gen = [
         torch.randint(0, 256, (height, width, 4), generator=g, device=device, dtype=torch.uint8)
@@ -96,6 +100,14 @@ def measure_interp(args, measure_again, base: dict[str, Any], *, height: int, wi
         nframes += len(ts)
     total_ms = (time.perf_counter() - t_all) * 1e3
     mem = (torch.cuda.max_memory_allocated(device) - before) / 2**30 if cuda else None
+    # the same frames from the plain eager path (one call per time, contiguous layout)
+    ref = Interpolator(net, device, channels_last=False)
+    ts = pattern[0]
+    got = interp.batch(gen[0], gen[1], ts).astype("int16")
+    want = ref.batch(gen[0], gen[1], ts).astype("int16")
+    diff = abs(got - want)
+    if interp.channels_last:  # the reference put the shared network back to contiguous: restore
+        net.to(memory_format=torch.channels_last)
     result: dict[str, Any] = {
         "output_fps": fps_out,
         "source_fps": src,
@@ -112,6 +124,8 @@ def measure_interp(args, measure_again, base: dict[str, Any], *, height: int, wi
         "weights": "random (RIFE v4.25 layout, full size)",
         "dtype": str(interp.dtype).removeprefix("torch."),
         "channels_last": interp.channels_last,
+        "diff_vs_eager_max": int(diff.max()),
+        "diff_vs_eager_mean": float(diff.mean()),
         "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
     }
     if getattr(args, "interp_only", False):

@@ -207,6 +207,11 @@ def add_parser(subparsers) -> None:
         " (default: the measured generation rate)",
     )
     p.add_argument(
+        "--interp-no-channels-last",
+        action="store_true",
+        help="with --interp: keep the network's tensors contiguous (NCHW) on the GPU",
+    )
+    p.add_argument(
         "--interp-only",
         action="store_true",
         help="with --interp: skip measuring generation again with interpolation running",
