@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["FramePath", "MAX_OUTPUT_FPS", "MIN_OUTPUT_FPS", "check_output_fps"]
 
+SWITCH_INTERVAL_S = 0.0005  # see FramePath: the GIL hand-over delay a due frame may wait
 MIN_OUTPUT_FPS = 1.0
 MAX_OUTPUT_FPS = 240.0
 
@@ -86,6 +88,10 @@ class FramePathStats:
     interp_errors: int = 0
     interp_ahead: int = 0  # interpolated frames that were computed before their tick
     interp_calls: int = 0  # network calls (one per pair of generated frames, usually)
+    # when frames went out against when they were due (monotonic clock), in ms
+    late_ms_max: float = 0.0
+    late_ms_sum: float = 0.0
+    late_over_2ms: int = 0
     sink_errors: dict[str, int] = field(default_factory=dict)
 
 
@@ -104,8 +110,16 @@ class FramePath:
         *,
         buffers: int | None = None,
         interpolator: Any = None,
+        switch_interval: float | None = SWITCH_INTERVAL_S,
     ):
         self.sinks = list(sinks)
+        if switch_interval is not None and sys.getswitchinterval() > switch_interval:
+            # The publisher sleeps until a frame is due, then needs the GIL, which the
+            # generation thread (Python launching kernels) holds for up to the switch
+            # interval: 5 ms by default, shown as frame-time jitter. A shorter interval
+            # costs nothing while the publisher sleeps (a switch is forced only when a
+            # thread waits for the GIL).
+            sys.setswitchinterval(switch_interval)
         self.pacer = pacer if pacer is not None else Pacer()
         self.pacer.on_release = self._release
         self.interpolator = interpolator  # engine.runtime.interpolator.Interpolator or None
@@ -432,6 +446,11 @@ class FramePath:
         frame = self._frame_of(p)
         # stamped when it goes out (after any interpolation): what a reader sees
         meta = dataclasses.replace(p.meta, timestamp=time.time())
+        late = (self.pacer.clock() - p.due) * 1e3
+        st = self.stats
+        st.late_ms_sum += late
+        st.late_ms_max = max(st.late_ms_max, late)
+        st.late_over_2ms += late > 2.0
         h, w = frame.shape[:2]
         if self._open_size != (w, h):
             self._open_size = (w, h)

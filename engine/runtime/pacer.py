@@ -383,7 +383,9 @@ class OutputPacer:
         nxt = tau + interval
         if nxt <= now - interval:
             self.late += int((now - nxt) / interval)
-            nxt = now  # a whole tick behind: restart the grid, don't burst to catch up
+            # a whole tick behind: restart the grid one interval from now (not now: that
+            # would publish two frames back to back)
+            nxt = now + interval
         self._tick = nxt
         # the source frames due by tau
         while (due := self.source.next_due()) is not None and due <= tau:
