@@ -265,7 +265,6 @@ def _paced_run(switch_interval, seconds=3.0):
     that otherwise spins in Python holding the GIL (as the generation thread does while
     it launches kernels). Returns the frame path's stats."""
     import sys
-    import threading
     import time
 
     from engine.runtime.frame_path import FramePath
