@@ -309,3 +309,49 @@ def test_frames_go_out_on_time_while_another_thread_holds_the_gil():
     )
     assert fast.published >= 1.3 * base.published, (base, fast)
     assert mean(fast) < mean(base), (base, fast)
+
+
+@pytest.mark.parametrize("change", [{"fps": 60.0}, {"interpolate": False}, {"speed": "real"}])
+def test_changing_output_settings_live_keeps_the_queued_frames(change):
+    """Two blocks queued, then an output setting changes: the output still moves through
+    every generated frame (shown itself, or as an end of an interpolated pair), in
+    order, and shows none twice (round 1 dropped the queue: the screen held for about a
+    block)."""
+    import time
+
+    from engine.runtime.frame_path import FramePath
+    from engine.runtime.pacer import OutputPacer
+
+    sink = _Keep()
+    interp = _Recording(random_rife(CONFIGS["tiny"], seed=8), "cpu", downscale=2)
+    fp = FramePath([sink], OutputPacer(30.0), interpolator=interp)
+    g = np.random.default_rng(5)
+    blocks = [g.integers(0, 256, (6, 32, 48, 4), dtype=np.uint8) for _ in range(2)]
+    try:
+        for k, b in enumerate(blocks):
+            assert fp.submit_block(b, k)
+            time.sleep(0.05)  # picked up (a block still pending is replaced: latest wins)
+        time.sleep(0.2)  # a few frames of block 0 shown
+        shown_before = len(sink.frames)
+        fp.configure(**change)
+        # 12 frames at ~16 fps is 0.75 s; wait until the last one is reached (loaded
+        # machine: up to 8 s)
+        last = blocks[1][-1]
+        end = time.monotonic() + 8.0
+        while time.monotonic() < end:
+            time.sleep(0.1)
+            if any(np.array_equal(b, last) for _, b, *_ in interp.log) or any(
+                np.array_equal(f, last) for _, f in list(sink.frames)
+            ):
+                break
+    finally:
+        fp.close()
+    assert shown_before > 0 and fp.stats.dropped_blocks == 0
+    generated = [f.tobytes() for b in blocks for f in b]
+    index = {x: i for i, x in enumerate(generated)}
+    direct = [index[f.tobytes()] for _, f in sink.frames if f.tobytes() in index]
+    assert len(direct) == len(set(direct)), "a generated frame was shown twice"
+    ends = {index[x.tobytes()] for a, b, *_ in interp.log for x in (a, b)}
+    reached = set(direct) | ends
+    assert reached == set(range(12)), f"frames never reached: {set(range(12)) - reached}"
+    assert direct == sorted(direct)

@@ -289,3 +289,18 @@ def test_plan_is_empty_without_interpolation_or_next_frame():
     pacer.push(1, 3, payload="b", arrival=0.0)
     pacer.plan()
     assert (pacer._tick, pacer.source._next_due, pacer.presented) == state  # changes nothing
+
+
+def test_blocks_arriving_together_are_a_burst_not_a_rate():
+    """Two blocks handed over 1 ms apart (queued behind a slow reader) must not make the
+    pacer believe generation runs at thousands of fps (it would then show every frame
+    at once); later arrivals at the real rate are learnt as before."""
+    clock = SimClock()
+    pacer = OutputPacer(30.0, clock=clock)
+    pacer.push(0, 6, payload="a", arrival=0.0)
+    pacer.push(1, 6, payload="b", arrival=0.001)
+    assert pacer.source.measured_fps is None
+    assert pacer.source_rate < 30  # the first guess (16 fps, corrected), not 6000
+    for k, t in enumerate((0.6, 1.2, 1.8, 2.4), start=2):
+        pacer.push(k, 6, payload=k, arrival=t)
+    assert pacer.source.measured_fps == pytest.approx(10.0, rel=0.25)

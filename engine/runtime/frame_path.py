@@ -248,8 +248,8 @@ class FramePath:
     ) -> dict[str, Any]:
         """Change the output rate, interpolation or speed (None keeps a setting). Checks
         everything first: ValueError names the problem and nothing changes. The new
-        schedule starts on the publisher thread between two frames (queued frames of
-        the old one are released, not shown: one short hold)."""
+        schedule starts on the publisher thread between two frames and takes over the
+        queued frames (they are shown at the new rate, not dropped)."""
         out = dict(self.output)
         if fps is not None:
             out["fps"] = check_output_fps(fps)
@@ -317,7 +317,13 @@ class FramePath:
         old = self.pacer
         new.on_release = self._release
         self.pacer = new
-        old.clear()  # releases its buffers
+        # the queued frames carry on at the new schedule (no hold of a block's length)
+        items, rate = old.handover()
+        if isinstance(new, Pacer) and isinstance(old, OutputPacer) and "shown" in rate:
+            # a plain pacer presents every frame it gets: skip the one on screen
+            items = [(b, n, pay, f + 1 if i == 0 else f) for i, (b, n, pay, f) in enumerate(items)]
+        new.take_over(items, rate)
+        old.clear()  # releases anything left (nothing, normally)
         fps = self.output["fps"]
         log.info(
             "output: %s%s%s",

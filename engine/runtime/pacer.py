@@ -130,6 +130,8 @@ class Pacer:
         expected = nframes / self._rate
         if self.measured_fps is not None and dt > max(1.0, 4 * expected):
             return  # a pause (stream stopped, reloading), not a rate: don't learn from it
+        if dt < expected / 4:
+            return  # a burst (blocks that queued up behind a slow reader), not a rate
         if self.measured_fps is None:
             self.measured_fps = fps
         else:
@@ -169,6 +171,46 @@ class Pacer:
         while self._queue:
             self._release(self._queue.popleft())
         self._last_arrival = None
+
+    def handover(self) -> tuple[list[tuple[int, int, Any, int]], dict[str, Any]]:
+        """Give up the queued frames without releasing them, for a new pacer to take
+        over (:meth:`take_over`): [(block, nframes, payload, first frame not shown)],
+        oldest first, and what was learnt about the generation rate."""
+        items = [(b.index, b.nframes, b.payload, b.next_frame) for b in self._queue]
+        self._queue.clear()
+        rate = {
+            "measured_fps": self.measured_fps,
+            "rate": self._rate,
+            "last_arrival": self._last_arrival,
+            "backlog_at_arrival": self._backlog_at_arrival,
+        }
+        return items, rate
+
+    def take_over(
+        self,
+        items: list[tuple[int, int, Any, int]],
+        rate: dict[str, Any],
+        limit: int | None = None,
+    ) -> None:
+        """Continue another pacer's queue (an output setting changed live): its frames are
+        presented from now on at this pacer's schedule instead of being dropped. At most
+        ``limit`` (default ``max_blocks``) blocks are kept, the newest."""
+        if self.fixed_fps is None and rate.get("measured_fps") is not None:
+            self.measured_fps = rate["measured_fps"]
+            self._rate = rate["rate"]
+        self._last_arrival = rate.get("last_arrival")
+        self._backlog_at_arrival = rate.get("backlog_at_arrival", self.margin)
+        for index, nframes, payload, start in items:
+            if start < nframes:
+                self._queue.append(_Block(index, nframes, payload, start))
+            else:
+                self._release(_Block(index, nframes, payload))
+        while len(self._queue) > (self.max_blocks if limit is None else limit):
+            old = self._queue.popleft()
+            self.dropped += old.nframes - old.next_frame
+            self._release(old)
+        if self._queue:
+            self._next_due = self.clock()
 
     # -- frames out --------------------------------------------------------------------------
     def next_due(self) -> float | None:
@@ -322,6 +364,30 @@ class OutputPacer:
         self.dropped += self.source.dropped - before
         if self._tick is None:
             self._tick = t
+
+    def handover(self) -> tuple[list[tuple[int, int, Any, int]], dict[str, Any]]:
+        """:meth:`Pacer.handover`, the frame shown now included (the first a new
+        interpolating pacer needs); the held block goes with it, unreleased."""
+        items, rate = self.source.handover()
+        cur, self._cur, self._held = self._cur, None, None
+        if cur is not None:
+            payload, frame, block, _ = cur
+            if items and items[0][2] is payload:
+                items[0] = (block, items[0][1], payload, frame)
+            else:
+                items.insert(0, (block, frame + 1, payload, frame))
+            rate["shown"] = (block, frame)
+        self._tick = None
+        return items, rate
+
+    def take_over(self, items: list[tuple[int, int, Any, int]], rate: dict[str, Any]) -> None:
+        """:meth:`Pacer.take_over`; the frame already on screen is not shown again."""
+        shown = rate.get("shown")
+        self.source.take_over(items, rate, limit=self.max_blocks)  # + the block on screen
+        if self.source.next_due() is not None:
+            self._tick = self.clock()
+            if shown is not None:
+                self._last_key = (shown[0], shown[1], 0.0)
 
     def clear(self) -> None:
         self.source.clear()
