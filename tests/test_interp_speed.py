@@ -299,7 +299,7 @@ def test_frames_go_out_on_time_while_another_thread_holds_the_gil():
     feeding thread never sleeps: with the interpreter's default 5 ms GIL switch interval
     (the baseline, measured here in the same test) every GIL hand-over the publisher
     needs costs up to 5 ms; with the frame path's 0.5 ms it keeps up. Counts, with a wide
-    margin: this machine may be loaded (the gap measured here was 3x)."""
+    margin: this machine may be loaded."""
     base = _paced_run(switch_interval=None)
     fast = _paced_run(switch_interval=0.0005)
     mean = lambda st: st.late_ms_sum / max(st.published, 1)  # noqa: E731
@@ -307,8 +307,8 @@ def test_frames_go_out_on_time_while_another_thread_holds_the_gil():
         f"default: {base.published} frames, mean late {mean(base):.1f} ms;"
         f" 0.5 ms: {fast.published} frames, mean late {mean(fast):.1f} ms"
     )
-    assert fast.published >= 1.3 * base.published, (base, fast)
-    assert mean(fast) < mean(base), (base, fast)
+    assert fast.published >= base.published, (base, fast)
+    assert mean(fast) < 0.6 * mean(base), (base, fast)  # 3-6x lower in 5 runs here
 
 
 @pytest.mark.parametrize("change", [{"fps": 60.0}, {"interpolate": False}, {"speed": "real"}])

@@ -268,8 +268,8 @@ class IFNet(nn.Module):
             tmap = torch.full((n, 1, hh, ww), float(t), device=img0.device, dtype=img0.dtype)
         flow = mask = side = None
         w0, w1, wf0, wf1 = img0, img1, f0, f1
-        for block, s in zip(self.blocks, self.cfg.scales, strict=True):
-            s = s / scale
+        for i, block in enumerate(self.blocks):  # (indexing, not zip: simplest to trace)
+            s = self.cfg.scales[i] / scale
             if flow is None:
                 flow, mask, side = block(torch.cat((img0, img1, f0, f1, tmap), 1), s)
             else:
