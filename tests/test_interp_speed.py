@@ -216,35 +216,54 @@ class _Recording(Interpolator):
         return out
 
 
-def test_frame_path_computes_pairs_ahead_in_one_call_each():
-    """Real publisher thread, 10 fps in blocks of 4, 30 fps out: about one network call
-    per pair of generated frames (not one per output frame), most frames computed
-    before their tick, every frame shown is one the network computed, and each call's
-    frames equal one plain call per time on the same pair."""
+class _Timed(_Recording):
+    """Reports a fixed cost model instead of this machine's timing: the frame path
+    decides how many times to batch from it, and a loaded 2-core CPU's timing is not a
+    GPU's (the real network still runs, on real threads)."""
+
+    def __init__(self, *a, per_call_ms: float, **k):
+        super().__init__(*a, **k)
+        self.per_call_ms = per_call_ms
+
+    def estimate_ms(self, n):
+        return self.per_call_ms * (1.0 + 0.05 * n)
+
+
+@pytest.mark.parametrize("per_call_ms", [1.0, 1000.0])
+def test_frame_path_computes_pairs_ahead_in_one_call_each(per_call_ms):
+    """Real publisher thread, 5 fps in blocks of 4, 30 fps out (5 output frames between
+    two generated ones). When a call is cheap next to a tick (GPU-like), a pair's
+    frames go in one call, computed before their ticks; when it is not, one frame per
+    call at its tick (never a whole pair holding a tick up). Either way every frame
+    shown is one the network computed, and each call's frames equal one plain call per
+    time on the same pair."""
     import time
 
     from engine.runtime.frame_path import FramePath
     from engine.runtime.pacer import OutputPacer
 
     net = random_rife(CONFIGS["tiny"], seed=6)
-    interp = _Recording(net, "cpu", downscale=2)
+    interp = _Timed(net, "cpu", downscale=2, per_call_ms=per_call_ms)
     sink = _Keep()
     fp = FramePath([sink], OutputPacer(30.0), interpolator=interp)
     g = np.random.default_rng(1)
-    blocks = [g.integers(0, 256, (4, 48, 64, 4), dtype=np.uint8) for _ in range(10)]
+    blocks = [g.integers(0, 256, (4, 48, 64, 4), dtype=np.uint8) for _ in range(5)]
     try:
         for k, block in enumerate(blocks):
             assert fp.submit_block(block, k)
-            time.sleep(0.4)
+            time.sleep(0.8)
         time.sleep(0.3)
     finally:
         fp.close()
     st = fp.stats
-    assert st.interp_errors == 0 and st.interpolated > 40
+    assert st.interp_errors == 0 and st.interpolated > 60
     assert st.interp_calls == len(interp.log)
     print(st)
-    assert st.interp_calls <= 0.6 * st.interpolated, (st.interp_calls, st.interpolated)
-    assert st.interp_ahead >= 0.5 * st.interpolated, (st.interp_ahead, st.interpolated)
+    if per_call_ms < 10:
+        assert st.interp_calls <= 0.5 * st.interpolated, (st.interp_calls, st.interpolated)
+        assert st.interp_ahead >= 0.5 * st.interpolated, (st.interp_ahead, st.interpolated)
+    else:
+        assert st.interp_calls == st.interpolated and st.interp_ahead == 0
     flat = np.concatenate(blocks)
     generated = {f.tobytes() for f in flat}
     computed = {f.tobytes() for *_, out in interp.log for f in out}

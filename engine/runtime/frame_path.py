@@ -385,8 +385,12 @@ class FramePath:
         per_pair = p.fps / max(p.source_rate, 1e-3)
         return p.plan(max_ticks=int(min(32, max(2, 2 * per_pair + 2))))
 
-    def _batch(self, first: Presented, plan: list[Presented]) -> None:
-        """One network call for every planned time of ``first``'s pair."""
+    def _batch(self, first: Presented, plan: list[Presented], budget_s: float) -> None:
+        """One network call for ``first`` and the following planned times of its pair,
+        as many as the interpolator's own timing says fit in ``budget_s`` (at least
+        ``first``): a whole pair on a GPU, where a batch costs little more than one
+        frame; one or two frames at a time where frames are slow (the CPU), so a tick
+        is never held up by frames whose ticks would pass meanwhile."""
         a, b, key = self._pair(first)
         ts = [first.t]
         for q in plan:
@@ -394,12 +398,17 @@ class FramePath:
                 if q.next_payload is first.next_payload and q.next_frame == first.next_frame:
                     if q.t not in ts and not self.interpolator.has(key, q.t):
                         ts.append(q.t)
+        while len(ts) > 1:
+            est = self.interpolator.estimate_ms(len(ts))
+            if est is None or est / 1e3 <= budget_s:
+                break
+            ts.pop()
         self.interpolator.batch(a, b, ts, key)
         self.stats.interp_calls += 1
 
     def _prefetch(self, budget_s: float) -> bool:
-        """Compute the frames of the next pair not computed yet, if its estimated time
-        fits in ``budget_s``. True when it did (the caller re-checks the time)."""
+        """Compute the next frames not computed yet (of one pair), as many as fit in
+        ``budget_s``. True when it did (the caller re-checks the time)."""
         plan = self._plan()
         if not plan:
             return False
@@ -410,12 +419,11 @@ class FramePath:
             last = plan[-1]
             if i > 0 and (last.payload, last.frame) == (q.payload, q.frame):
                 return False  # the plan's last pair may be cut short: wait for more ticks
-            n = sum(1 for r in plan if (r.payload, r.frame) == (q.payload, q.frame))
-            est = self.interpolator.estimate_ms(n)
+            est = self.interpolator.estimate_ms(1)
             if est is not None and est / 1e3 > budget_s:
                 return False
             try:
-                self._batch(q, plan)
+                self._batch(q, plan, budget_s)
             except Exception:
                 self._interp_failed()
                 return False
@@ -439,8 +447,8 @@ class FramePath:
             a, b, key = self._pair(p)
             if self.interpolator.has(key, p.t):
                 self.stats.interp_ahead += 1
-            else:
-                self._batch(p, self._plan())
+            else:  # not computed ahead: this frame now, and what fits in half a tick
+                self._batch(p, self._plan(), 0.5 / max(self.pacer.rate, 1.0))
             out = self.interpolator.frame(a, b, p.t, key)
         except Exception:
             self._interp_failed()
