@@ -280,30 +280,27 @@ def test_frame_path_computes_pairs_ahead_in_one_call_each(per_call_ms):
 
 
 def _paced_run(switch_interval, seconds=3.0):
-    """A FramePath at 60 fps out (tiny interpolator) fed 10 fps in blocks of 4 by a thread
+    """A FramePath presenting at a fixed 60 fps, fed 60 fps in blocks of 6 by a thread
     that otherwise spins in Python holding the GIL (as the generation thread does while
-    it launches kernels). Returns the frame path's stats."""
+    it launches kernels). Returns the frame path's stats (lateness against each tick)."""
     import sys
     import time
 
     from engine.runtime.frame_path import FramePath
-    from engine.runtime.pacer import OutputPacer
+    from engine.runtime.pacer import Pacer
 
     before = sys.getswitchinterval()
     sys.setswitchinterval(0.005)  # the interpreter's default, whatever ran before
     try:
-        interp = Interpolator(random_rife(CONFIGS["tiny"], seed=2), "cpu", downscale=2)
-        fp = FramePath(
-            [_Keep()], OutputPacer(60.0), interpolator=interp, switch_interval=switch_interval
-        )
+        fp = FramePath([_Keep()], Pacer(fps=60.0), switch_interval=switch_interval)
         g = np.random.default_rng(3)
         end = time.monotonic() + seconds
         k, nxt, x = 0, time.monotonic(), 0
         try:
             while time.monotonic() < end:
                 if time.monotonic() >= nxt:
-                    fp.submit_block(g.integers(0, 256, (4, 32, 48, 4), dtype=np.uint8), k)
-                    k, nxt = k + 1, nxt + 0.4
+                    fp.submit_block(g.integers(0, 256, (6, 32, 48, 4), dtype=np.uint8), k)
+                    k, nxt = k + 1, nxt + 0.1
                 for i in range(2000):  # pure Python: holds the GIL
                     x += i
         finally:
@@ -326,8 +323,8 @@ def test_frames_go_out_on_time_while_another_thread_holds_the_gil():
         f"default: {base.published} frames, mean late {mean(base):.1f} ms;"
         f" 0.5 ms: {fast.published} frames, mean late {mean(fast):.1f} ms"
     )
-    assert fast.published >= base.published, (base, fast)
-    assert mean(fast) < 0.6 * mean(base), (base, fast)  # 3-6x lower in 5 runs here
+    assert fast.published >= 0.9 * base.published, (base, fast)
+    assert mean(fast) < 0.7 * mean(base), (base, fast)  # 2-3x lower in runs here
 
 
 @pytest.mark.parametrize("change", [{"fps": 60.0}, {"interpolate": False}, {"speed": "real"}])
