@@ -488,11 +488,23 @@ def _build_output(args: argparse.Namespace, preset: Any, pipeline: Any, sinks: l
             random_weights=args.random_weights,
             compile=mode,
         )
-        if mode != "off" and fps is not None and not args.no_interpolate:
-            # compiled here, with the other start-up compiles, not at the first show frame
+        if mode != "off":
+            # compiled here, with the other start-up compiles, not when the performer
+            # first turns interpolation on (that would hold the output for the compile)
             t0 = time.perf_counter()
-            interp.warmup(preset.height, preset.width)
-            log.info("interpolation: %s compile + warm-up %.1f s", mode, time.perf_counter() - t0)
+            try:
+                interp.warmup(preset.height, preset.width)
+                log.info(
+                    "interpolation: %s compile + warm-up %.1f s", mode, time.perf_counter() - t0
+                )
+            except Exception as e:  # noqa: BLE001 - eager still works: keep the show going
+                log.warning("interpolation: %s compile failed (%s); running it eager", mode, e)
+                interp = build_interpolator(
+                    model=preset.model,
+                    device=pipeline.device,
+                    models_dir=args.models_dir,
+                    random_weights=args.random_weights,
+                )
     except InterpolationUnavailable as e:
         if fps is not None and not args.no_interpolate:
             print(
