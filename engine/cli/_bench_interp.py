@@ -75,6 +75,8 @@ def measure_interp(args, measure_again, base: dict[str, Any], *, height: int, wi
         torch.randint(0, 256, (height, width, 4), generator=g, device=device, dtype=torch.uint8)
         for _ in range(4)
     ]
+    if cuda:
+        torch.cuda.synchronize(device)  # the interpolator's stream does not wait for ours
     pattern = [ts for ts in tick_pattern(fps_out, src, 64) if ts]
     sizes = sorted({len(ts) for ts in pattern})
     t0 = time.perf_counter()

@@ -58,7 +58,9 @@ class Interpolator:
     """``Interpolator(net, device)``; ``frame(a, b, t)`` -> [H, W, 4] uint8 numpy view;
     ``batch(a, b, ts)`` -> [N, H, W, 4] for several times between the same two frames
     in one network call. ``a`` and ``b`` are [H, W, 4] uint8 torch tensors (on the
-    net's device or the CPU) or numpy arrays.
+    net's device or the CPU) or numpy arrays; device tensors must be complete (their
+    producing work finished or synchronised): the network runs on a side stream that
+    does not wait for the caller's.
 
     Results are views of a few reusable host buffers and stay valid until
     ``keep`` (default 4) later calls. ``key`` names the pair: a 2-tuple ``(key_a,
@@ -115,6 +117,7 @@ class Interpolator:
         self._keep = keep
         self._hosts: list[torch.Tensor | None] = [None] * keep  # output buffers, rotating
         self._next_host = 0
+        self._tpin: torch.Tensor | None = None  # pinned staging of the times (CUDA)
         self._single: set[int] = set()  # threads already limited to one CPU thread
         self._preps: OrderedDict[Any, _Prep] = OrderedDict()  # per-frame work, last few
         self._results: dict[tuple[Any, float], tuple[int, np.ndarray]] = {}  # (pair, t) -> frame
@@ -205,7 +208,10 @@ class Interpolator:
         self._results = {k: v for k, v in self._results.items() if v[0] != slot}
         keys = self._pair_keys(key)
         if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            # No wait for the caller's stream: on the publisher thread that is the default
+            # stream the generation thread launches onto, and waiting for it would put the
+            # frame behind all of generation's queued work. Device inputs must be complete
+            # (the frame path waits for its copy event before a block is ever used).
             with torch.cuda.stream(self.stream):
                 self._compute(a, b, ts, keys, host[:n])
                 self._done.record(self.stream)
@@ -279,8 +285,17 @@ class Interpolator:
             # a copy of a few floats; torch.full for one (a fill, no host-to-device copy)
             if n == 1:
                 tv = torch.full((1,), chunk[0], device=self.device, dtype=self.dtype)
+            elif self.stream is None:
+                tv = torch.tensor(chunk, dtype=self.dtype)
             else:
-                tv = torch.tensor(chunk, dtype=self.dtype).to(self.device, non_blocking=True)
+                # through a pinned buffer: a copy from pageable memory would first wait
+                # for this stream's queued work; this one is only enqueued (the buffer is
+                # not refilled before this call's end waits for the stream)
+                if self._tpin is None or self._tpin.numel() < len(ts):
+                    size = max(4 * MAX_BATCH, len(ts))
+                    self._tpin = torch.empty(size, dtype=self.dtype, pin_memory=True)
+                self._tpin[i : i + n] = torch.tensor(chunk, dtype=self.dtype)
+                tv = self._tpin[i : i + n].to(self.device, non_blocking=True)
             if self.compile != "off":
                 # One graph for every batch size: the batch is symbolic, and a single time
                 # runs as two (size 1 would be specialised: a second compile).
