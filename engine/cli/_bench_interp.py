@@ -25,6 +25,7 @@ from ~10 fps, 5-6 at 60):
 
 from __future__ import annotations
 
+import copy
 import statistics
 import threading
 import time
@@ -102,14 +103,14 @@ def measure_interp(args, measure_again, base: dict[str, Any], *, height: int, wi
         nframes += len(ts)
     total_ms = (time.perf_counter() - t_all) * 1e3
     mem = (torch.cuda.max_memory_allocated(device) - before) / 2**30 if cuda else None
-    # the same frames from the plain eager path (one call per time, contiguous layout)
-    ref = Interpolator(net, device, channels_last=False)
+    # the same frames from the plain eager path (contiguous layout) on a copy of the
+    # network: converting the measured one's layout under its compiled graph breaks it
+    ref = Interpolator(copy.deepcopy(net), device, channels_last=False)
     ts = pattern[0]
     got = interp.batch(gen[0], gen[1], ts).astype("int16")
     want = ref.batch(gen[0], gen[1], ts).astype("int16")
     diff = abs(got - want)
-    if interp.channels_last:  # the reference put the shared network back to contiguous: restore
-        net.to(memory_format=torch.channels_last)
+    del ref
     result: dict[str, Any] = {
         "output_fps": fps_out,
         "source_fps": src,
