@@ -156,14 +156,25 @@ def test_tick_pattern_puts_output_ticks_between_the_right_frames():
 
 @pytest.mark.slow
 def test_compiled_network_equals_eager_on_cpu():
-    """Inductor on the CPU (a C++ compile: slow on a loaded 2-core machine, hence slow):
-    one graph for every batch size, the same frames as eager."""
+    """Inductor on the CPU (a C++ compile: ~2 min on a loaded 2-core machine, hence slow):
+    one graph for every batch size, the same frames as eager, channels-last as on the
+    GPU (contiguous passed here too, when tried). The eager reference has its own copy
+    of the weights."""
+    channels_last = True
+    import copy
+
     net = random_rife(CONFIGS["tiny"], seed=1)
-    eager, comp = Interpolator(net, "cpu"), Interpolator(net, "cpu", compile="default")
+    eager = Interpolator(copy.deepcopy(net), "cpu")
+    comp = Interpolator(net, "cpu", compile="default", channels_last=channels_last)
     a, b = stream(2, h=48, w=80)
-    for ts in ([0.3, 0.6], [0.2], [0.1, 0.4, 0.8]):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    for ts in ([0.3, 0.6], [0.2], [0.1, 0.4, 0.8], [0.5] * 5):
         got, want = comp.batch(a, b, ts), eager.batch(a, b, ts)
         assert np.abs(got.astype(int) - want.astype(int)).max() <= 1, ts
+    # one graph for the network (every batch size), one for the encoder
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
