@@ -382,3 +382,12 @@ def test_changing_output_settings_live_keeps_the_queued_frames(change):
     reached = set(direct) | ends
     assert reached == set(range(12)), f"frames never reached: {set(range(12)) - reached}"
     assert direct == sorted(direct)
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "nan", "1e9"])
+def test_bench_refuses_a_bad_interp_source_rate(bad, capsys):
+    from engine.cli import main
+
+    assert main(["bench", "--model", "tiny", "--interp", "60", "--interp-source-fps", bad]) == 2
+    err = capsys.readouterr().err
+    assert "--interp-source-fps takes a rate in 0.5..240" in err and err.count("\n") == 1, err
