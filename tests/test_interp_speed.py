@@ -391,3 +391,25 @@ def test_bench_refuses_a_bad_interp_source_rate(bad, capsys):
     assert main(["bench", "--model", "tiny", "--interp", "60", "--interp-source-fps", bad]) == 2
     err = capsys.readouterr().err
     assert "--interp-source-fps takes a rate in 0.5..240" in err and err.count("\n") == 1, err
+
+
+def test_block_resampler_batches_each_pair_and_matches_one_call_per_frame():
+    """The recording / render resampler at 60 fps from 16: one network call per pair of
+    source frames (not per output frame), the same frames as frame-by-frame calls."""
+    from engine.runtime.interpolator import BlockResampler
+
+    net = random_rife(CONFIGS["tiny"], seed=12)
+    interp = Interpolator(net, "cpu")
+    rs = BlockResampler(interp, 16 / 60)
+    gen = np.stack([f.numpy() for f in stream(6, h=32, w=48, seed=2)])
+    got = np.concatenate([rs(gen[:4]), rs(gen[4:])])
+    positions = [j * 16 / 60 for j in range(int(5 * 60 / 16) + 1)]
+    assert len(got) == len(positions)
+    inner = [p for p in positions if p - int(p + 1e-9) > 1e-6]
+    assert interp.calls == 5 and interp.frames_out == len(inner)  # 5 pairs, 5 calls
+    one = Interpolator(net, "cpu")
+    for f, pos in zip(got, positions, strict=True):
+        k = int(pos + 1e-9)
+        t = pos - k
+        want = gen[k] if t < 1e-6 else one.frame(gen[k], gen[k + 1], t)
+        assert np.abs(f.astype(int) - want.astype(int)).max() <= 1, pos

@@ -424,21 +424,38 @@ class BlockResampler:
         if self._last is not None and self._last.shape != block.shape[1:]:
             self.reset()  # new frame size: start over
         step = self.step()
-        out = []
+        # (k, t) of each output frame first, then the frames: all the times between the
+        # same two source frames in one network call where the interpolator batches
+        wanted: list[tuple[int, float]] = []
         end = self._base + n - 1  # the last source index available
         while self._pos <= end + 1e-9:
             k = int(np.floor(self._pos + 1e-9))
             t = self._pos - k
             if t < 1e-6:
                 t = 0.0
+            if t > 0.0 and k + 1 > end:
+                break  # needs the next block
+            wanted.append((k, t))
+            self._pos += step
+        out: list[np.ndarray] = []
+        i = 0
+        while i < len(wanted):
+            k, t = wanted[i]
             a = self._frame(block, k)
             if t == 0.0:
                 out.append(a.copy())
-            elif k + 1 > end:
-                break  # needs the next block
+                i += 1
+                continue
+            j = i
+            while j < len(wanted) and wanted[j][0] == k and wanted[j][1] > 0.0:
+                j += 1
+            ts = [tt for _, tt in wanted[i:j]]
+            b = self._frame(block, k + 1)
+            if hasattr(self.interp, "batch"):
+                out.extend(f.copy() for f in self.interp.batch(a, b, ts))
             else:
-                out.append(self.interp.frame(a, self._frame(block, k + 1), t).copy())
-            self._pos += step
+                out.extend(self.interp.frame(a, b, tt).copy() for tt in ts)
+            i = j
         self._last = block[-1].copy()
         self._base += n
         if not out:
