@@ -11,8 +11,11 @@ each frame, when due, to every sink.
 Interpolation (``interpolator`` given, ``configure(fps=30, interpolate=True)``): the pacer
 becomes an :class:`OutputPacer` presenting at a fixed rate, and frames between two
 generated ones are computed by the interpolator on the publisher thread (on a side CUDA
-stream; the GPU block stays referenced until the pacer releases it). Every sink gets
-the interpolated stream. Rate changes take effect on the publisher thread between
+stream; the GPU block stays referenced until the pacer releases it). They are computed
+ahead: while it waits for the next tick, the publisher asks the pacer which frames the
+coming ticks will show (:meth:`OutputPacer.plan`) and computes a pair's worth in one
+network call, so a tick usually only copies a finished frame. Every sink gets the
+interpolated stream. Rate changes take effect on the publisher thread between
 frames; a bad one raises in the caller and changes nothing.
 
 Bounded everything: a fixed pool of host buffers (one being filled, one pending, one in

@@ -1,10 +1,12 @@
 """Where the interpolation network runs: uint8 RGBA frames in, the frame at time t out.
 
-The frame path's publisher thread calls :meth:`Interpolator.frame` once per output frame
-that falls between two generated frames. On CUDA the work goes on a side stream of its
-own (the generation thread's stream never waits for it; the GPU overlaps the two), and
-the result comes back through one pinned host buffer that the publisher waits for,
-the publisher and never the generation thread. On the CPU it runs inline.
+The frame path's publisher thread computes the output frames that fall between two
+generated frames with :meth:`Interpolator.batch` (all of a pair's times in one call,
+ahead of their ticks) and hands each out with :meth:`Interpolator.frame`. On CUDA the
+work goes on a side stream of its own (the generation thread's stream never waits for
+it, nor it for generation's; the GPU overlaps the two), and the result comes back
+through a few pinned host buffers that the publisher waits for, the publisher and
+never the generation thread. On the CPU it runs inline.
 
 ``t`` = 0 and ``t`` = 1 return the endpoint frames themselves (no network): the pacer
 asks for them whenever a presentation time lands exactly on a generated frame.
