@@ -69,3 +69,46 @@ def test_tiny_engine_at_30fps_delivers_interpolated_frames_through_peek(tmp_path
     print(f"distinct {distinct:.1f}/s, generated {generated:.1f}/s")
     assert distinct > 1.5 * generated, (distinct, generated)
     assert "interpolation" not in err or "unavailable" not in err
+
+
+@pytest.mark.slow
+def test_peek_stats_measures_a_running_engines_frame_times():
+    """`peek --stats` on a real tiny engine at --fps 30: the summary comes from the ring's
+    publish timestamps, never shows a frame twice (fit mode), and frames are never
+    published faster than 30 a second on average. The jitter itself is printed, not
+    asserted: this 2-core machine is shared (the device run measures the target)."""
+    name = f"ddjit{uuid.uuid4().hex[:8]}"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    run = subprocess.Popen(
+        _cmd("run", "--model", "tiny", "--height", "320", "--width", "576", "--fps", "30")
+        + ["--steps", "1000,750", "--shm", name, "--no-osc", "--duration", "150"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        peek = subprocess.run(
+            _cmd("peek", "--shm", name, "--stats", "8", "--json", "--timeout", "90"),
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=200,
+        )
+    finally:
+        run.terminate()
+        try:
+            _, err = run.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            _, err = run.communicate()
+    assert peek.returncode == 0, f"peek: {peek.stderr}\nrun: {err[-3000:]}"
+    st = json.loads(peek.stdout.strip().splitlines()[-1])
+    print(st)
+    assert st["timing"].startswith("ring timestamps")
+    assert st["frames"] >= 10 and st["intervals"] >= 5, st  # a loaded CPU: a few fps
+    assert st["distinct"] == st["frames"]  # fit mode: no frame twice
+    assert st["mean_ms"] >= 1e3 / 30 * 0.97, st
+    assert 7.0 <= st["duration_s"] <= 10.0

@@ -229,3 +229,78 @@ def test_real_speed_says_when_it_falls_behind():
     arrs = arrivals(20, fps=8.0, jitter=0.0)
     drive(fit, clock, arrs, until=arrs[-1][0])
     assert not fit.falling_behind()  # fit follows the generation rate
+
+
+def _pair(p):
+    return (p.payload, p.frame, p.next_payload, p.next_frame, p.t)
+
+
+@pytest.mark.parametrize("out_fps, gen_fps", [(30.0, 10.0), (60.0, 10.5), (60.0, 9.0)])
+def test_plan_predicts_exactly_the_frames_pop_due_returns(out_fps, gen_fps):
+    """Before every tick, plan() lists what the coming ticks will interpolate: the very
+    next tick's frame is always in it (same pair, same t, bit for bit), and in steady
+    state frames are planned at least one generated frame ahead (what the frame path
+    computes while it waits)."""
+    clock = SimClock()
+    pacer = OutputPacer(out_fps, clock=clock)
+    arrs = arrivals(12, gen_fps, jitter=0.05, seed=3)
+    i, until = 0, arrs[-1][0]
+    planned_at: dict[tuple, float] = {}  # pair+t -> earliest time it was planned
+    checked = ahead = 0
+    while True:
+        due = pacer.next_due()
+        nxt = arrs[i][0] if i < len(arrs) else None
+        if nxt is not None and (due is None or nxt <= due):
+            clock.t = nxt
+            pacer.push(arrs[i][1], arrs[i][2], payload=("block", arrs[i][1]), arrival=nxt)
+            i += 1
+            continue
+        if due is None or due >= until:
+            break
+        clock.t = due
+        plan = pacer.plan(max_ticks=24)
+        assert all(0.0 < q.t < 1.0 for q in plan)
+        assert [q.due for q in plan] == sorted(q.due for q in plan)
+        for q in plan:
+            planned_at.setdefault(_pair(q), clock.t)
+        p = pacer.pop_due()
+        if p is None or p.t == 0.0:
+            continue
+        key = _pair(p)
+        assert plan and _pair(plan[0]) == key, "the next tick's frame is the plan's first"
+        checked += 1
+        if clock.t - planned_at[key] >= 1.0 / gen_fps - 1e-9:
+            ahead += 1
+    assert checked > 100
+    # the first frames of a pair whose next frame arrived late can't be known earlier
+    assert ahead >= 0.8 * checked, (ahead, checked)
+
+
+def test_plan_is_empty_without_interpolation_or_next_frame():
+    clock = SimClock()
+    pacer = OutputPacer(30.0, clock=clock, interpolate=False)
+    pacer.push(0, 4, payload="a", arrival=0.0)
+    assert pacer.plan() == []
+    pacer = OutputPacer(30.0, clock=clock)
+    assert pacer.plan() == []  # nothing pushed
+    pacer.push(0, 1, payload="a", arrival=0.0)
+    assert pacer.plan() == []  # one frame: nothing to interpolate towards
+    state = (pacer._tick, pacer.source._next_due, pacer.presented)
+    pacer.push(1, 3, payload="b", arrival=0.0)
+    pacer.plan()
+    assert (pacer._tick, pacer.source._next_due, pacer.presented) == state  # changes nothing
+
+
+def test_blocks_arriving_together_are_a_burst_not_a_rate():
+    """Two blocks handed over 1 ms apart (queued behind a slow reader) must not make the
+    pacer believe generation runs at thousands of fps (it would then show every frame
+    at once); later arrivals at the real rate are learnt as before."""
+    clock = SimClock()
+    pacer = OutputPacer(30.0, clock=clock)
+    pacer.push(0, 6, payload="a", arrival=0.0)
+    pacer.push(1, 6, payload="b", arrival=0.001)
+    assert pacer.source.measured_fps is None
+    assert pacer.source_rate < 30  # the first guess (16 fps, corrected), not 6000
+    for k, t in enumerate((0.6, 1.2, 1.8, 2.4), start=2):
+        pacer.push(k, 6, payload=k, arrival=t)
+    assert pacer.source.measured_fps == pytest.approx(10.0, rel=0.25)

@@ -191,6 +191,36 @@ def add_parser(subparsers) -> None:
         help="also measure RIFE frame interpolation at this output rate (30, 60): ms per"
         " frame, generation fps with it running, added latency, memory (JSON key interp)",
     )
+    p.add_argument(
+        "--interp-compile",
+        choices=["off", "default", "cudagraphs"],
+        default="off",
+        help="with --interp: compile the network (Inductor; cudagraphs adds CUDA graphs)",
+    )
+    p.add_argument(
+        "--interp-per-frame",
+        action="store_true",
+        help="with --interp: one network call per output frame, nothing cached (round 1's"
+        " way, for comparison); default: one call per pair of generated frames",
+    )
+    p.add_argument(
+        "--interp-source-fps",
+        type=float,
+        default=None,
+        metavar="FPS",
+        help="with --interp: generated frames per second the output ticks fall between"
+        " (default: the measured generation rate)",
+    )
+    p.add_argument(
+        "--interp-no-channels-last",
+        action="store_true",
+        help="with --interp: keep the network's tensors contiguous (NCHW) on the GPU",
+    )
+    p.add_argument(
+        "--interp-only",
+        action="store_true",
+        help="with --interp: skip measuring generation again with interpolation running",
+    )
     p.add_argument("--blocks", type=int, default=5, help="measured steady blocks")
     p.add_argument(
         "--warmup", type=int, default=2, help="blocks before measuring (block 0 is always one)"
@@ -279,6 +309,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--drift takes a number of blocks >= 1, got {args.drift}")
     if args.interp is not None and not 1.0 <= args.interp <= 240.0:
         raise UsageError(f"--interp takes an output rate in 1..240, got {args.interp}")
+    if args.interp_source_fps is not None and not 0.5 <= args.interp_source_fps <= 240.0:
+        raise UsageError(
+            f"--interp-source-fps takes a rate in 0.5..240, got {args.interp_source_fps}"
+        )
     if (args.accuracy or args.drift) and (args.suite or args.vace or args.v2v is not None):
         raise UsageError("--accuracy / --drift run on their own (not with --suite, --vace, --v2v)")
     if not 0 <= args.loras <= 4 or args.lora_rank < 1:

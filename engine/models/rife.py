@@ -92,17 +92,23 @@ def _base_grid(h: int, w: int, device, dtype: torch.dtype = torch.float32) -> Te
     """Normalised sampling grid [-1, 1] (align_corners=True), [1, h, w, 2] (x, y), float32
     whatever the frames' dtype: in half precision the coordinates of an 832-pixel row
     would be off by up to half a pixel. Cached per size and device."""
+    if torch.compiler.is_compiling():  # traced: a few fused index ops, no global cache
+        return _make_grid(h, w, device, dtype)
     key = (h, w, str(device), dtype)
     grid = _GRIDS.get(key)
     if grid is None:
-        ys = torch.linspace(-1.0, 1.0, h, device=device, dtype=dtype)
-        xs = torch.linspace(-1.0, 1.0, w, device=device, dtype=dtype)
-        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-        grid = torch.stack((gx, gy), dim=-1).unsqueeze(0)
+        grid = _make_grid(h, w, device, dtype)
         if len(_GRIDS) > 32:
             _GRIDS.clear()
         _GRIDS[key] = grid
     return grid
+
+
+def _make_grid(h: int, w: int, device, dtype: torch.dtype) -> Tensor:
+    ys = torch.linspace(-1.0, 1.0, h, device=device, dtype=dtype)
+    xs = torch.linspace(-1.0, 1.0, w, device=device, dtype=dtype)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack((gx, gy), dim=-1).unsqueeze(0)
 
 
 def warp(img: Tensor, flow: Tensor) -> Tensor:
@@ -110,18 +116,7 @@ def warp(img: Tensor, flow: Tensor) -> Tensor:
     positions clamped to the border. ``flow`` [N, 2, H, W] in pixels. Coordinates are
     float32 (and so is the sampling, for half-precision frames); the result has
     ``img``'s dtype."""
-    n, _, h, w = img.shape
-    wd = torch.float64 if img.dtype == torch.float64 else torch.float32
-    grid = _base_grid(h, w, img.device, wd)
-    # pixels -> normalised units with align_corners=True: 2 / (size - 1). Python scalars,
-    # not a device tensor: building one would be a host-to-device copy (a sync) per warp.
-    sx, sy = 2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)
-    f = flow.to(wd)
-    coords = grid + torch.stack((f[:, 0] * sx, f[:, 1] * sy), dim=-1)
-    out = F.grid_sample(
-        img.to(wd), coords, mode="bilinear", padding_mode="border", align_corners=True
-    )
-    return out.to(img.dtype)
+    return _warp_f(img.to(_warp_dtype(img)), flow).to(img.dtype)
 
 
 def _conv_act(c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -214,38 +209,93 @@ class IFNet(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """The flows from time ``t`` to each frame ([N, 4, H, W], pixels) and the fusion
         mask logit ([N, 1, H, W]): everything but the final synthesis. (The interpolator
-        can run this on smaller frames and synthesise at full size.)"""
+        can run this on smaller frames and synthesise at full size.)
+
+        ``t`` may be a tensor of N times for one pair of frames ([1, 3, H, W] each): the
+        N outputs of one call equal N calls with one time each (batch = times)."""
         if img0.shape != img1.shape or img0.ndim != 4 or img0.shape[1] != 3:
             raise ValueError(
                 f"frames must both be [N, 3, H, W], got {tuple(img0.shape)} and {tuple(img1.shape)}"
             )
         if not scale > 0:
             raise ValueError(f"scale must be > 0, got {scale}")
-        n, _, h, w = img0.shape
+        h, w = img0.shape[-2:]
+        p0, p1 = self.pad(img0, scale), self.pad(img1, scale)
+        flow, mask = self.flow_padded(p0, p1, self.encode(p0), self.encode(p1), t, scale)
+        return flow[:, :, :h, :w], mask[:, :, :h, :w]
+
+    def pad(self, img: Tensor, scale: float = 1.0) -> Tensor:
+        """Zero-pad the bottom/right up to the multiple the coarsest block needs."""
         m = self.pad_multiple(scale)
+        h, w = img.shape[-2:]
         ph, pw = -h % m, -w % m
-        if ph or pw:
-            img0 = F.pad(img0, (0, pw, 0, ph))
-            img1 = F.pad(img1, (0, pw, 0, ph))
-        hh, ww = h + ph, w + pw
+        return F.pad(img, (0, pw, 0, ph)) if ph or pw else img
+
+    def flow_padded(
+        self,
+        img0: Tensor,
+        img1: Tensor,
+        f0: Tensor,
+        f1: Tensor,
+        t: float | Tensor,
+        scale: float = 1.0,
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`flow` on frames already padded (:meth:`pad`) with their encoder features
+        ``f0 = encode(img0)``, ``f1 = encode(img1)`` given: the features do not depend
+        on ``t``, so a frame that is in two pairs (every generated frame is) or in a
+        batch of times is encoded once. Flow and mask come back padded.
+
+        Frames of batch 1 with ``t`` a tensor of N times are broadcast to N."""
+        n = img0.shape[0]
+        hh, ww = img0.shape[-2:]
+        nc = img0.shape[1]
+        # Each frame and its features are warped by the same flow: one sampling call for
+        # both (grid_sample treats channels independently: the same numbers as two calls),
+        # from one float32 copy made once instead of once per block.
+        s0 = torch.cat((img0, f0), 1).to(_warp_dtype(img0))
+        s1 = torch.cat((img1, f1), 1).to(_warp_dtype(img0))
         if torch.is_tensor(t):
-            tmap = t.to(img0.dtype).reshape(-1, 1, 1, 1).expand(n, 1, hh, ww)
+            t = t.to(img0.dtype).reshape(-1, 1, 1, 1)
+            if t.shape[0] != n:
+                if n != 1:
+                    raise ValueError(f"{t.shape[0]} times for a batch of {n} frame pairs")
+                n = t.shape[0]
+                img0, img1 = img0.expand(n, -1, -1, -1), img1.expand(n, -1, -1, -1)
+                f0, f1 = f0.expand(n, -1, -1, -1), f1.expand(n, -1, -1, -1)
+                s0, s1 = s0.expand(n, -1, -1, -1), s1.expand(n, -1, -1, -1)
+            tmap = t.expand(n, 1, hh, ww)
         else:  # a fill, not a host-to-device copy
             tmap = torch.full((n, 1, hh, ww), float(t), device=img0.device, dtype=img0.dtype)
-        f0, f1 = self.encode(img0), self.encode(img1)
         flow = mask = side = None
         w0, w1, wf0, wf1 = img0, img1, f0, f1
-        for block, s in zip(self.blocks, self.cfg.scales, strict=True):
-            s = s / scale
+        for i, block in enumerate(self.blocks):  # (indexing, not zip: simplest to trace)
+            s = self.cfg.scales[i] / scale
             if flow is None:
                 flow, mask, side = block(torch.cat((img0, img1, f0, f1, tmap), 1), s)
             else:
                 x = torch.cat((w0, w1, wf0, wf1, tmap, mask, side, flow / s), 1)
                 delta, mask, side = block(x, s)
                 flow = flow + delta
-            w0, w1 = warp(img0, flow[:, :2]), warp(img1, flow[:, 2:4])
-            wf0, wf1 = warp(f0, flow[:, :2]), warp(f1, flow[:, 2:4])
-        return flow[:, :, :h, :w], mask[:, :, :h, :w]
+            ws0 = _warp_f(s0, flow[:, :2]).to(img0.dtype)
+            ws1 = _warp_f(s1, flow[:, 2:4]).to(img0.dtype)
+            w0, wf0 = ws0[:, :nc], ws0[:, nc:]
+            w1, wf1 = ws1[:, :nc], ws1[:, nc:]
+        return flow, mask
+
+
+def _warp_dtype(img: Tensor) -> torch.dtype:
+    return torch.float64 if img.dtype == torch.float64 else torch.float32
+
+
+def _warp_f(img: Tensor, flow: Tensor) -> Tensor:
+    """:func:`warp` of an image already in its sampling dtype (float32/64); the result
+    stays in that dtype."""
+    n, _, h, w = img.shape
+    grid = _base_grid(h, w, img.device, img.dtype)
+    sx, sy = 2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)
+    f = flow.to(img.dtype)
+    coords = grid + torch.stack((f[:, 0] * sx, f[:, 1] * sy), dim=-1)
+    return F.grid_sample(img, coords, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 def synthesize(img0: Tensor, img1: Tensor, flow: Tensor, mask: Tensor) -> Tensor:

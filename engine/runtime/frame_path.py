@@ -11,8 +11,11 @@ each frame, when due, to every sink.
 Interpolation (``interpolator`` given, ``configure(fps=30, interpolate=True)``): the pacer
 becomes an :class:`OutputPacer` presenting at a fixed rate, and frames between two
 generated ones are computed by the interpolator on the publisher thread (on a side CUDA
-stream; the GPU block stays referenced until the pacer releases it). Every sink gets
-the interpolated stream. Rate changes take effect on the publisher thread between
+stream; the GPU block stays referenced until the pacer releases it). They are computed
+ahead: while it waits for the next tick, the publisher asks the pacer which frames the
+coming ticks will show (:meth:`OutputPacer.plan`) and computes a pair's worth in one
+network call, so a tick usually only copies a finished frame. Every sink gets the
+interpolated stream. Rate changes take effect on the publisher thread between
 frames; a bad one raises in the caller and changes nothing.
 
 Bounded everything: a fixed pool of host buffers (one being filled, one pending, one in
@@ -23,7 +26,9 @@ sink can stall only the publisher thread, so ``submit_block`` cost stays bounded
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -39,6 +44,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["FramePath", "MAX_OUTPUT_FPS", "MIN_OUTPUT_FPS", "check_output_fps"]
 
+SWITCH_INTERVAL_S = 0.0005  # see FramePath: the GIL hand-over delay a due frame may wait
 MIN_OUTPUT_FPS = 1.0
 MAX_OUTPUT_FPS = 240.0
 
@@ -73,6 +79,7 @@ class _HostBlock:
     block: int = -1
     nframes: int = 0
     arrival: float = 0.0
+    serial: int = 0  # one number per submitted block, never reused: names its frames
 
 
 @dataclass
@@ -82,6 +89,12 @@ class FramePathStats:
     published: int = 0  # frames handed to the sinks
     interpolated: int = 0  # of which computed between two generated frames
     interp_errors: int = 0
+    interp_ahead: int = 0  # interpolated frames that were computed before their tick
+    interp_calls: int = 0  # network calls (one per pair of generated frames, usually)
+    # when frames went out against when they were due (monotonic clock), in ms
+    late_ms_max: float = 0.0
+    late_ms_sum: float = 0.0
+    late_over_2ms: int = 0
     sink_errors: dict[str, int] = field(default_factory=dict)
 
 
@@ -100,8 +113,16 @@ class FramePath:
         *,
         buffers: int | None = None,
         interpolator: Any = None,
+        switch_interval: float | None = SWITCH_INTERVAL_S,
     ):
         self.sinks = list(sinks)
+        if switch_interval is not None and sys.getswitchinterval() > switch_interval:
+            # The publisher sleeps until a frame is due, then needs the GIL, which the
+            # generation thread (Python launching kernels) holds for up to the switch
+            # interval: 5 ms by default, shown as frame-time jitter. A shorter interval
+            # costs nothing while the publisher sleeps (a switch is forced only when a
+            # thread waits for the GIL).
+            sys.setswitchinterval(switch_interval)
         self.pacer = pacer if pacer is not None else Pacer()
         self.pacer.on_release = self._release
         self.interpolator = interpolator  # engine.runtime.interpolator.Interpolator or None
@@ -123,6 +144,7 @@ class FramePath:
         self._open_size: tuple[int, int] | None = None
         self._dead: set[int] = set()  # sinks that failed to open
         self._reconfigure: Pacer | OutputPacer | None = None  # applied by the publisher
+        self._serial = 0
         self.output: dict[str, Any] = {
             "fps": self.pacer.fixed_fps if isinstance(self.pacer, Pacer) else self.pacer.fps,
             "interpolate": isinstance(self.pacer, OutputPacer) and self.pacer.interpolate,
@@ -173,6 +195,8 @@ class FramePath:
             # when cores are contended, numpy's memcpy doesn't.
             np.copyto(hb.array[:t], rgba if isinstance(rgba, np.ndarray) else rgba.numpy())
         hb.block, hb.nframes, hb.arrival = int(block_index), t, arrival
+        self._serial += 1
+        hb.serial = self._serial
         with self._cond:
             if self._pending is not None:
                 # The publisher has not even picked up the previous block: latest wins.
@@ -227,8 +251,8 @@ class FramePath:
     ) -> dict[str, Any]:
         """Change the output rate, interpolation or speed (None keeps a setting). Checks
         everything first: ValueError names the problem and nothing changes. The new
-        schedule starts on the publisher thread between two frames (queued frames of
-        the old one are released, not shown: one short hold)."""
+        schedule starts on the publisher thread between two frames and takes over the
+        queued frames (they are shown at the new rate, not dropped)."""
         out = dict(self.output)
         if fps is not None:
             out["fps"] = check_output_fps(fps)
@@ -296,7 +320,13 @@ class FramePath:
         old = self.pacer
         new.on_release = self._release
         self.pacer = new
-        old.clear()  # releases its buffers
+        # the queued frames carry on at the new schedule (no hold of a block's length)
+        items, rate = old.handover()
+        if isinstance(new, Pacer) and isinstance(old, OutputPacer) and "shown" in rate:
+            # a plain pacer presents every frame it gets: skip the one on screen
+            items = [(b, n, pay, f + 1 if i == 0 else f) for i, (b, n, pay, f) in enumerate(items)]
+        new.take_over(items, rate)
+        old.clear()  # releases anything left (nothing, normally)
         fps = self.output["fps"]
         log.info(
             "output: %s%s%s",
@@ -316,18 +346,25 @@ class FramePath:
                 if self._reconfigure is not None:
                     continue
                 hb, self._pending = self._pending, None
+                wait = 0.0
                 if hb is None:
                     due = self.pacer.next_due()
                     wait = 0.1 if due is None else due - clock()
-                    if wait > 0.003:
-                        # Coarse wait (wakes early on a new block), then a fine sleep:
-                        # condition timeouts are only ~ms precise on some platforms.
-                        self._cond.wait(min(wait - 0.002, 0.1))
-                        continue
             if hb is not None:
                 if hb.event is not None:
                     hb.event.synchronize()
                 self.pacer.push(hb.block, hb.nframes, payload=hb, arrival=hb.arrival)
+                continue
+            if wait > 0.003:
+                # Time to spare before the next tick: compute a coming pair's frames
+                # ahead (so the tick itself only copies), one pair per pass.
+                if self._prefetch(wait - 0.002):
+                    continue
+                with self._cond:
+                    if self._pending is None and self._reconfigure is None and not self._closed:
+                        # Coarse wait (wakes early on a new block), then a fine sleep:
+                        # condition timeouts are only ~ms precise on some platforms.
+                        self._cond.wait(min(wait - 0.002, 0.1))
                 continue
             if wait > 0:
                 time.sleep(wait)
@@ -335,29 +372,102 @@ class FramePath:
             if p is not None:
                 self._publish(p)
 
+    # -- interpolation ahead of time -----------------------------------------------------
+    def _pair(self, p: Presented) -> tuple[Any, Any, tuple]:
+        """The two generated frames of an interpolated frame and the key naming them."""
+        a_blk, b_blk = p.payload, p.next_payload
+        a = a_blk.dev[p.frame] if a_blk.dev is not None else a_blk.host[p.frame]
+        b = b_blk.dev[p.next_frame] if b_blk.dev is not None else b_blk.host[p.next_frame]
+        return a, b, ((a_blk.serial, p.frame), (b_blk.serial, p.next_frame))
+
+    def _plan(self) -> list[Presented]:
+        p = self.pacer
+        if not isinstance(p, OutputPacer) or not p.interpolate or self.interpolator is None:
+            return []
+        # about two generated frames' worth of ticks: the current pair and the next
+        per_pair = p.fps / max(p.source_rate, 1e-3)
+        return p.plan(max_ticks=int(min(32, max(2, 2 * per_pair + 2))))
+
+    def _batch(self, first: Presented, plan: list[Presented], budget_s: float) -> None:
+        """One network call for ``first`` and the following planned times of its pair,
+        as many as the interpolator's own timing says fit in ``budget_s`` (at least
+        ``first``): a whole pair on a GPU, where a batch costs little more than one
+        frame; one or two frames at a time where frames are slow (the CPU), so a tick
+        is never held up by frames whose ticks would pass meanwhile."""
+        a, b, key = self._pair(first)
+        ts = [first.t]
+        for q in plan:
+            if q.payload is first.payload and q.frame == first.frame:
+                if q.next_payload is first.next_payload and q.next_frame == first.next_frame:
+                    if q.t not in ts and not self.interpolator.has(key, q.t):
+                        ts.append(q.t)
+        while len(ts) > 1:
+            est = self.interpolator.estimate_ms(len(ts))
+            if est is None or est / 1e3 <= budget_s:
+                break
+            ts.pop()
+        self.interpolator.batch(a, b, ts, key)
+        self.stats.interp_calls += 1
+
+    def _prefetch(self, budget_s: float) -> bool:
+        """Compute the next frames not computed yet (of one pair), as many as fit in
+        ``budget_s``. True when it did (the caller re-checks the time)."""
+        plan = self._plan()
+        if not plan:
+            return False
+        for i, q in enumerate(plan):
+            a, b, key = self._pair(q)
+            if self.interpolator.has(key, q.t):
+                continue
+            last = plan[-1]
+            if i > 0 and (last.payload, last.frame) == (q.payload, q.frame):
+                return False  # the plan's last pair may be cut short: wait for more ticks
+            est = self.interpolator.estimate_ms(1)
+            if est is not None and est / 1e3 > budget_s:
+                return False
+            try:
+                self._batch(q, plan, budget_s)
+            except Exception:
+                self._interp_failed()
+                return False
+            return True
+        return False
+
+    def _interp_failed(self) -> None:
+        self.stats.interp_errors += 1
+        n = self.stats.interp_errors
+        if n in (1, 10, 100) or n % 1000 == 0:
+            log.exception("interpolation failed (%d times); showing the generated frame", n)
+
     def _frame_of(self, p: Presented) -> np.ndarray:
         """The pixels of presented frame ``p``: a generated frame, or one interpolated
-        between two (on failure: the earlier frame, counted and logged)."""
+        between two: computed ahead, else now together with the rest of its pair's
+        planned times (on failure: the earlier frame, counted and logged)."""
         frame = p.payload.array[p.frame]
         if p.t <= 0.0 or p.next_payload is None or self.interpolator is None:
             return frame
-        a = p.payload.dev[p.frame] if p.payload.dev is not None else p.payload.host[p.frame]
-        nb = p.next_payload
-        b = nb.dev[p.next_frame] if nb.dev is not None else nb.host[p.next_frame]
         try:
-            key = (p.meta.block, p.frame, id(nb), p.next_frame, id(p.payload))
+            a, b, key = self._pair(p)
+            if self.interpolator.has(key, p.t):
+                self.stats.interp_ahead += 1
+            else:  # not computed ahead: this frame now, and what fits in half a tick
+                self._batch(p, self._plan(), 0.5 / max(self.pacer.rate, 1.0))
             out = self.interpolator.frame(a, b, p.t, key)
         except Exception:
-            self.stats.interp_errors += 1
-            n = self.stats.interp_errors
-            if n in (1, 10, 100) or n % 1000 == 0:
-                log.exception("interpolation failed (%d times); showing the generated frame", n)
+            self._interp_failed()
             return frame
         self.stats.interpolated += 1
         return out
 
     def _publish(self, p: Presented) -> None:
         frame = self._frame_of(p)
+        # stamped when it goes out (after any interpolation): what a reader sees
+        meta = dataclasses.replace(p.meta, timestamp=time.time())
+        late = (self.pacer.clock() - p.due) * 1e3
+        st = self.stats
+        st.late_ms_sum += late
+        st.late_ms_max = max(st.late_ms_max, late)
+        st.late_over_2ms += late > 2.0
         h, w = frame.shape[:2]
         if self._open_size != (w, h):
             self._open_size = (w, h)
@@ -373,7 +483,7 @@ class FramePath:
             if i in self._dead:
                 continue
             try:
-                sink.send(frame, p.meta)
+                sink.send(frame, meta)
             except Exception:
                 n = self.stats.sink_errors.get(sink.name, 0) + 1
                 self.stats.sink_errors[sink.name] = n

@@ -130,6 +130,8 @@ class Pacer:
         expected = nframes / self._rate
         if self.measured_fps is not None and dt > max(1.0, 4 * expected):
             return  # a pause (stream stopped, reloading), not a rate: don't learn from it
+        if dt < expected / 4:
+            return  # a burst (blocks that queued up behind a slow reader), not a rate
         if self.measured_fps is None:
             self.measured_fps = fps
         else:
@@ -170,6 +172,46 @@ class Pacer:
             self._release(self._queue.popleft())
         self._last_arrival = None
 
+    def handover(self) -> tuple[list[tuple[int, int, Any, int]], dict[str, Any]]:
+        """Give up the queued frames without releasing them, for a new pacer to take
+        over (:meth:`take_over`): [(block, nframes, payload, first frame not shown)],
+        oldest first, and what was learnt about the generation rate."""
+        items = [(b.index, b.nframes, b.payload, b.next_frame) for b in self._queue]
+        self._queue.clear()
+        rate = {
+            "measured_fps": self.measured_fps,
+            "rate": self._rate,
+            "last_arrival": self._last_arrival,
+            "backlog_at_arrival": self._backlog_at_arrival,
+        }
+        return items, rate
+
+    def take_over(
+        self,
+        items: list[tuple[int, int, Any, int]],
+        rate: dict[str, Any],
+        limit: int | None = None,
+    ) -> None:
+        """Continue another pacer's queue (an output setting changed live): its frames are
+        presented from now on at this pacer's schedule instead of being dropped. At most
+        ``limit`` (default ``max_blocks``) blocks are kept, the newest."""
+        if self.fixed_fps is None and rate.get("measured_fps") is not None:
+            self.measured_fps = rate["measured_fps"]
+            self._rate = rate["rate"]
+        self._last_arrival = rate.get("last_arrival")
+        self._backlog_at_arrival = rate.get("backlog_at_arrival", self.margin)
+        for index, nframes, payload, start in items:
+            if start < nframes:
+                self._queue.append(_Block(index, nframes, payload, start))
+            else:
+                self._release(_Block(index, nframes, payload))
+        while len(self._queue) > (self.max_blocks if limit is None else limit):
+            old = self._queue.popleft()
+            self.dropped += old.nframes - old.next_frame
+            self._release(old)
+        if self._queue:
+            self._next_due = self.clock()
+
     # -- frames out --------------------------------------------------------------------------
     def next_due(self) -> float | None:
         """Monotonic time the next frame is due, or None when holding (nothing queued)."""
@@ -181,6 +223,24 @@ class Pacer:
             return None
         b = self._queue[0]
         return b.payload, b.next_frame, b.index
+
+    def upcoming(self, n: int) -> list[tuple[Any, int, int, float]]:
+        """The next ``n`` queued frames as (payload, frame, block, due), due times as
+        :meth:`pop_due` will set them if nothing is pushed meanwhile (the rate changes
+        only on a push) and presentation keeps up. Changes nothing."""
+        out: list[tuple[Any, int, int, float]] = []
+        due = self._next_due
+        if due is None:
+            return out
+        rate = self.rate
+        interval = 0.0 if math.isinf(rate) else 1.0 / rate
+        for b in self._queue:
+            for f in range(b.next_frame, b.nframes):
+                if len(out) >= n:
+                    return out
+                out.append((b.payload, f, b.index, due))
+                due = due + interval
+        return out
 
     def pop_due(self, now: float | None = None) -> Presented | None:
         """The frame due at ``now``, if any; advances the schedule."""
@@ -305,6 +365,30 @@ class OutputPacer:
         if self._tick is None:
             self._tick = t
 
+    def handover(self) -> tuple[list[tuple[int, int, Any, int]], dict[str, Any]]:
+        """:meth:`Pacer.handover`, the frame shown now included (the first a new
+        interpolating pacer needs); the held block goes with it, unreleased."""
+        items, rate = self.source.handover()
+        cur, self._cur, self._held = self._cur, None, None
+        if cur is not None:
+            payload, frame, block, _ = cur
+            if items and items[0][2] is payload:
+                items[0] = (block, items[0][1], payload, frame)
+            else:
+                items.insert(0, (block, frame + 1, payload, frame))
+            rate["shown"] = (block, frame)
+        self._tick = None
+        return items, rate
+
+    def take_over(self, items: list[tuple[int, int, Any, int]], rate: dict[str, Any]) -> None:
+        """:meth:`Pacer.take_over`; the frame already on screen is not shown again."""
+        shown = rate.get("shown")
+        self.source.take_over(items, rate, limit=self.max_blocks)  # + the block on screen
+        if self.source.next_due() is not None:
+            self._tick = self.clock()
+            if shown is not None:
+                self._last_key = (shown[0], shown[1], 0.0)
+
     def clear(self) -> None:
         self.source.clear()
         held, self._held, self._cur = self._held, None, None
@@ -325,6 +409,36 @@ class OutputPacer:
         """Seconds interpolation adds: waiting for the next generated frame (one interval)."""
         return 1.0 / self.source.rate if self.interpolate else 0.0
 
+    def plan(self, max_ticks: int = 16) -> list[Presented]:
+        """The interpolated frames the next ``max_ticks`` output ticks will ask for, as
+        :meth:`pop_due` will return them if no block arrives meanwhile and the caller
+        keeps up (same pairs, same ``t``, bit for bit), up to the last tick whose next
+        generated frame is already queued. Changes nothing: the frame path computes
+        these ahead, a pair at a time, while it waits for the next tick."""
+        if not self.interpolate or self._tick is None:
+            return []
+        src = self.source.upcoming(max_ticks + 2)
+        cur = self._cur
+        tick = self._tick
+        interval = 1.0 / self.fps
+        out: list[Presented] = []
+        i = 0
+        for _ in range(max_ticks):
+            while i < len(src) and src[i][3] <= tick:
+                cur = src[i]
+                i += 1
+            if cur is None or i >= len(src):
+                break  # the frame after the current one is not there yet
+            payload, frame, block, t_k = cur
+            npay, nfr, _, t_next = src[i]
+            if t_next > t_k:
+                t = min(max((tick - t_k) / (t_next - t_k), 0.0), 1.0)
+                if 0.0 < t < 1.0:
+                    meta = FrameMeta(block=block, index=-1, timestamp=tick + self._wall_offset)
+                    out.append(Presented(payload, frame, meta, tick, npay, nfr, t))
+            tick = tick + interval
+        return out
+
     def pop_due(self, now: float | None = None) -> Presented | None:
         """The output frame due at ``now``, if any (None: not due yet, or holding)."""
         now = self.clock() if now is None else now
@@ -335,7 +449,9 @@ class OutputPacer:
         nxt = tau + interval
         if nxt <= now - interval:
             self.late += int((now - nxt) / interval)
-            nxt = now  # a whole tick behind: restart the grid, don't burst to catch up
+            # a whole tick behind: restart the grid one interval from now (not now: that
+            # would publish two frames back to back)
+            nxt = now + interval
         self._tick = nxt
         # the source frames due by tau
         while (due := self.source.next_due()) is not None and due <= tau:

@@ -92,7 +92,9 @@ FILES: dict[str, ModelFile] = {
         # --rife` fetches it, `run --fps 30` uses it. The revision could not be resolved to
         # a full commit hash offline, nor the file's sha256, so both stay unpinned here;
         # `download` still checks the hub's LFS sha256 (its ETag). Pin them after a first
-        # download: `revision=<40 hex>`, `sha256=<sha256sum of the file>`.
+        # download: `revision=<40 hex>`, `sha256=<sha256sum of the file>`. (Searched the
+        # stored hub pages again in round 2: only short hashes show, 52c1970 for the weights
+        # upload and 36f1cfc for a later config.json; no full hash, no LFS sha256.)
         ModelFile("rife", "daydreamlive/RIFE", "flownet.pkl", 22_700_000),
     )
 }
