@@ -25,10 +25,7 @@ def test_soak_at_ci_size(tmp_path):
     # a block takes about a second, and the datagrams' fixed cost per second is then a
     # large part of each frame; the generation thread's CPU per frame is judged
     # (docs/RELIABILITY.md). The long run judges both.
-    # 12 s of load in 2 s windows: the input's outage (from 5.4 s to 7.9 s of load time, and
-    # its writer's restart) spoils two or three load windows, three or four are compared with
-    # their idle neighbours; the input is back 4 s of load and three idle windows before the end.
-    cfg = SoakConfig(seconds=12, window=2, cycle=12, workdir=tmp_path, judge_process_cpu=False)
+    cfg = SoakConfig(seconds=16, window=2, cycle=16, workdir=tmp_path, judge_process_cpu=False)
     r = run_soak(cfg)
     checks = r["checks"]
     detail = {k: r[k] for k in r if k not in ("config",)}
