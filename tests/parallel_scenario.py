@@ -60,12 +60,15 @@ def texts() -> tuple[torch.Tensor, torch.Tensor]:
 
 def build_session(model, kv_cache: str = "bf16"):
     """The session rank 0 (and the reference) drives: a tiny decoder and anchor encoder,
-    so the VAE-anchor path (block 2 on) runs; their random weights from a fixed seed."""
+    so the VAE-anchor path (block 2 on) runs; their random weights from a fixed seed.
+    TAEHV decodes and the Wan VAE encodes the anchor, as in the shipped presets: the tiny
+    Wan VAE decoder would cost 30 times the transformer's CPU time per block (1.4 s at
+    64x96), in every world and reference, and only rank 0 ever decodes."""
     from engine.models.decoders import build_decoder
     from engine.stream.session import StreamSession
 
     torch.manual_seed(0)
-    dec, enc = build_decoder("wan", tiny=True, device="cpu", dtype=torch.float32)
+    dec, enc = build_decoder("tae", anchor="wan", tiny=True, device="cpu", dtype=torch.float32)
     return StreamSession(
         model,
         height=HEIGHT,

@@ -107,10 +107,21 @@ def test_bench_accuracy_and_drift_report():
 
 def test_bench_reports_kv_cache_and_fusion():
     sizes = {}
-    for kind in ("bf16", "fp8"):
-        r = bench("--json", "--blocks", "1", "--warmup", "1", "--kv-cache", kind, "--no-fuse-qkv")
-        assert r.returncode == 0, r.stderr
-        c = json.loads(r.stdout)["config"]
+    # both benches started at once: their start-ups (importing torch) overlap
+    procs = {
+        kind: subprocess.Popen(
+            [sys.executable, "-m", "engine", "bench", "--model", "tiny", "--json", "--blocks"]
+            + ["1", "--warmup", "1", "--kv-cache", kind, "--no-fuse-qkv"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for kind in ("bf16", "fp8")
+    }
+    for kind, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        c = json.loads(out)["config"]
         # the tiny model is fp32: "bf16" (the model dtype) gives an fp32 cache, said as such
         assert c["kv_cache"] == {"bf16": "fp32", "fp8": "fp8"}[kind] and c["fused_qkv"] is False
         sizes[kind] = c["kv_cache_gb"]

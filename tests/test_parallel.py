@@ -277,7 +277,7 @@ def shows(tmp_path_factory):
     hang = [a for a in run if a not in (shm, str(rec))]
     hang[hang.index("--shm") + 1 : hang.index("--shm") + 1] = [shm2]
     hang[hang.index("--record") + 1 : hang.index("--record") + 1] = [str(rec2)]
-    hang[hang.index("--rank-timeout") + 1] = "20"
+    hang[hang.index("--rank-timeout") + 1] = str(RANK_TIMEOUT)
     procs["hang"] = (_start_show(hang, tmp / "hang.log"), (rec2, shm2))
     orphan = [a for a in hang if a != shm2 and a != str(rec2)]
     orphan.remove("--record")
@@ -297,6 +297,13 @@ def shows(tmp_path_factory):
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+# The hung-rank and paused shows' --rank-timeout: what the hang test waits for and what the
+# pause must outlast. A collective of a 64x64 tiny block waits milliseconds for its peer, and
+# the first collective's lazy set-up is done before the first block (World.attach's probe),
+# so 10 s is far from a healthy show's waits even on a loaded 2-core machine.
+RANK_TIMEOUT = 10
 
 
 def _start_show(cmd: list[str], log: Path) -> subprocess.Popen:
@@ -442,8 +449,8 @@ def test_killing_a_rank_ends_the_run_cleanly_naming_it(shows):
 @pytest.mark.timeout(600)
 def test_a_hung_rank_ends_the_run_after_the_timeout_naming_it(shows):
     # SIGSTOP: the process lives but does nothing (a wedged GPU, a deadlock); the run has
-    # --rank-timeout 20 (the first block alone takes seconds on a loaded 2-core machine)
-    _fault(shows, "hang", signal.SIGSTOP, 20 + 30, "rank 1 hung")
+    # --rank-timeout RANK_TIMEOUT
+    _fault(shows, "hang", signal.SIGSTOP, RANK_TIMEOUT + 30, "rank 1 hung")
 
 
 def _free_udp_port() -> int:
@@ -473,7 +480,7 @@ def _cmdline(pid: int) -> str:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_pause_longer_than_the_rank_timeout_then_rank_0_killed(shows):
-    """A paused show (over OSC) waits longer than --rank-timeout (20 s) between blocks:
+    """A paused show (over OSC) waits longer than --rank-timeout (10 s) between blocks:
     that is no fault, the show goes on after it. Then SIGKILL on rank 0 leaves no one to
     stop the others: they see their parent gone and leave."""
     proc, (log, port) = shows["orphan"]
@@ -494,7 +501,7 @@ def test_a_pause_longer_than_the_rank_timeout_then_rank_0_killed(shows):
     while not re.search(r"paused +block", log.read_text()):
         assert time.monotonic() < deadline, log.read_text()[-2000:]
         time.sleep(0.2)
-    time.sleep(25)
+    time.sleep(RANK_TIMEOUT + 3)
     assert proc.poll() is None, log.read_text()[-3000:]
     held = blocks()
     _osc_int(port, "/dd/pause", 0)

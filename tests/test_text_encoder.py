@@ -304,3 +304,54 @@ def test_a_gpu_encode_does_not_wait_for_work_queued_on_the_default_stream():
     assert not busy_done.query(), "the encode waited for the default stream's queue"
     torch.cuda.synchronize()
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize(("dim", "n_words"), [(32, 5), (64, 40), (30, 3)])
+def test_tiny_umt5_is_transformers_umt5_on_the_same_weights(dim, n_words):
+    """The tiny model's own UMT5 (no transformers import at run time) against the oracle:
+    transformers' UMT5EncoderModel with our state dict, batched prompts of different
+    lengths (the padding mask), more tokens than max_distance (the logarithmic buckets) and
+    a width with one head (30)."""
+    from transformers import UMT5EncoderModel
+
+    enc = te.TinyTextEncoder(length=64, dim=dim, seed=7)
+    spec = te.tiny_spec(dim)
+    with torch.device("meta"):
+        hf = UMT5EncoderModel(spec.hf_config())
+    hf.to_empty(device="cpu").float()
+    hf.load_state_dict(enc.model.state_dict())  # strict: the same parameter names
+    hf.encoder.embed_tokens = hf.shared
+    hf.eval()
+    words = " ".join(f"w{i}" for i in range(n_words))
+    texts = [words, "a neon forest", "x"]
+    ids, lengths = enc.tokenizer(texts, 64)
+    mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
+    with torch.no_grad():
+        ours = enc.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        ref = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+    keep = mask.bool()  # padded positions are zeroed by TextEncoder either way
+    assert (ours[keep] - ref[keep]).abs().max() < 1e-5 * ref[keep].abs().max()
+    # and the buckets themselves, against transformers' own function
+    pos = torch.arange(70)
+    rel = pos[None, :] - pos[:, None]
+    attn = hf.encoder.block[0].layer[0].SelfAttention
+    assert torch.equal(
+        te._bucket(rel, spec.buckets, spec.max_distance), attn._relative_position_bucket(rel)
+    )
+
+
+def test_tiny_text_encoder_does_not_import_transformers():
+    """The point of TinyUMT5: `dreamdeck run --model tiny` starts without transformers."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys; from engine.models.text_encoder import TinyTextEncoder as T; "
+        "T(length=8, dim=16).encode(['a b']); print('transformers' in sys.modules)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]

@@ -120,6 +120,48 @@ def test_random_transformer_is_seeded_and_on_device():
         assert torch.isfinite(a(x, t, text)).all()
 
 
+def test_materialize_is_to_empty_without_the_refs_path():
+    """materialize_ (random_transformer's meta -> device step) gives what to_empty gives:
+    the same parameter and buffer names, shapes, dtypes (float32 tables of a bf16 model
+    included), device, Parameter-ness and requires_grad."""
+    from engine.models.wan import cast_model
+    from engine.weights.checkpoint import materialize_
+
+    def built():
+        with torch.device("meta"):
+            return cast_model(WanModel(CFG), torch.bfloat16)
+
+    ours, ref = materialize_(built(), "cpu"), built().to_empty(device="cpu")
+
+    def layout(m):
+        rows = [
+            (n, t.shape, t.dtype, t.device, type(t), t.requires_grad)
+            for n, t in m.named_parameters()
+        ]
+        return rows + [(n, t.shape, t.dtype, t.device) for n, t in m.named_buffers()]
+
+    assert layout(ours) == layout(ref) and layout(ours)
+    assert {t.dtype for t in ours.parameters()} == {torch.bfloat16, torch.float32}
+
+
+def test_a_random_tiny_model_does_not_import_sympy():
+    """The point of materialize_: to_empty on meta tensors imports sympy through torch._refs
+    (about a second of CPU per process); a fresh process builds the tiny model without it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys; from engine.weights.transformer import random_transformer as r; "
+        "from engine.models.wan import CONFIGS; r(CONFIGS['tiny']); print('sympy' in sys.modules)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 0 and p.stdout.strip() == "False", p.stderr[-2000:]
+
+
 def test_attention_chosen_at_load(tmp_path, source):
     f = write(tmp_path / "w.safetensors", source.state_dict())
     assert load_transformer(f, CFG, "cpu", torch.float32).attn.backend == "sdpa"

@@ -329,24 +329,47 @@ print(json.dumps(out))
 """
 
 
-def test_kernel_compiles_for_hopper():
-    """The GPU path cannot run here, but it can be compiled: Triton's own ptxas builds the
-    kernel for sm90 without a device. Checks that every variant lowers to Hopper's wgmma on
-    the intended operand types (bf16; e4m3 for QK^T and PV; s8 for QK^T). Run in a child
-    process because this one has the interpreter switched on."""
-    import json
+@pytest.fixture(scope="module", autouse=True)
+def sm90_compile(request):
+    """The sm90 compile (test_kernel_compiles_for_hopper) is a child process of half a minute
+    of one core: started with the module's first test, it runs beside the interpreter tests
+    (one core each) instead of after them. Not started when that test is not selected."""
     import subprocess
     import sys
 
+    wanted = any(
+        i.name == "test_kernel_compiles_for_hopper" and i.module is request.module
+        for i in request.session.items
+    )
+    if not wanted:
+        yield None
+        return
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-c", _SM90_SCRIPT],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
-        timeout=240,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+def test_kernel_compiles_for_hopper(sm90_compile):
+    """The GPU path cannot run here, but it can be compiled: Triton's own ptxas builds the
+    kernel for sm90 without a device. Checks that every variant lowers to Hopper's wgmma on
+    the intended operand types (bf16; e4m3 for QK^T and PV; s8 for QK^T). Run in a child
+    process (started early by the `sm90_compile` fixture) because this one has the
+    interpreter switched on."""
+    import json
+    import subprocess
+
+    stdout, stderr = sm90_compile.communicate(timeout=240)
+    r = subprocess.CompletedProcess(sm90_compile.args, sm90_compile.returncode, stdout, stderr)
     if r.returncode != 0 and "ASTSource" in r.stderr and "TypeError" in r.stderr:
         pytest.skip(f"this Triton's compiler API differs: {r.stderr.strip().splitlines()[-1]}")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -2,7 +2,7 @@
 and example timelines, and the installed `dreamdeck` finds them with no source tree.
 
 Real build (pip wheel, offline: no build isolation, no dependencies fetched), real virtual
-environment (with the system's site-packages, so torch is not installed again), real
+environment (with the system's site-packages, so torch and pip are not installed again), real
 `dreamdeck` commands run from an empty folder with no PYTHONPATH.
 """
 
@@ -82,7 +82,9 @@ def test_the_wheel_installs_and_runs_from_anywhere(tmp_path):
     pip_offline = ["--no-deps", "--no-build-isolation", "--no-index", "-q"]
     sh(sys.executable, "-m", "pip", "wheel", *pip_offline, "-w", wheels, src)
     (wheel,) = wheels.glob("dreamdeck-*.whl")
-    sh(sys.executable, "-m", "venv", "--system-site-packages", venv)
+    # No pip of its own (ensurepip takes seconds): the system's pip, seen through the system
+    # site-packages, installs into the environment that runs it.
+    sh(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv)
     py = venv / ("Scripts" if os.name == "nt" else "bin") / "python"
     sh(py, "-m", "pip", "install", *pip_offline, wheel)
     shutil.rmtree(src)  # nothing may come from the source tree any more

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import html
 import logging
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -565,6 +566,141 @@ def random_text_encoder(
     )
 
 
+def _bucket(rel: Tensor, buckets: int, max_distance: int) -> Tensor:
+    """T5's bidirectional relative-position buckets: half the buckets for keys after the
+    query, of those half exact offsets and half logarithmic bins up to `max_distance`."""
+    half = buckets // 2
+    out = (rel > 0).long() * half
+    dist = rel.abs()
+    exact = half // 2
+    far = (
+        exact
+        + (
+            torch.log(dist.float().clamp(min=1) / exact)
+            / math.log(max_distance / exact)
+            * (half - exact)
+        ).long()
+    )
+    return out + torch.where(dist < exact, dist, far.clamp(max=half - 1))
+
+
+class _RMSNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.weight * (x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+class _Attention(nn.Module):
+    def __init__(self, spec: UMT5Spec):
+        super().__init__()
+        self.spec = spec
+        self.q, self.k, self.v, self.o = (
+            nn.Linear(spec.dim, spec.dim, bias=False) for _ in range(4)
+        )
+        self.relative_attention_bias = nn.Embedding(spec.buckets, spec.heads)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        h = self.spec.heads
+        q, k, v = (f(x).view(b, n, h, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+        pos = torch.arange(n, device=x.device)
+        rel = _bucket(pos[None, :] - pos[:, None], self.spec.buckets, self.spec.max_distance)
+        bias = self.relative_attention_bias(rel).permute(2, 0, 1)[None]  # [1, H, n, n]
+        bias = bias.masked_fill(~mask[:, None, None, :], torch.finfo(x.dtype).min)
+        # T5 does not scale the logits (its init folds 1/sqrt(d) into q)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        return self.o(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class _SelfAttentionLayer(nn.Module):
+    def __init__(self, spec: UMT5Spec):
+        super().__init__()
+        self.SelfAttention = _Attention(spec)  # transformers' parameter names
+        self.layer_norm = _RMSNorm(spec.dim)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        return x + self.SelfAttention(self.layer_norm(x), mask)
+
+
+class _GatedGelu(nn.Module):
+    def __init__(self, spec: UMT5Spec):
+        super().__init__()
+        self.wi_0 = nn.Linear(spec.dim, spec.dim_ffn, bias=False)
+        self.wi_1 = nn.Linear(spec.dim, spec.dim_ffn, bias=False)
+        self.wo = nn.Linear(spec.dim_ffn, spec.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.wo(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x))
+
+
+class _FeedForwardLayer(nn.Module):
+    def __init__(self, spec: UMT5Spec):
+        super().__init__()
+        self.DenseReluDense = _GatedGelu(spec)  # transformers' parameter names
+        self.layer_norm = _RMSNorm(spec.dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.DenseReluDense(self.layer_norm(x))
+
+
+class _Block(nn.Module):
+    def __init__(self, spec: UMT5Spec):
+        super().__init__()
+        self.layer = nn.ModuleList([_SelfAttentionLayer(spec), _FeedForwardLayer(spec)])
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        return self.layer[1](self.layer[0](x, mask))
+
+
+class _Stack(nn.Module):
+    def __init__(self, spec: UMT5Spec):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab, spec.dim)  # tied to `shared` once built
+        self.block = nn.ModuleList([_Block(spec) for _ in range(spec.layers)])
+        self.final_layer_norm = _RMSNorm(spec.dim)
+
+
+@dataclass
+class _Output:
+    last_hidden_state: Tensor
+
+
+@dataclass(frozen=True)
+class _Config:
+    d_model: int
+
+
+class TinyUMT5(nn.Module):
+    """A float32 UMT5 encoder in a few lines, for the tiny model only: transformers'
+    `UMT5EncoderModel` is the same network (parameter names and outputs match it, tested)
+    but importing transformers costs about 7 s of CPU, on every `dreamdeck run --model tiny`
+    start (tests start dozens). The real encoder stays transformers' (module docstring)."""
+
+    def __init__(self, spec: UMT5Spec):
+        super().__init__()
+        self.config = _Config(spec.dim)
+        self.shared = nn.Embedding(spec.vocab, spec.dim)
+        self.encoder = _Stack(spec)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> _Output:
+        x = self.encoder.embed_tokens(input_ids)
+        mask = attention_mask.bool()
+        for block in self.encoder.block:
+            x = block(x, mask)
+        return _Output(self.encoder.final_layer_norm(x))
+
+
+def tiny_spec(dim: int) -> UMT5Spec:
+    """The tiny model's encoder shape for a transformer text width `dim`."""
+    heads = 4 if dim % 4 == 0 else 1
+    return UMT5Spec(
+        vocab=1024, dim=dim, dim_ffn=2 * dim, heads=heads, layers=2, buckets=8, max_distance=32
+    )
+
+
 class TinyTextEncoder(TextEncoder):
     """Stand-in for `--model tiny`: a small random UMT5 (fixed seed) over hashed words.
     Deterministic: the same prompt gives the same embedding, different prompts different
@@ -572,22 +708,9 @@ class TinyTextEncoder(TextEncoder):
     language; it exists so the whole engine runs on a CPU with nothing downloaded."""
 
     def __init__(self, length: int = 32, dim: int = 64, *, seed: int = 0, device: str = "cpu"):
-        from transformers import UMT5EncoderModel
-
-        spec = UMT5Spec(
-            vocab=1024,
-            dim=dim,
-            dim_ffn=2 * dim,
-            heads=4 if dim % 4 == 0 else 1,
-            layers=2,
-            buckets=8,
-            max_distance=32,
-        )
-        with torch.device("meta"):
-            model = UMT5EncoderModel(spec.hf_config())
-        model.to_empty(device=device)
-        model.float()
-        _init_random_(model, seed)
+        spec = tiny_spec(dim)
+        model = TinyUMT5(spec).to(device)
+        _init_random_(model, seed)  # the same weights as transformers' model gets
         model.encoder.embed_tokens = model.shared
         super().__init__(
             model, HashTokenizer(spec.vocab), length=length, device=device, placement="cpu"

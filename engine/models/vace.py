@@ -64,7 +64,13 @@ from engine.models.wan import (
     is_fp32_param,
     rope_table,
 )
-from engine.weights.checkpoint import WeightsError, assign_state_dict, load_checkpoint, strip_prefix
+from engine.weights.checkpoint import (
+    WeightsError,
+    assign_state_dict,
+    load_checkpoint,
+    materialize_,
+    strip_prefix,
+)
 
 MAX_REFS = 3
 
@@ -286,7 +292,7 @@ def random_vace(
     """Random VACE weights made on `device` (bench and tests)."""
     with torch.device("meta"):
         vace = cast_model(VaceModule(cfg, vcfg), dtype)
-    vace = vace.to_empty(device=device)
+    vace = materialize_(vace, device)
     return init_random_(vace, seed).eval().requires_grad_(False)
 
 

@@ -133,3 +133,12 @@ def assign_state_dict(
         )
         converted[k] = v.to(device=target_device, dtype=target_dtype)
     module.load_state_dict(converted, strict=False, assign=True)
+
+
+def materialize_(module: nn.Module, device: str | torch.device) -> nn.Module:
+    """`module.to_empty(device=device)` for a module built on the meta device, without
+    `torch.empty_like`: on meta tensors that goes through torch._refs, whose first call
+    imports sympy (about a second of CPU in every process that builds a model, each
+    `dreamdeck run --model tiny` and every rank of a CPU world among them)."""
+    device = torch.device(device)
+    return module._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))

@@ -23,6 +23,7 @@ from engine.weights.checkpoint import (
     assign_state_dict,
     check_state_dict,
     load_checkpoint,
+    materialize_,
     strip_prefix,
 )
 
@@ -99,7 +100,7 @@ def random_transformer(
     attention: str | None = None,
     prepare_block: PrepareBlock | None = None,
 ) -> WanModel:
-    """A model with random weights made directly on `device` (meta, then to_empty, then an
+    """A model with random weights made directly on `device` (meta, then empty, then an
     in-place init there), block by block like `load_transformer`: `dreamdeck bench` runs
     the 14B without a download or a host copy. The weights do not depend on
     `prepare_block` (the same random draws in the same order)."""
@@ -109,7 +110,7 @@ def random_transformer(
     for name, child in model.named_children():
         parts = child if name == "blocks" else [child]
         for part in parts:
-            part.to_empty(device=device)
+            materialize_(part, device)
             init_random_(part, seed, generators=gens)
             if name == "blocks" and prepare_block is not None:
                 prepare_block(part)
