@@ -50,6 +50,10 @@ machine's name (or `NAME.local`) or a name given to `--oscquery-allow-host` (DNS
   message in the bundle is bad, none do (each bad message is reported on `/dd/error`).
   A future timetag schedules the bundle for that time (at most an hour ahead); the
   receiver never waits. Changes are quantised to the beat when quantise is on.
+- Prompt changes (`/dd/prompt...`, `/dd/prompts`, `/dd/transition/*`) sent on their own
+  do not wait for the next block: once encoded, they join the block being made at its
+  next denoising step, so they show in that block's frames. Sent together with any other
+  change (or modulated), they land with it at the next block, as everything else does.
 - Feedback: every applied value is echoed on its own address, whoever changed it (OSC,
   MIDI, timeline), to `--osc-feedback HOST:PORT`, or else to the last sender's host on
   port **9139** (`--osc-feedback-port`; `--no-osc-feedback` for none). A new feedback
