@@ -257,7 +257,10 @@ def build_pipeline(
     if preset.compile and device.type == "cuda":
         with phases.phase("compile set-up (imports Inductor)"):
             if compiler is not None:
-                compiler.result()
+                try:
+                    compiler.result()
+                except Exception as e:  # noqa: BLE001 - e.g. an import race: import them here
+                    log.warning("compiler imports on the side thread failed (%s); importing now", e)
             model.compile_blocks()
     elif preset.compile:
         log.info("compile: skipped on the CPU")
