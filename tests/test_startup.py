@@ -355,3 +355,37 @@ def test_a_failing_transformer_load_joins_the_text_encoder_thread(monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"):
         pl.build_pipeline(load_preset("tiny").replace(height=64, width=64))
     assert not [t for t in threading.enumerate() if t.name == "load text encoder"]
+
+
+def test_a_text_encoder_that_fails_only_on_its_thread_is_loaded_in_line(monkeypatch):
+    """An import race (or anything else that fails on the side thread only) must not fail
+    a start that works in line; a real failure still raises, from the caller's thread."""
+    import threading
+
+    from engine.runtime import pipeline as pl
+    from engine.runtime.presets import load_preset
+
+    monkeypatch.setenv("DREAMDECK_TEXT_ENCODER_LOAD", "beside")
+    real = pl._build_text_encoder
+    where: list[str] = []
+
+    def flaky(*a, **k):
+        where.append(threading.current_thread().name)
+        if threading.current_thread().name == "load text encoder":
+            raise ImportError("deadlock detected by _ModuleLock (test)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(pl, "_build_text_encoder", flaky)
+    pipeline = pl.build_pipeline(load_preset("tiny").replace(height=64, width=64))
+    try:
+        assert where == ["load text encoder", threading.current_thread().name]
+        assert pipeline.text_encoder.encode(["a red cube"]).shape[0] == 1
+    finally:
+        pipeline.close()
+
+    def broken(*a, **k):
+        raise FileNotFoundError("umt5-xxl-enc-bf16.safetensors (test)")
+
+    monkeypatch.setattr(pl, "_build_text_encoder", broken)
+    with pytest.raises(FileNotFoundError, match="umt5"):
+        pl.build_pipeline(load_preset("tiny").replace(height=64, width=64))

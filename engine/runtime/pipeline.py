@@ -282,7 +282,13 @@ def build_pipeline(
             text_encoder = _build_text_encoder(preset, weights, device, dtype, cfg)
     else:
         with phases.phase("weights: text encoder (wait)"):
-            text_encoder = te_job.result()
+            try:
+                text_encoder = te_job.result()
+            except Exception as e:  # noqa: BLE001 - a thread-only failure (an import race)
+                # must not fail a start that would have worked in line: once more, here; a
+                # real problem (a missing or bad file) raises again, from this thread
+                log.warning("text encoder on its thread failed (%s); loading it in line", e)
+                text_encoder = _build_text_encoder(preset, weights, device, dtype, cfg)
     cache = EmbeddingCache(text_encoder, capacity=cache_capacity)
     mixer = PromptMixer(cache)
     pipeline = Pipeline(
