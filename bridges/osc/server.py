@@ -49,7 +49,7 @@ class OscConfig:
 
 @dataclass
 class Stats:
-    packets: int = 0
+    packets: int = 0  # datagrams done with (applied, answered or dropped)
     messages: int = 0
     applied: int = 0  # messages whose changes were taken
     rejected: int = 0  # messages answered on /dd/error
@@ -206,11 +206,19 @@ class OscBridge:
                 self.stats.max_cpu_ms = cpu_ms
 
     def handle_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        """Decode one datagram and apply it. Public so tests and replays can drive it."""
+        """Decode one datagram and apply it. Public so tests and replays can drive it.
+        `stats.packets` counts it once it is done with (applied, answered or dropped), so
+        a reader that sees the count has its effects: counted on arrival, a reader could
+        look between the count and the change (it did, with a short GIL switch interval)."""
+        try:
+            self._handle(data, addr)
+        finally:
+            self.stats.packets += 1
+
+    def _handle(self, data: bytes, addr: tuple[Any, ...]) -> None:
         fb = self.feedback
         assert fb is not None
         host = addr[0]
-        self.stats.packets += 1
         if self.config.allow and host not in self.config.allow and not _is_loopback(host):
             self.stats.refused += 1  # never answer a stranger: no reflection
             if self.stats.refused in (1, 10, 100, 1000) or self.stats.refused % 10000 == 0:
