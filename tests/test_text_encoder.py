@@ -355,3 +355,17 @@ def test_tiny_text_encoder_does_not_import_transformers():
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]
+
+
+def test_building_the_tiny_encoder_draws_nothing_from_the_global_rng():
+    """It is built on a thread beside the decoder, whose random build seeds and draws the
+    global RNG (fork_rng): any draw here would interleave with it and change its weights
+    from one build to the next."""
+    from engine.models.text_encoder import TinyTextEncoder
+
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    a = TinyTextEncoder()
+    assert torch.equal(torch.get_rng_state(), before)
+    b = TinyTextEncoder()
+    assert torch.equal(a.encode(["a red cube"]), b.encode(["a red cube"]))

@@ -30,7 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.weights.checkpoint import WeightsError, assign_state_dict, load_checkpoint, strip_prefix
+from engine.weights.checkpoint import (
+    WeightsError,
+    assign_state_dict,
+    load_checkpoint,
+    materialize_,
+    strip_prefix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -709,8 +715,14 @@ class TinyTextEncoder(TextEncoder):
 
     def __init__(self, length: int = 32, dim: int = 64, *, seed: int = 0, device: str = "cpu"):
         spec = tiny_spec(dim)
-        model = TinyUMT5(spec).to(device)
-        _init_random_(model, seed)  # the same weights as transformers' model gets
+        # Built on the meta device: nn.Linear's own init would draw from the global RNG,
+        # and this encoder may be built on a thread beside the transformer and decoder
+        # (engine/runtime/pipeline.py), whose random builds seed and use that RNG: the
+        # two interleaving made random weights differ from one build to the next.
+        with torch.device("meta"):
+            model = TinyUMT5(spec)
+        materialize_(model, device)
+        _init_random_(model, seed)  # every parameter: the same weights as transformers' gets
         model.encoder.embed_tokens = model.shared
         super().__init__(
             model, HashTokenizer(spec.vocab), length=length, device=device, placement="cpu"
