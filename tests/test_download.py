@@ -111,8 +111,10 @@ class FakeHub:
                 self.send_header("Content-Length", str(len(data) - start))
                 self.end_headers()
                 if body:
-                    self.wfile.write(data[start:])
+                    # counted before the write: once the client has read it all, the test
+                    # may look at once (after the write, this thread could still be behind)
                     hub.sent[filename] = hub.sent.get(filename, 0) + len(data) - start
+                    self.wfile.write(data[start:])
 
             def do_HEAD(self):
                 self._route(False)

@@ -195,3 +195,28 @@ def test_frame_path_into_shared_memory(tmp_path):
     for info, px in seen:
         np.testing.assert_array_equal(px, block(info.block, 4).numpy()[info.index % 4])
     assert [i.index for i, _ in seen] == sorted(i.index for i, _ in seen)
+
+
+def test_the_short_gil_switch_interval_is_held_while_a_frame_path_is_open():
+    """The switch interval is the whole process's: frame paths hold the short one while
+    any is open and give the earlier one back when the last closes (it once stayed for
+    the rest of the process, and other threads' timing with it)."""
+    import sys
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)
+    try:
+        a = FramePath([], Pacer(fps=60.0), switch_interval=0.0005)
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        b = FramePath([], Pacer(fps=60.0), switch_interval=0.0005)
+        a.close()
+        assert sys.getswitchinterval() == pytest.approx(0.0005)  # b still open
+        a.close()  # twice: counted once
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        b.close()
+        assert sys.getswitchinterval() == pytest.approx(0.005)
+        c = FramePath([], Pacer(fps=60.0), switch_interval=None)  # opted out: untouched
+        assert sys.getswitchinterval() == pytest.approx(0.005)
+        c.close()
+    finally:
+        sys.setswitchinterval(before)

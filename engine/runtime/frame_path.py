@@ -116,13 +116,16 @@ class FramePath:
         switch_interval: float | None = SWITCH_INTERVAL_S,
     ):
         self.sinks = list(sinks)
-        if switch_interval is not None and sys.getswitchinterval() > switch_interval:
+        self._switch = False  # whether this frame path holds a short switch interval
+        if switch_interval is not None:
             # The publisher sleeps until a frame is due, then needs the GIL, which the
             # generation thread (Python launching kernels) holds for up to the switch
             # interval: 5 ms by default, shown as frame-time jitter. A shorter interval
             # costs nothing while the publisher sleeps (a switch is forced only when a
-            # thread waits for the GIL).
-            sys.setswitchinterval(switch_interval)
+            # thread waits for the GIL). It is the process's setting: held while a
+            # frame path is open, given back when the last one closes.
+            _hold_switch_interval(switch_interval)
+            self._switch = True
         self.pacer = pacer if pacer is not None else Pacer()
         self.pacer.on_release = self._release
         self.interpolator = interpolator  # engine.runtime.interpolator.Interpolator or None
@@ -502,6 +505,9 @@ class FramePath:
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning("frame publisher did not stop within %.1fs (a sink is stuck)", timeout)
+        if self._switch:
+            self._switch = False
+            _release_switch_interval()
         for sink in self.sinks:
             try:
                 sink.close()
@@ -513,6 +519,30 @@ class FramePath:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_switch_lock = threading.Lock()
+_switch_holders = 0
+_switch_before: float | None = None
+
+
+def _hold_switch_interval(seconds: float) -> None:
+    global _switch_holders, _switch_before
+    with _switch_lock:
+        if _switch_holders == 0:
+            _switch_before = sys.getswitchinterval()
+        _switch_holders += 1
+        if sys.getswitchinterval() > seconds:
+            sys.setswitchinterval(seconds)
+
+
+def _release_switch_interval() -> None:
+    global _switch_holders, _switch_before
+    with _switch_lock:
+        _switch_holders = max(0, _switch_holders - 1)
+        if _switch_holders == 0 and _switch_before is not None:
+            sys.setswitchinterval(_switch_before)
+            _switch_before = None
 
 
 def _check_block(rgba) -> tuple[tuple[int, int, int, int], bool]:
