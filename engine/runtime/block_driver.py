@@ -367,6 +367,8 @@ class BlockDriver:
         target = prompt_target(values)
         if target is None or target == self._late_refused:
             return None
+        if target == self._rest and not mixer.waiting:
+            return None  # what is playing already (a flood of no-op changes stays cheap)
         texts = [str(t) for t, _ in target["prompts"]]
         if any(mixer.cache.get(t) is None for t in texts):
             for t in texts:  # ask now: ready for a later step, or for the block boundary

@@ -546,10 +546,11 @@ class Registry:
     def pending_within(self, paths: frozenset[str]) -> tuple[dict[str, Any], float] | None:
         """The staged changes, not taken (begin_block still applies them), when every one
         of them lies in `paths`, none of `paths` is modulated, and no trigger is waiting:
-        (base values with the changes applied, when the earliest change arrived). None
+        (the base values of `paths` with the changes applied, when the earliest arrived). None
         otherwise, or when nothing is staged. A block in flight uses this to take a prompt
         change early; anything else staged beside it keeps the whole batch for the block
-        boundary, so changes sent together still land together."""
+        boundary, so changes sent together still land together. Only `paths`' values
+        are returned (it is asked before every denoising step: kept cheap)."""
         with self._lock:
             if not self._pending or self._events:
                 return None
@@ -557,7 +558,7 @@ class Registry:
                 return None
             if self._modulated.intersection(paths):
                 return None
-            values = dict(self._values)
+            values = {k: self._values[k] for k in paths if k in self._values}
             for k, (_, v, _) in self._pending.items():
                 values[k] = v
             received = min(rec for _, _, rec in self._pending.values())
