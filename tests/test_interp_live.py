@@ -23,37 +23,50 @@ def _cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "engine", *args]
 
 
-@pytest.mark.slow
-def test_tiny_engine_at_30fps_delivers_interpolated_frames_through_peek(tmp_path):
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    """One tiny engine at --fps 30 for both tests (each reads the ring with its own peek):
+    a start-up on two loaded cores costs seconds. Yields (ring name, env, its log file)."""
     name = f"ddint{uuid.uuid4().hex[:8]}"
+    log = tmp_path_factory.mktemp("interp_live") / "run.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     run = subprocess.Popen(
         _cmd("run", "--model", "tiny", "--height", "320", "--width", "576", "--fps", "30")
-        + ["--steps", "1000,750", "--shm", name, "--no-osc", "--duration", "150"],
+        + ["--steps", "1000,750", "--shm", name, "--no-osc", "--duration", "200"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        stderr=log.open("w"),  # a file: a pipe nobody reads could fill and stall the engine
     )
+    yield name, env, log
+    run.terminate()
     try:
-        # wait for the ring (start-up on a loaded CPU takes a while), then read 150 frames
-        peek = subprocess.run(
-            _cmd("peek", "--shm", name, "--count", "150", "--timeout", "90"),
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=200,
-        )
-    finally:
-        run.terminate()
-        try:
-            _, err = run.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            run.kill()
-            _, err = run.communicate()
+        run.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        run.kill()
+        run.wait()
+
+
+def _peek(engine, *args: str) -> subprocess.CompletedProcess:
+    name, env, log = engine
+    # waits for the ring (start-up on a loaded CPU takes a while)
+    peek = subprocess.run(
+        _cmd("peek", "--shm", name, *args, "--timeout", "90"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+    err = log.read_text(errors="replace")
     assert peek.returncode == 0, f"peek: {peek.stderr}\nrun: {err[-3000:]}"
+    assert "interpolation unavailable" not in err, err[-3000:]
+    return peek
+
+
+@pytest.mark.slow
+def test_tiny_engine_at_30fps_delivers_interpolated_frames_through_peek(engine):
+    peek = _peek(engine, "--count", "150")
     frames = [json.loads(x) for x in peek.stdout.splitlines() if x.startswith("{")]
     assert len(frames) == 150
     # skip the first blocks (the pacer learns the generation rate)
@@ -68,43 +81,15 @@ def test_tiny_engine_at_30fps_delivers_interpolated_frames_through_peek(tmp_path
     assert distinct <= 31.0  # presented at 30 fps at most
     print(f"distinct {distinct:.1f}/s, generated {generated:.1f}/s")
     assert distinct > 1.5 * generated, (distinct, generated)
-    assert "interpolation" not in err or "unavailable" not in err
 
 
 @pytest.mark.slow
-def test_peek_stats_measures_a_running_engines_frame_times():
+def test_peek_stats_measures_a_running_engines_frame_times(engine):
     """`peek --stats` on a real tiny engine at --fps 30: the summary comes from the ring's
     publish timestamps, never shows a frame twice (fit mode), and frames are never
     published faster than 30 a second on average. The jitter itself is printed, not
     asserted: this 2-core machine is shared (the device run measures the target)."""
-    name = f"ddjit{uuid.uuid4().hex[:8]}"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    run = subprocess.Popen(
-        _cmd("run", "--model", "tiny", "--height", "320", "--width", "576", "--fps", "30")
-        + ["--steps", "1000,750", "--shm", name, "--no-osc", "--duration", "150"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        peek = subprocess.run(
-            _cmd("peek", "--shm", name, "--stats", "8", "--json", "--timeout", "90"),
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=200,
-        )
-    finally:
-        run.terminate()
-        try:
-            _, err = run.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            run.kill()
-            _, err = run.communicate()
-    assert peek.returncode == 0, f"peek: {peek.stderr}\nrun: {err[-3000:]}"
+    peek = _peek(engine, "--stats", "8", "--json")
     st = json.loads(peek.stdout.strip().splitlines()[-1])
     print(st)
     assert st["timing"].startswith("ring timestamps")

@@ -152,27 +152,55 @@ def fp8_merge_rows_(
     for t in (dst_q, src_q):
         if t.stride(1) != 1:
             raise ValueError("fp8 merge: weight rows must be contiguous")
-    kern = _kernel()
     br = _pow2(r)
-    bm, dot_bf16 = VARIANTS[variant or fp8_variant]
+    kind, bm, bk, dot_bf16 = VARIANTS[variant or fp8_variant]
     if dot_bf16 and (_interpret() or A.dtype != torch.bfloat16):
-        bm, dot_bf16 = VARIANTS["tf32-32"]  # the interpreter, or float32 factors
-    bk = _BK if br <= 128 else 64
-    grid = (triton_cdiv(n, bm),)
-    kern[grid](
-        src_q, src_s, dst_q, dst_s, B, A, colscale.float().contiguous(),
-        n, k, r, src_q.stride(0), dst_q.stride(0), B.stride(0), B.stride(1),
-        A.stride(0), A.stride(1),
+        dot_bf16 = False  # the interpreter's bf16 dot is unreliable; float32 factors: tf32
+        if kind == "rows":
+            bm = VARIANTS["tf32-32"][1]
+    if kind == "rows":
+        bk = bk if br <= 128 else 64
+        _kernel()[(triton_cdiv(n, bm),)](
+            src_q, src_s, dst_q, dst_s, B, A, colscale.float().contiguous(),
+            n, k, r, src_q.stride(0), dst_q.stride(0), B.stride(0), B.stride(1),
+            A.stride(0), A.stride(1),
+            BM=bm, BK=bk, BR=br, EXACT=_interpret(), DOT_BF16=dot_bf16,
+        )  # fmt: skip
+        return
+    from engine.models import lora_merge_triton as K
+
+    cs = colscale.float().contiguous()
+    scratch = torch.zeros(2 * n, device=dst_q.device)  # row maxima, then the new scales
+    amax, out_s = scratch[:n], scratch[n:]
+    grid = (triton_cdiv(n, bm), triton_cdiv(k, bk))
+    K.fp8_merge_amax_kernel[grid](
+        src_q, src_s, amax, B, A, cs, n, k, r,
+        src_q.stride(0), B.stride(0), B.stride(1), A.stride(0), A.stride(1),
+        BM=bm, BK=bk, BR=br, DOT_BF16=dot_bf16,
+    )  # fmt: skip
+    K.fp8_merge_write_kernel[grid](
+        src_q, src_s, dst_q, amax, out_s, B, A, cs, n, k, r,
+        src_q.stride(0), dst_q.stride(0), B.stride(0), B.stride(1), A.stride(0), A.stride(1),
         BM=bm, BK=bk, BR=br, EXACT=_interpret(), DOT_BF16=dot_bf16,
     )  # fmt: skip
+    dst_s.copy_(out_s)
 
 
-# Kernel variants: rows per program, low-rank product on bf16 tensor cores (else tf32).
-# "tf32-32" is the one measured on an H100 (docs/PERFORMANCE.md: 82 ms per 14B re-merge);
-# "bf16-64" halves the MMA work and the re-reads of A per weight; `pick_fp8_variant`
-# times both on a real weight at warm-up and keeps the faster one that agrees.
-VARIANTS = {"tf32-32": (32, False), "bf16-64": (64, True)}
-fp8_variant = "tf32-32"
+# Kernel variants: (kind, rows per tile, columns per tile, low-rank product on bf16 tensor
+# cores, else tf32). "rows": one program walks whole rows (lora_merge_triton.fp8_merge_kernel);
+# "tf32-32" is the one measured on an H100 (docs/PERFORMANCE.md: 82 ms per 14B re-merge).
+# "split": one program per tile in two launches (fp8_merge_amax_kernel, then
+# fp8_merge_write_kernel), for the parallelism a 14B linear's 160-432 row blocks lack.
+# `pick_fp8_variant` times them all on a real weight at warm-up and keeps the fastest one
+# that agrees.
+VARIANTS = {
+    "tf32-32": ("rows", 32, _BK, False),
+    "bf16-64": ("rows", 64, _BK, True),
+    "split-64x128": ("split", 64, 128, True),
+    "split-64x256": ("split", 64, 256, True),
+    "split-128x128": ("split", 128, 128, True),
+}
+fp8_variant = "split-64x128"
 
 
 def pick_fp8_variant(src_q: Tensor, src_s: Tensor, rank: int = 64, reps: int = 3) -> dict:
