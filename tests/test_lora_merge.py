@@ -383,3 +383,45 @@ def test_remerge_with_a_lora_on_some_sites_only(tmp_path):
         for s in ([0.5, 1.5], [-0.3, 1.2], [0.0, 0.9], [0.8, 0.0]):
             slots.update([*s, 0.0, 0.0])
             assert rel_err(model(x, t, text), _direct([la, lb], s)(x, t, text)) <= 1e-5, s
+
+
+def test_the_memory_budget_counts_the_pristine_copies_a_device_re_merge_adds(tmp_path):
+    """With the pristine weights on the model's device (re-merge), a LoRA needs room for
+    its factors and for a copy of every base weight it targets that has none yet: the
+    loader refuses it over the budget, naming both sizes, and accepts it at exactly the
+    sum. Once merged, the copies exist (the memory accounting agrees) and the same file
+    needs no more. With host pristine (another device than the model's) nothing is added."""
+    from engine.runtime.lora_loader import LoraLoader
+    from engine.weights.lora import LoraError, device_bytes, read_lora_header
+
+    cfg = CONFIGS["tiny"]
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    write_lora(random_lora(cfg, 41, rank=3), "wan", assets / "s.safetensors")
+    model = tiny()
+    fuse_qkv(model)
+    slots = LoraSlots(model, pristine_device=model.device, remerge=True)
+    loader = LoraLoader(slots, assets)
+    info = read_lora_header(assets / "s.safetensors")
+    own = device_bytes(info, model.dtype)
+    pristine = slots.pristine_need(list(info.targets))
+    # a slow count written here: the weight (and bias) bytes of each distinct module hit
+    mods = {id(m): m for m in (slots._locate(n)[0] for n in info.targets)}
+    want = sum(
+        t.numel() * t.element_size()
+        for m in mods.values()
+        for t in (m.weight, getattr(m, "bias", None))
+        if t is not None
+    )
+    assert pristine == want > 0
+    slots.max_bytes = own + pristine - 1
+    with pytest.raises(LoraError, match="base weights to merge from") as e:
+        loader.check("s.safetensors")
+    assert "s.safetensors" in str(e.value) and f"{pristine / 2**20:.1f} MiB" in str(e.value)
+    slots.max_bytes = own + pristine
+    slots.install(0, loader.load("s.safetensors"))
+    slots.update([0.7, 0, 0, 0])
+    assert slots.memory()["pristine"] == pristine
+    assert slots.pristine_need(list(info.targets)) == 0
+    host = LoraSlots(tiny(), pristine_device="meta")  # any device but the model's
+    assert host.pristine_need(list(info.targets)) == 0

@@ -804,6 +804,35 @@ class LoraSlots:
         out["total"] = sum(out.values())
         return out
 
+    def pristine_need(self, names: Sequence[str]) -> int:
+        """Device bytes that loading a LoRA targeting the Wan-native module `names` would
+        add as pristine copies (base weights kept on the device to merge from), for the
+        targeted modules that have none yet; 0 when they live elsewhere than the model (on
+        the host for a GPU model). Reads only (safe from the loader thread)."""
+        if self.pristine_device != self.device:
+            return 0
+        held = {
+            id(m)
+            for site in list(self._sites.values())
+            if site.pristine is not None
+            for m in (site.module, site.target)
+        }
+        seen, need = set(), 0
+        for name in names:
+            try:
+                module, _ = self._locate(name)
+            except LoraError:
+                continue  # the shape checks name it
+            base = module.base if isinstance(module, LoraLinear) else module
+            if id(module) in held or id(base) in held or id(base) in seen:
+                continue
+            seen.add(id(base))
+            for n in ("weight", "weight_scale", "bias"):
+                t = getattr(base, n, None)
+                if isinstance(t, Tensor):
+                    need += t.numel() * t.element_size()
+        return need
+
     @property
     def device_bytes(self) -> int:
         """The loaded LoRAs' own size on the device (what the memory budget counts; safe

@@ -78,11 +78,22 @@ class LoraLoader:
 
     def check(self, file: str) -> Path:
         """Header-only checks of a `lora/{n}/file` value; LoraError says what is wrong."""
-        from engine.weights.lora import check_lora
+        from engine.weights.lora import check_lora, device_bytes
 
         path = self.resolve(file)
         cfg = None if self.slots.config == "custom" else self.slots.config
-        check_lora(path, cfg, self.slots.model.dtype, self.budget())
+        budget = self.budget()
+        info = check_lora(path, cfg, self.slots.model.dtype, budget)
+        pristine = self.slots.pristine_need(list(info.targets))
+        if budget is not None and pristine:
+            need = device_bytes(info, self.slots.model.dtype)
+            if need + pristine > budget:
+                raise LoraError(
+                    f"{info.path}: needs {need / 2**20:.1f} MiB on the device and"
+                    f" {pristine / 2**20:.1f} MiB of base weights to merge from"
+                    " (lora_pristine: device), over the LoRA memory budget of"
+                    f" {budget / 2**20:.1f} MiB; lora_pristine: host needs only the first"
+                )
         return path
 
     def load(self, file: str) -> PreparedLora:
