@@ -1,8 +1,10 @@
-"""Text encoder: Wan checkpoint names, tokenisation, zeroing, fp8, the tiny stand-in.
+"""Text encoder: our UMT5, Wan checkpoint names, transformers folders, tokenisation,
+zeroing, fp8, the tiny stand-in.
 
-Oracles: transformers' UMT5EncoderModel on the same weights; a slow functional forward of
-Wan's T5 structure written here (so a swapped gate/fc1 map fails even though the round trip
-through our own inverse map would not); sentencepiece itself for tokenisation.
+Oracles: transformers' UMT5EncoderModel on the same weights (float32, and bf16 against a
+float32 reference); a slow functional forward of Wan's T5 structure written here (so a
+swapped gate/fc1 map fails even though the round trip through our own inverse map would
+not); transformers' tokenizer and sentencepiece itself for tokenisation.
 """
 
 from __future__ import annotations
@@ -204,18 +206,21 @@ def test_short_run_equals_full_512_padding(tmp_path, tok_dir, hf_model):
 def test_tokenisation_padding_truncation(tok_dir):
     sp_dir, hf_dir, sp = tok_dir
     hf_tok = te.load_tokenizer(hf_dir)
-    assert isinstance(hf_tok, te.HFTokenizer)
+    assert isinstance(hf_tok, te.JsonTokenizer)  # tokenizer.json: no transformers import
     sp_tok = te.SentencePieceTokenizer(sp_dir / "spiece.model")
+    tf_tok = te.HFTokenizer(hf_dir)  # transformers' own, the oracle
     texts = [te.clean_text(t) for t in CORPUS[:4]]
     ids_a, len_a = hf_tok(texts, 512)
     ids_b, len_b = sp_tok(texts, 512)
+    ids_c, len_c = tf_tok(texts, 512)
     assert torch.equal(ids_a, ids_b) and torch.equal(len_a, len_b)
+    assert torch.equal(ids_a, ids_c) and torch.equal(len_a, len_c)
     for i, t in enumerate(texts):  # sentencepiece's own pieces, then EOS, then padding
         expect = sp.encode(t) + [1]
         assert ids_b[i, : len_b[i]].tolist() == expect
         assert (ids_b[i, len_b[i] :] == 0).all()
     long = " ".join(["neon forest glowing mushrooms"] * 400)
-    for tok in (hf_tok, sp_tok):
+    for tok in (hf_tok, sp_tok, tf_tok):
         ids, lengths = tok([long, "a cat"], 512)
         assert ids.shape == (2, 512) and lengths.tolist() == [512, len(sp.encode("a cat")) + 1]
         assert ids[0, -1] == 1 and ids[0, :511].tolist() == sp.encode(long)[:511]
@@ -308,7 +313,7 @@ def test_a_gpu_encode_does_not_wait_for_work_queued_on_the_default_stream():
 
 @pytest.mark.parametrize(("dim", "n_words"), [(32, 5), (64, 40), (30, 3)])
 def test_tiny_umt5_is_transformers_umt5_on_the_same_weights(dim, n_words):
-    """The tiny model's own UMT5 (no transformers import at run time) against the oracle:
+    """Our UMT5 (no transformers import at run time) against the oracle:
     transformers' UMT5EncoderModel with our state dict, batched prompts of different
     lengths (the padding mask), more tokens than max_distance (the logarithmic buckets) and
     a width with one head (30)."""
@@ -341,7 +346,7 @@ def test_tiny_umt5_is_transformers_umt5_on_the_same_weights(dim, n_words):
 
 
 def test_tiny_text_encoder_does_not_import_transformers():
-    """The point of TinyUMT5: `dreamdeck run --model tiny` starts without transformers."""
+    """The point of our UMT5: `dreamdeck run --model tiny` starts without transformers."""
     import subprocess
     import sys
     from pathlib import Path
@@ -369,3 +374,262 @@ def test_building_the_tiny_encoder_draws_nothing_from_the_global_rng():
     assert torch.equal(torch.get_rng_state(), before)
     b = TinyTextEncoder()
     assert torch.equal(a.encode(["a red cube"]), b.encode(["a red cube"]))
+
+
+# --- our encoder at every size: bf16, transformers folders, no transformers import -----------
+
+
+def _padded_batch(vocab: int, lengths: list[int], seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    n = max(lengths)
+    ids = torch.randint(2, vocab, (len(lengths), n), generator=g)
+    mask = (torch.arange(n)[None] < torch.tensor(lengths)[:, None]).long()
+    return ids * mask, mask  # pad id 0 past each length
+
+
+def _ours_from(hf) -> te.UMT5Encoder:
+    """Our encoder holding transformers' weights (strict: the same names and shapes)."""
+    spec = te.UMT5Spec(
+        vocab=hf.config.vocab_size,
+        dim=hf.config.d_model,
+        dim_ffn=hf.config.d_ff,
+        heads=hf.config.num_heads,
+        layers=hf.config.num_layers,
+        buckets=hf.config.relative_attention_num_buckets,
+        max_distance=hf.config.relative_attention_max_distance,
+        head_dim=hf.config.d_kv,
+    )
+    ours = te.UMT5Encoder(spec)
+    ours.load_state_dict(hf.state_dict())
+    return ours.tie_().eval()
+
+
+def test_umt5_equals_transformers_in_float32_with_a_head_width_apart_from_dim(hf_model):
+    """T5 allows heads * d_kv != d_model; and the padded batch runs past max_distance."""
+    from transformers import UMT5EncoderModel
+
+    spec = te.UMT5Spec(vocab=256, dim=24, dim_ffn=40, heads=3, layers=2, buckets=8, max_distance=16)
+    torch.manual_seed(5)
+    cfg = spec.hf_config()
+    cfg.d_kv = 12  # inner width 36, not 24
+    hf = UMT5EncoderModel(cfg).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "layer_norm" in n:
+                p.uniform_(0.5, 1.5)
+            elif "relative_attention_bias" in n:
+                p.normal_(0, 0.5)
+    ours = _ours_from(hf)
+    assert ours.spec.kv_dim == 12
+    ids, mask = _padded_batch(256, [40, 7, 1])
+    with torch.no_grad():
+        a = ours(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+    keep = mask.bool()
+    assert (a[keep] - b[keep]).abs().max() <= 1e-5 * b[keep].abs().max()
+
+
+def test_umt5_in_bf16_is_as_close_to_float32_as_transformers_bf16(hf_model):
+    """bf16 the way transformers computes it. Both bf16 runs are measured against the float32
+    output of the same weights (rounded to bf16 first, so only the arithmetic differs).
+    Ours may be no further from it than transformers' own bf16 error x 1.5, and the two
+    bf16 outputs must agree to half that error: they run the same op sequence (float32 mean
+    square, cast back before the scale, unscaled logits, op-by-op tanh GELU), so only
+    kernel accumulation order may differ, far below bf16's own rounding error. Computing
+    the norm's mean square in bf16, for one, moves ours from transformers by more than
+    that error (checked when this test was written)."""
+    ids, mask = _padded_batch(SPEC.vocab, [23, 9, 1, 17])
+    keep = mask.bool()
+    hf16 = copy_model(hf_model).to(torch.bfloat16)
+    ref = copy_model(hf16).float()  # bf16-rounded weights, float32 arithmetic
+    ours = _ours_from(hf_model).to(torch.bfloat16)
+    assert ours.encoder.embed_tokens is ours.shared
+    with torch.no_grad():
+        r = ref(input_ids=ids, attention_mask=mask).last_hidden_state[keep]
+        h = hf16(input_ids=ids, attention_mask=mask).last_hidden_state
+        o = ours(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert o.dtype == h.dtype == torch.bfloat16
+    h, o = h[keep].float(), o[keep].float()
+    err_hf = (h - r).norm() / r.norm()
+    err_ours = (o - r).norm() / r.norm()
+    assert 0 < err_hf < 0.05  # bf16 did round: the comparison means something
+    assert err_ours <= 1.5 * err_hf, (err_ours, err_hf)
+    assert (o - h).norm() / r.norm() <= 0.5 * err_hf
+
+
+def copy_model(m):
+    import copy
+
+    return copy.deepcopy(m).eval()
+
+
+def test_wan_pth_and_transformers_folder_give_the_same_embeddings(tmp_path, tok_dir, hf_model):
+    """The real file formats: Wan's .pth, and transformers' `save_pretrained` (sharded, and in
+    one file) of the same weights, each loaded without transformers, equal to each other
+    and to transformers' own model."""
+    sp_dir, hf_dir, _ = tok_dir
+    pth = tmp_path / "t5.pth"
+    torch.save(to_wan(hf_model), pth)
+    sharded, single = tmp_path / "sharded", tmp_path / "single"
+    hf_model.save_pretrained(str(sharded), max_shard_size="20KB")
+    hf_model.save_pretrained(str(single))
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert (single / "model.safetensors").is_file()
+    texts = ["a neon forest at night", "liquid chrome sculptures melting in slow motion"]
+    outs = [
+        te.load_text_encoder(w, hf_dir, placement="cpu", dtype=torch.float32).encode(texts)
+        for w in (pth, sharded, single)
+    ]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    enc = te.load_text_encoder(sharded, hf_dir, placement="cpu", dtype=torch.float32)
+    assert isinstance(enc.model, te.UMT5Encoder) and enc.model.spec == SPEC
+    ids, lengths = enc.tokenizer([te.clean_text(t) for t in texts], 512)
+    mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
+    with torch.no_grad():
+        oracle = hf_model(input_ids=ids, attention_mask=mask).last_hidden_state * mask[..., None]
+    torch.testing.assert_close(outs[1][:, : ids.shape[1]], oracle, rtol=1e-4, atol=1e-5)
+    # bf16 and fp8 placements of the folder build too
+    b16 = te.load_text_encoder(sharded, hf_dir, placement="cpu").encode(texts)
+    f8 = te.load_text_encoder(sharded, hf_dir, placement="fp8", device="cpu").encode(texts)
+    assert b16.dtype == f8.dtype == torch.bfloat16
+    for x in (b16, f8):
+        # the same positions zeroed (per position: a bf16 element may cancel to 0 by itself)
+        assert torch.equal(x.float().norm(dim=-1) == 0, outs[0].norm(dim=-1) == 0)
+        assert (x.float() - outs[0]).norm() / outs[0].norm() < 0.1
+
+
+def test_bad_transformers_folders_give_clear_errors(tmp_path, hf_model):
+    import json
+
+    good = tmp_path / "good"
+    hf_model.save_pretrained(str(good), max_shard_size="20KB")
+    cfg = json.loads((good / "config.json").read_text())
+    index = json.loads((good / "model.safetensors.index.json").read_text())
+
+    def variant(name, *, config=None, drop=(), extra=None, shape=None, truncate=None):
+        import shutil
+
+        from safetensors.torch import load_file, save_file
+
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        if config is not None:
+            (d / "config.json").write_text(json.dumps(config))
+        for f in sorted(set(index["weight_map"].values())):
+            sd = load_file(str(d / f))
+            if any(k in sd for k in drop) or (extra and f == extra[0]) or (shape and shape in sd):
+                sd = {k: v for k, v in sd.items() if k not in drop}
+                if extra and f == extra[0]:
+                    sd[extra[1]] = torch.zeros(3)
+                if shape in sd:
+                    sd[shape] = torch.zeros(sd[shape].shape[0] + 1, *sd[shape].shape[1:])
+                save_file(sd, str(d / f))
+        if truncate:
+            path = d / truncate
+            path.write_bytes(path.read_bytes()[:-100])
+        return d
+
+    first = sorted(set(index["weight_map"].values()))[0]
+    q0 = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    cases = [
+        (variant("no_cfg_key", config={k: v for k, v in cfg.items() if k != "d_ff"}), "d_ff"),
+        (variant("relu", config={**cfg, "feed_forward_proj": "relu"}), "gated-gelu"),
+        (variant("t5", config={**cfg, "model_type": "t5"}), "model_type"),
+        (variant("bad_int", config={**cfg, "num_heads": "4"}), "num_heads"),
+        (variant("wrong_size", config={**cfg, "d_ff": SPEC.dim_ffn + 8}), "shape"),
+        (variant("unknown", extra=(first, "decoder.block.0.x")), "decoder.block.0.x"),
+        (variant("missing", drop=(q0,)), q0),
+        (variant("shape", shape=q0), q0),
+        (variant("truncated", truncate=first), "truncated"),
+    ]
+    for folder, what in cases:
+        with pytest.raises(WeightsError, match=what) as e:
+            te.load_umt5_folder(folder)
+        assert folder.name in str(e.value), e.value  # names the folder or its file
+    (tmp_path / "no_cfg").mkdir()
+    with pytest.raises(WeightsError, match="config.json"):
+        te.load_umt5_folder(tmp_path / "no_cfg")
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError, match="model.safetensors"):
+        te.load_umt5_folder(no_weights)
+    lost = variant("lost_shard")
+    (lost / first).unlink()
+    with pytest.raises(WeightsError, match="not found"):
+        te.load_umt5_folder(lost)
+    # sanity: the unmodified folder loads
+    assert te.load_umt5_folder(good).spec == SPEC
+
+
+def test_json_tokenizer_matches_transformers_on_a_tokenizers_built_file(tmp_path, tok_dir):
+    """A tokenizer.json written with the `tokenizers` library as older converters wrote them
+    (Metaspace alone, no post-processor, a normaliser transformers drops, truncation and
+    padding baked in): ours gives transformers' ids and lengths, EOS appended."""
+    import json
+
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import Unigram
+
+    _, _, sp = tok_dir
+    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    tok = Tokenizer(Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.enable_truncation(8)
+    tok.enable_padding(length=40)
+    d = tmp_path / "tok"
+    d.mkdir()
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "T5Tokenizer",
+                "extra_ids": 0,
+                "eos_token": "</s>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+            }
+        )
+    )
+    ours = te.load_tokenizer(d)
+    assert isinstance(ours, te.JsonTokenizer)
+    oracle = te.HFTokenizer(d)
+    texts = [te.clean_text(t) for t in CORPUS] + ["A Neon ﬁre", "x </s> y", "Ünïcode ½"]
+    long = " ".join(CORPUS * 30)
+    for batch, n in ((texts, 512), (texts, 6), ([long, "a cat"], 512), (["a"], 1)):
+        a, la = ours(batch, n)
+        b, lb = oracle(batch, n)
+        assert torch.equal(a, b) and torch.equal(la, lb), (batch, n)
+        assert (a[torch.arange(len(batch)), la - 1] == 1).all()  # EOS last
+
+
+def test_full_size_path_does_not_import_transformers(tmp_path, tok_dir, hf_model):
+    """Issue 15: building the real encoder (Wan .pth, transformers folder, random weights)
+    and the tokenizer from tokenizer.json must not import transformers (seconds of CPU
+    beside the transformer's load)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, hf_dir, _ = tok_dir
+    pth = tmp_path / "t5.pth"
+    torch.save(to_wan(hf_model), pth)
+    folder = tmp_path / "folder"
+    hf_model.save_pretrained(str(folder), max_shard_size="20KB")
+    code = (
+        "import sys, torch\n"
+        "from engine.models import text_encoder as te\n"
+        f"for w in ({str(pth)!r}, {str(folder)!r}):\n"
+        f"    e = te.load_text_encoder(w, {str(hf_dir)!r}, placement='cpu')\n"
+        "    assert isinstance(e.tokenizer, te.JsonTokenizer)\n"
+        "    assert e.encode(['a neon forest']).abs().sum() > 0\n"
+        f"spec = te.UMT5Spec(**{SPEC.__dict__!r})\n"
+        "te.random_text_encoder(spec, placement='cpu', length=16).encode(['a b'])\n"
+        "print('transformers' in sys.modules)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]

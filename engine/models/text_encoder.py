@@ -1,12 +1,22 @@
-"""Text conditioning: UMT5-XXL (transformers' `UMT5EncoderModel`) fed from Wan's checkpoint,
-and a weight-free stand-in for the tiny model.
+"""Text conditioning: UMT5-XXL (our `UMT5Encoder`) fed from Wan's checkpoint or a
+transformers-format folder, and a weight-free stand-in for the tiny model.
 
-Why transformers and not our own T5: the encoder runs once per prompt change, off the block
-loop, so its speed hardly matters, and transformers is the oracle anyway. What is ours:
-the map from Wan's key names (`models_t5_umt5-xxl-enc-bf16.pth`) onto transformers', the
-text cleaning, the "zero past the prompt's tokens" rule the transformer was trained with,
-and the placements (GPU bf16, GPU fp8 weights, CPU) that let a 24-32 GB card keep the 11 GB
-encoder out of its memory.
+Why our own T5 and not transformers': start-up. Every `dreamdeck run` of the full model
+builds the encoder while the 14B transformer loads on another thread, and importing
+transformers' `UMT5EncoderModel` costs about 5 s of pure-Python CPU on this 2-core test
+machine (1.3-1.8 s for `import transformers` or its `AutoTokenizer` alone), GIL time taken
+from that load on every start (issue 15: restart to first frames). The network is small:
+UMT5 is T5 with a relative position bias in every layer, written here in a few classes with
+transformers' parameter names, so its state dicts and `save_pretrained` folders load
+strictly. transformers stays the oracle in tests: ours equals its `UMT5EncoderModel` on the
+same weights in float32 and in bf16 computed its way (float32 mean square in the norm, cast
+back before the scale, FFN input cast to `wo`'s dtype, unscaled logits, padded keys at the
+dtype's minimum), and the tokenizer (`tokenizer.json` through the `tokenizers` library)
+gives its ids. The encoder runs once per prompt change, off the block loop, so its speed
+hardly matters. Also ours: the map from Wan's key names (`models_t5_umt5-xxl-enc-bf16.pth`)
+onto transformers', the text cleaning, the "zero past the prompt's tokens" rule the
+transformer was trained with, and the placements (GPU bf16, GPU fp8 weights, CPU) that let
+a 24-32 GB card keep the 11 GB encoder out of its memory.
 
 Encoding runs only over the longest prompt of the batch and is then zero-padded to 512:
 with the attention mask excluding padding and T5's purely relative positions, the real
@@ -17,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import json
 import logging
 import math
 import os
@@ -97,9 +108,95 @@ class Tokenizer(Protocol):
         ...
 
 
+class JsonTokenizer:
+    """The UMT5 tokenizer from the folder's `tokenizer.json` with the `tokenizers` library
+    (what transformers' fast tokenizer wraps), without importing transformers (seconds).
+
+    Set up as transformers' `T5Tokenizer` sets itself up from that file: the file's
+    vocabulary and special tokens, of its normaliser only sentencepiece's precompiled map,
+    white-space split then Metaspace ("▁" before every word), and EOS after the pieces,
+    whatever pre-tokeniser and post-processor the file names. Truncated to `max_length - 1`
+    pieces + EOS and padded with <pad> to the longest, as transformers' `padding="longest",
+    truncation=True, max_length=` gives (tested against it)."""
+
+    _T5_CLASSES = (None, "T5Tokenizer", "T5TokenizerFast")
+
+    def __init__(self, folder: str | Path):
+        from tokenizers import Tokenizer as _Backend
+        from tokenizers import pre_tokenizers
+
+        folder = Path(folder)
+        config_file = folder / "tokenizer_config.json"
+        config = (
+            json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        )
+        if config.get("tokenizer_class") not in self._T5_CLASSES:
+            raise ValueError(
+                f"{config_file}: tokenizer_class {config['tokenizer_class']!r} is not T5's"
+            )
+        tok = _Backend.from_file(str(folder / "tokenizer.json"))
+        if type(tok.model).__name__ != "Unigram":
+            raise ValueError(f"{folder / 'tokenizer.json'}: not a Unigram (sentencepiece) model")
+
+        def name(v: object) -> str | None:  # a token is a string or {"content": ...}
+            return v.get("content") if isinstance(v, dict) else v if isinstance(v, str) else None
+
+        eos_name = name(config.get("eos_token", "</s>"))
+        pad_name = name(config.get("pad_token", "<pad>"))
+        unk_name = name(config.get("unk_token", "<unk>"))
+        eos, pad = tok.token_to_id(str(eos_name)), tok.token_to_id(str(pad_name))
+        if eos is None or pad is None:
+            raise ValueError(f"{folder / 'tokenizer.json'}: no {eos_name} or {pad_name} token")
+        # transformers registers these as special tokens, matched whole before the pieces
+        # (a literal "</s>" in a prompt is EOS, not "▁" + "</s>"); files from its converters
+        # list them already, and re-adding an existing token changes nothing
+        extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
+        special = [eos_name, pad_name, unk_name, *(name(t) for t in extra)]
+        tok.add_special_tokens([t for t in special if t and tok.token_to_id(t) is not None])
+        tok.normalizer = _precompiled_only(tok.normalizer)
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.WhitespaceSplit(),
+                pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+            ]
+        )
+        # EOS, truncation and padding are done below (stateless calls), not by the backend
+        tok.no_truncation()
+        tok.no_padding()
+        self.tok, self.eos, self.pad = tok, eos, pad
+
+    def __call__(self, texts: Sequence[str], max_length: int) -> tuple[Tensor, Tensor]:
+        pieces = self.tok.encode_batch(list(texts), add_special_tokens=False)
+        seqs = [e.ids[: max_length - 1] + [self.eos] for e in pieces]
+        n = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+        return ids, torch.tensor([len(s) for s in seqs])
+
+
+def _precompiled_only(normalizer):
+    """The sentencepiece charsmap (`Precompiled`) of a tokenizer.json normaliser, the only
+    part transformers' T5Tokenizer keeps (converters add a Strip and a Replace of repeated
+    spaces, no-ops on cleaned text); None when there is none."""
+    if normalizer is None:
+        return None
+    parts = [normalizer]
+    if type(normalizer).__name__ == "Sequence":
+        parts = []
+        while True:
+            try:
+                parts.append(normalizer[len(parts)])
+            except IndexError:
+                break
+    kept = [n for n in parts if type(n).__name__ == "Precompiled"]
+    return kept[-1] if kept else None
+
+
 class HFTokenizer:
     """transformers' tokenizer from a folder laid out like `google/umt5-xxl`
-    (tokenizer.json / spiece.model + tokenizer_config.json)."""
+    (tokenizer.json / spiece.model + tokenizer_config.json): the fallback for a folder that
+    `JsonTokenizer` cannot read (no tokenizer.json); importing transformers costs seconds."""
 
     def __init__(self, folder: str | Path):
         from transformers import AutoTokenizer
@@ -141,10 +238,16 @@ class SentencePieceTokenizer:
 
 
 def load_tokenizer(folder: str | Path) -> Tokenizer:
-    """The UMT5 tokenizer from `folder` (transformers first, sentencepiece as fallback)."""
+    """The UMT5 tokenizer from `folder`: `tokenizer.json` through the `tokenizers` library
+    first (no transformers import), then transformers, then sentencepiece."""
     folder = Path(folder)
     if not folder.is_dir():
         raise WeightsError(f"{folder}: tokenizer folder not found (run `dreamdeck download`)")
+    if (folder / "tokenizer.json").is_file():
+        try:
+            return JsonTokenizer(folder)
+        except Exception as e:  # tokenizers' own errors, a config of another class, bad JSON
+            log.info("tokenizer: tokenizers could not load %s (%s); trying transformers", folder, e)
     try:
         return HFTokenizer(folder)
     except Exception as e:  # transformers raises many kinds here (missing protobuf, tiktoken, ...)
@@ -194,21 +297,28 @@ class UMT5Spec:
     layers: int = 24
     buckets: int = 32
     max_distance: int = 128
+    head_dim: int = 0  # 0: dim // heads (T5 allows heads * head_dim != dim; UMT5-XXL has 64 * 64)
+    eps: float = 1e-6
+
+    @property
+    def kv_dim(self) -> int:
+        return self.head_dim or self.dim // self.heads
 
     def hf_config(self):
+        """transformers' config of this spec: for the oracle in tests (imports transformers)."""
         from transformers import UMT5Config
 
         return UMT5Config(
             vocab_size=self.vocab,
             d_model=self.dim,
-            d_kv=self.dim // self.heads,
+            d_kv=self.kv_dim,
             d_ff=self.dim_ffn,
             num_layers=self.layers,
             num_heads=self.heads,
             relative_attention_num_buckets=self.buckets,
             relative_attention_max_distance=self.max_distance,
             feed_forward_proj="gated-gelu",  # gelu_new (tanh) gate, as Wan's T5 FFN
-            layer_norm_epsilon=1e-6,
+            layer_norm_epsilon=self.eps,
             dropout_rate=0.0,
             tie_word_embeddings=False,
             is_encoder_decoder=False,
@@ -294,11 +404,13 @@ def spec_from_wan_state_dict(
         vocab, dim = sd["token_embedding.weight"].shape
         dim_ffn = sd["blocks.0.ffn.fc1.weight"].shape[0]
         buckets, heads = sd["blocks.0.pos_embedding.embedding.weight"].shape
+        inner = sd["blocks.0.attn.q.weight"].shape[0]
     except KeyError as e:
         raise WeightsError(f"{file}: not a Wan UMT5 encoder checkpoint: no key {e}") from None
     layers = 1 + max(int(m.group(1)) for k in sd if (m := _BLOCK_RE.match(k)))
-    max_distance = UMT5_XXL.max_distance
-    return UMT5Spec(vocab, dim, dim_ffn, heads, layers, buckets, max_distance)
+    max_distance = UMT5_XXL.max_distance  # not in the weights; Wan's T5 uses 128
+    head_dim = 0 if inner == dim else inner // heads
+    return UMT5Spec(vocab, dim, dim_ffn, heads, layers, buckets, max_distance, head_dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,6 +605,130 @@ def _resolve(placement: str, device: str | torch.device | None, dtype: torch.dty
     return placement, device, dtype
 
 
+_HF_CONFIG_KEYS = {  # transformers' UMT5Config name -> UMT5Spec field
+    "vocab_size": "vocab",
+    "d_model": "dim",
+    "d_ff": "dim_ffn",
+    "num_heads": "heads",
+    "num_layers": "layers",
+    "relative_attention_num_buckets": "buckets",
+    "relative_attention_max_distance": "max_distance",
+}
+
+
+def spec_from_hf_config(cfg: object, *, file: str | Path = "config.json") -> UMT5Spec:
+    """The spec of a transformers UMT5 `config.json` (already parsed), or a WeightsError
+    naming `file` and the key at fault."""
+    if not isinstance(cfg, dict):
+        raise WeightsError(f"{file}: not a JSON object")
+    model_type = cfg.get("model_type", "umt5")
+    if model_type != "umt5":
+        raise WeightsError(
+            f"{file}: model_type {model_type!r} is not 'umt5' (UMT5 has a position bias in"
+            " every layer; T5 and mT5 share layer 0's, which this encoder does not implement)"
+        )
+    missing = [k for k in (*_HF_CONFIG_KEYS, "feed_forward_proj") if k not in cfg]
+    if missing:
+        raise WeightsError(
+            f"{file}: no {', '.join(missing)} (not a transformers UMT5 encoder config.json?)"
+        )
+    if cfg["feed_forward_proj"] != "gated-gelu":
+        raise WeightsError(
+            f"{file}: feed_forward_proj is {cfg['feed_forward_proj']!r}; only 'gated-gelu'"
+            " (UMT5's tanh-GELU gated FFN) is supported"
+        )
+
+    def positive_int(key: str, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise WeightsError(f"{file}: {key} = {value!r} is not a positive integer")
+        return value
+
+    fields = {f: positive_int(k, cfg[k]) for k, f in _HF_CONFIG_KEYS.items()}
+    if fields["buckets"] < 4 or fields["max_distance"] <= fields["buckets"] // 4:
+        raise WeightsError(
+            f"{file}: relative_attention_num_buckets = {fields['buckets']} and"
+            f" relative_attention_max_distance = {fields['max_distance']} leave no logarithmic"
+            " buckets (need at least 4 buckets and a distance past a quarter of them)"
+        )
+    d_kv = positive_int("d_kv", cfg.get("d_kv", fields["dim"] // fields["heads"]))
+    eps = cfg.get("layer_norm_epsilon", 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 < eps < 1:
+        raise WeightsError(f"{file}: layer_norm_epsilon = {eps!r} is not a small positive number")
+    head_dim = 0 if d_kv * fields["heads"] == fields["dim"] else d_kv
+    return UMT5Spec(**fields, head_dim=head_dim, eps=float(eps))
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a transformers folder: `model.safetensors`, or the shards its
+    `model.safetensors.index.json` names."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WeightsError(
+                f"{index}: not a safetensors index ({type(e).__name__}: {e})"
+            ) from None
+        if not names or not all(isinstance(n, str) and "/" not in n for n in names):
+            raise WeightsError(f"{index}: its weight_map names no shard files in this folder")
+        return [folder / n for n in names]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise WeightsError(
+        f"{folder}: no model.safetensors or model.safetensors.index.json (a transformers"
+        " UMT5 encoder folder holds config.json and one of them)"
+    )
+
+
+def load_umt5_folder(
+    folder: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> UMT5Encoder:
+    """Our encoder from a transformers-format folder (`config.json` + safetensors, sharded or
+    not, as `save_pretrained` and the -Diffusers repos' `text_encoder/` lay it out), without
+    importing transformers. Shards are checked (names, shapes) and assigned one at a time;
+    errors name the file and the key."""
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise WeightsError(f"{cfg_path}: not found (a transformers-format encoder folder needs it)")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{cfg_path}: not readable JSON ({e})") from None
+    spec = spec_from_hf_config(cfg, file=cfg_path)
+    with torch.device("meta"):
+        model = UMT5Encoder(spec)
+    own = model.state_dict(keep_vars=True)
+    seen: set[str] = set()
+    for f in _safetensors_files(folder):
+        part = load_checkpoint(f)
+        unknown = [k for k in part if k not in own]
+        if unknown:
+            raise WeightsError(
+                f"{f}: {len(unknown)} key(s) are not UMT5 encoder names, e.g."
+                f" {', '.join(unknown[:5])} (only a UMT5EncoderModel's weights load here)"
+            )
+        assign_state_dict(model, part, file=f, dtype=dtype, device=device, strict=False)
+        seen.update(part)
+        del part
+    if "shared.weight" not in seen and "encoder.embed_tokens.weight" in seen:
+        model.shared = model.encoder.embed_tokens  # saved under the tied name only
+        seen.add("shared.weight")
+    seen.add("encoder.embed_tokens.weight")  # tied to `shared` below
+    missing = [k for k in own if k not in seen]
+    if missing:
+        raise WeightsError(
+            f"{folder}: {len(missing)} weight(s) missing from its safetensors, e.g."
+            f" {', '.join(missing[:5])}"
+        )
+    return model.tie_()
+
+
 def load_text_encoder(
     weights: str | Path,
     tokenizer_dir: str | Path,
@@ -506,27 +742,23 @@ def load_text_encoder(
     """Wan's `models_t5_umt5-xxl-enc-bf16.pth` (or a transformers `text_encoder/` folder of a
     -Diffusers repo) plus the `google/umt5-xxl` tokenizer folder, placed by `placement`:
     "gpu" (bf16 on the GPU), "fp8" (fp8 weights on the GPU), "cpu" (bf16 on the CPU, outputs
-    moved to `output_device`)."""
-    from transformers import UMT5EncoderModel
-
+    moved to `output_device`). Builds our `UMT5Encoder` either way: no transformers import."""
     placement, device, dtype = _resolve(placement, device, dtype)
     weights = Path(weights)
     tokenizer = load_tokenizer(tokenizer_dir)
+    # fp8 quantises from host memory, one linear at a time, onto the GPU (`_place`)
+    target = device if placement != "fp8" else torch.device("cpu")
     if weights.is_dir():  # transformers format
-        try:
-            model = UMT5EncoderModel.from_pretrained(str(weights), dtype=dtype)
-        except Exception as e:
-            raise WeightsError(f"{weights}: cannot load transformers UMT5 encoder: {e}") from None
+        model = load_umt5_folder(weights, dtype=dtype, device=target)
     else:
         sd = load_checkpoint(weights)
         spec = spec_from_wan_state_dict(sd, file=weights)
         with torch.device("meta"):
-            model = UMT5EncoderModel(spec.hf_config())
-        target = device if placement != "fp8" else torch.device("cpu")
+            model = UMT5Encoder(spec)
         assign_state_dict(
             model, convert_wan_t5(sd, file=weights), file=weights, dtype=dtype, device=target
         )
-        model.encoder.embed_tokens = model.shared  # keep the tie after assignment
+        model.tie_()  # keep the tie after assignment
     _place(model, placement, device, dtype)
     return TextEncoder(
         model,
@@ -551,15 +783,12 @@ def random_text_encoder(
 ) -> TextEncoder:
     """A random-weights encoder of `spec` with a hash tokenizer: times encode for each
     placement (bench) without downloading 11 GB. Not meant to give meaningful embeddings."""
-    from transformers import UMT5EncoderModel
-
     placement, device, dtype = _resolve(placement, device, dtype)
     with torch.device("meta"):
-        model = UMT5EncoderModel(spec.hf_config())
-    model.to_empty(device=device)
-    model.to(dtype)
+        model = UMT5Encoder(spec).to(dtype)  # dtype first: no float32 XXL on the way
+    materialize_(model, device)
     _init_random_(model, seed)
-    model.encoder.embed_tokens = model.shared
+    model.tie_()
     _place(model, placement, device, dtype)
     return TextEncoder(
         model,
@@ -590,32 +819,62 @@ def _bucket(rel: Tensor, buckets: int, max_distance: int) -> Tensor:
     return out + torch.where(dist < exact, dist, far.clamp(max=half - 1))
 
 
+# Weight dtypes a FFN input is cast to before `wo` (T5 keeps `wo` in float32 for some int8 and
+# fp16 setups; an fp8 or int8 storage dtype is not a compute dtype and is left alone).
+_COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _clamp_fp16(x: Tensor) -> Tensor:
+    """T5's guard against fp16 overflow after each sub-layer (a no-op in bf16 and float32)."""
+    if x.dtype != torch.float16:
+        return x
+    top = torch.finfo(torch.float16).max
+    lim = torch.where(torch.isinf(x).any(), top - 1000, top)
+    return x.clamp(min=-lim, max=lim)
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    """The tanh GELU op by op, as Wan's T5 and transformers' `gelu_new` evaluate it (in bf16
+    each op rounds: the fused `F.gelu(approximate="tanh")` would differ in the last bits)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3.0))))
+
+
 class _RMSNorm(nn.Module):
-    def __init__(self, dim: int):
+    """T5's norm: no mean, no bias; the mean square in float32, the normalised state back in
+    the weight's dtype (when that is fp16/bf16) before the scale."""
+
+    def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.weight * (x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6))
+        x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return self.weight * x
 
 
 class _Attention(nn.Module):
     def __init__(self, spec: UMT5Spec):
         super().__init__()
-        self.spec = spec
-        self.q, self.k, self.v, self.o = (
-            nn.Linear(spec.dim, spec.dim, bias=False) for _ in range(4)
-        )
+        self.heads = spec.heads
+        inner = spec.heads * spec.kv_dim
+        self.q = nn.Linear(spec.dim, inner, bias=False)
+        self.k = nn.Linear(spec.dim, inner, bias=False)
+        self.v = nn.Linear(spec.dim, inner, bias=False)
+        self.o = nn.Linear(inner, spec.dim, bias=False)
+        # UMT5: every layer has its own position bias (T5 shares layer 0's)
         self.relative_attention_bias = nn.Embedding(spec.buckets, spec.heads)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, buckets: Tensor) -> Tensor:
         b, n, _ = x.shape
-        h = self.spec.heads
-        q, k, v = (f(x).view(b, n, h, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
-        pos = torch.arange(n, device=x.device)
-        rel = _bucket(pos[None, :] - pos[:, None], self.spec.buckets, self.spec.max_distance)
-        bias = self.relative_attention_bias(rel).permute(2, 0, 1)[None]  # [1, H, n, n]
-        bias = bias.masked_fill(~mask[:, None, None, :], torch.finfo(x.dtype).min)
+        q, k, v = (
+            f(x).view(b, n, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v)
+        )
+        bias = self.relative_attention_bias(buckets).permute(2, 0, 1)[None]  # [1, H, n, n]
+        low = max(torch.finfo(q.dtype).min, torch.finfo(bias.dtype).min)
+        bias = bias.masked_fill(~mask[:, None, None, :], low).to(q.dtype)  # padded keys out
         # T5 does not scale the logits (its init folds 1/sqrt(d) into q)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
         return self.o(out.transpose(1, 2).reshape(b, n, -1))
@@ -625,10 +884,10 @@ class _SelfAttentionLayer(nn.Module):
     def __init__(self, spec: UMT5Spec):
         super().__init__()
         self.SelfAttention = _Attention(spec)  # transformers' parameter names
-        self.layer_norm = _RMSNorm(spec.dim)
+        self.layer_norm = _RMSNorm(spec.dim, spec.eps)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        return x + self.SelfAttention(self.layer_norm(x), mask)
+    def forward(self, x: Tensor, mask: Tensor, buckets: Tensor) -> Tensor:
+        return x + self.SelfAttention(self.layer_norm(x), mask, buckets)
 
 
 class _GatedGelu(nn.Module):
@@ -639,14 +898,18 @@ class _GatedGelu(nn.Module):
         self.wo = nn.Linear(spec.dim_ffn, spec.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.wo(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x))
+        h = _gelu_tanh(self.wi_0(x)) * self.wi_1(x)
+        w = self.wo.weight  # Fp8Linear answers with its compute dtype
+        if isinstance(w, Tensor) and w.dtype in _COMPUTE_DTYPES and h.dtype != w.dtype:
+            h = h.to(w.dtype)
+        return self.wo(h)
 
 
 class _FeedForwardLayer(nn.Module):
     def __init__(self, spec: UMT5Spec):
         super().__init__()
         self.DenseReluDense = _GatedGelu(spec)  # transformers' parameter names
-        self.layer_norm = _RMSNorm(spec.dim)
+        self.layer_norm = _RMSNorm(spec.dim, spec.eps)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.DenseReluDense(self.layer_norm(x))
@@ -657,8 +920,9 @@ class _Block(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList([_SelfAttentionLayer(spec), _FeedForwardLayer(spec)])
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        return self.layer[1](self.layer[0](x, mask))
+    def forward(self, x: Tensor, mask: Tensor, buckets: Tensor) -> Tensor:
+        x = _clamp_fp16(self.layer[0](x, mask, buckets))
+        return _clamp_fp16(self.layer[1](x))
 
 
 class _Stack(nn.Module):
@@ -666,7 +930,7 @@ class _Stack(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab, spec.dim)  # tied to `shared` once built
         self.block = nn.ModuleList([_Block(spec) for _ in range(spec.layers)])
-        self.final_layer_norm = _RMSNorm(spec.dim)
+        self.final_layer_norm = _RMSNorm(spec.dim, spec.eps)
 
 
 @dataclass
@@ -679,23 +943,41 @@ class _Config:
     d_model: int
 
 
-class TinyUMT5(nn.Module):
-    """A float32 UMT5 encoder in a few lines, for the tiny model only: transformers'
-    `UMT5EncoderModel` is the same network (parameter names and outputs match it, tested)
-    but importing transformers costs about 7 s of CPU, on every `dreamdeck run --model tiny`
-    start (tests start dozens). The real encoder stays transformers' (module docstring)."""
+class UMT5Encoder(nn.Module):
+    """The UMT5 encoder (every size: XXL for the real model, a few layers for tiny), ours.
+
+    transformers' `UMT5EncoderModel` is the same network: the parameter names are its names
+    (so its state dicts load strictly), and the outputs equal its outputs on the same
+    weights in float32 and, op for op, in bf16 (tests/test_text_encoder.py). Ours because
+    importing transformers' model costs seconds of CPU on every start (module docstring).
+
+    Call as transformers' model is called: `model(input_ids=, attention_mask=)` ->
+    `.last_hidden_state` [N, l, D] (padded positions hold values; `TextEncoder` zeroes them).
+    """
 
     def __init__(self, spec: UMT5Spec):
         super().__init__()
+        self.spec = spec
         self.config = _Config(spec.dim)
         self.shared = nn.Embedding(spec.vocab, spec.dim)
         self.encoder = _Stack(spec)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> _Output:
+    def tie_(self) -> UMT5Encoder:
+        """Make `encoder.embed_tokens` the `shared` table again (after weights are assigned)."""
+        self.encoder.embed_tokens = self.shared
+        return self
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> _Output:
         x = self.encoder.embed_tokens(input_ids)
-        mask = attention_mask.bool()
+        n = x.shape[1]
+        if attention_mask is None:
+            mask = torch.ones(input_ids.shape, dtype=torch.bool, device=x.device)
+        else:
+            mask = attention_mask.to(x.device).bool()
+        pos = torch.arange(n, device=x.device)
+        buckets = _bucket(pos[None, :] - pos[:, None], self.spec.buckets, self.spec.max_distance)
         for block in self.encoder.block:
-            x = block(x, mask)
+            x = block(x, mask, buckets)
         return _Output(self.encoder.final_layer_norm(x))
 
 
@@ -720,10 +1002,10 @@ class TinyTextEncoder(TextEncoder):
         # (engine/runtime/pipeline.py), whose random builds seed and use that RNG: the
         # two interleaving made random weights differ from one build to the next.
         with torch.device("meta"):
-            model = TinyUMT5(spec)
+            model = UMT5Encoder(spec)
         materialize_(model, device)
         _init_random_(model, seed)  # every parameter: the same weights as transformers' gets
-        model.encoder.embed_tokens = model.shared
+        model.tie_()
         super().__init__(
             model, HashTokenizer(spec.vocab), length=length, device=device, placement="cpu"
         )
