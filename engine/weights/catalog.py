@@ -98,7 +98,7 @@ FILES: dict[str, ModelFile] = {
         ModelFile("rife", "daydreamlive/RIFE", "flownet.pkl", 22_700_000),
     )
 }
-# The UMT5 tokenizer folder as Wan's repos lay it out. transformers loads tokenizer.json;
+# The UMT5 tokenizer folder as Wan's repos lay it out. The `tokenizers` library loads tokenizer.json;
 # spiece.model alone suffices (engine.models.text_encoder falls back to sentencepiece), so
 # only it is required and the others are fetched when the repo has them.
 TOKENIZER_FILES: tuple[ModelFile, ...] = (
