@@ -441,13 +441,13 @@ def _fault(worlds, key: str, sig: int, limit: float, words: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_killing_a_rank_ends_the_run_cleanly_naming_it(shows):
+def test_killing_a_rank_ends_the_run_cleanly_naming_it(shows, paused):
     _fault(shows, "run", signal.SIGKILL, 30, "rank 1 killed by SIGKILL")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_hung_rank_ends_the_run_after_the_timeout_naming_it(shows):
+def test_a_hung_rank_ends_the_run_after_the_timeout_naming_it(shows, paused):
     # SIGSTOP: the process lives but does nothing (a wedged GPU, a deadlock); the run has
     # --rank-timeout RANK_TIMEOUT
     _fault(shows, "hang", signal.SIGSTOP, RANK_TIMEOUT + 30, "rank 1 hung")
@@ -477,13 +477,10 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_a_pause_longer_than_the_rank_timeout_then_rank_0_killed(shows):
+def _pause_then_kill_rank_0(proc, log: Path, port: int) -> None:
     """A paused show (over OSC) waits longer than --rank-timeout (10 s) between blocks:
     that is no fault, the show goes on after it. Then SIGKILL on rank 0 leaves no one to
     stop the others: they see their parent gone and leave."""
-    proc, (log, port) = shows["orphan"]
 
     def blocks() -> int:
         return max(map(int, re.findall(r"running +block +(\d+)", log.read_text())), default=0)
@@ -515,3 +512,38 @@ def test_a_pause_longer_than_the_rank_timeout_then_rank_0_killed(shows):
     while _alive(followers[0]) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(followers[0])
+
+
+@pytest.fixture(scope="module")
+def paused(shows):
+    """The pause scenario runs on a thread from the moment the shows start, so its waits
+    (longer than the rank timeout, on purpose) overlap the kill and hang tests' instead of
+    adding to the suite's time. Yields the thread's outcome holder."""
+    import threading
+
+    proc, (log, port) = shows["orphan"]
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            _pause_then_kill_rank_0(proc, log, port)
+            outcome["ok"] = True
+        except BaseException as e:  # re-raised in the test
+            outcome["error"] = e
+
+    t = threading.Thread(target=run, daemon=True, name="pause-scenario")
+    t.start()
+    yield t, outcome
+    t.join(timeout=5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_pause_longer_than_the_rank_timeout_then_rank_0_killed(paused):
+    """See `_pause_then_kill_rank_0` (run on a thread by the `paused` fixture)."""
+    t, outcome = paused
+    t.join(timeout=500)
+    assert not t.is_alive(), "the pause scenario did not finish"
+    if "error" in outcome:
+        raise outcome["error"]
+    assert outcome.get("ok")
