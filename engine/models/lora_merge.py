@@ -200,7 +200,11 @@ VARIANTS = {
     "split-64x256": ("split", 64, 256, True),
     "split-128x128": ("split", 128, 128, True),
 }
-fp8_variant = "split-64x128"
+# The default until `pick_fp8_variant` has timed them (warm-up; a warm start skips it): the
+# one variant that has run on a GPU so far. The split variants pass the interpreter tests
+# but were never run on a GPU (no device came this session), so none is the default before
+# warm-up has checked it against this one on the card in hand.
+fp8_variant = "tf32-32"
 
 
 def pick_fp8_variant(src_q: Tensor, src_s: Tensor, rank: int = 64, reps: int = 3) -> dict:
