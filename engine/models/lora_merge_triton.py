@@ -10,6 +10,23 @@ from engine.models.triton_attention import _to_fp8
 
 
 @triton.jit
+def _row_block_tile(src, ps, a_ptr, b, rows, rok, rr, k0, K, R, s_src, s_a0, s_a1,
+                    BK: tl.constexpr, DOT_BF16: tl.constexpr):  # fmt: skip
+    """Columns k0..k0+BK of this program's rows of src · row scale + b @ A (b: the scaled
+    B rows, already in the dot's dtype), in float32, with the columns and the mask."""
+    cols = k0 + tl.arange(0, BK)
+    cok = cols < K
+    a = tl.load(
+        a_ptr + rr[:, None] * s_a0 + cols[None, :] * s_a1,
+        mask=(rr[:, None] < R) & cok[None, :],
+        other=0.0,
+    ).to(tl.bfloat16 if DOT_BF16 else tl.float32)
+    m = rok[:, None] & cok[None, :]
+    p = tl.load(src + rows[:, None] * s_src + cols[None, :], mask=m, other=0.0)
+    return p.to(tl.float32) * ps[:, None] + tl.dot(b, a), cols, m
+
+
+@triton.jit
 def fp8_merge_kernel(
     src, src_s, dst, dst_s, b_ptr, a_ptr, cs_ptr, N, K, R,
     s_src, s_dst, s_b0, s_b1, s_a0, s_a1,
@@ -19,6 +36,8 @@ def fp8_merge_kernel(
     # DOT_BF16: the low-rank product on bf16 tensor cores (the scaled B rounded to bf16,
     # float32 accumulation) instead of tf32: half the MMA work of the two passes. GPU
     # only: the interpreter's bf16 dot is unreliable (tests/test_triton_attention.py).
+    # Two passes over the row block: the row maxima, then the quantised writes (the tile
+    # is recomputed rather than kept: a whole row block would not fit in registers).
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rok = rows < N
     rr = tl.arange(0, BR)
@@ -33,29 +52,15 @@ def fp8_merge_kernel(
     ps = tl.load(src_s + rows, mask=rok, other=0.0)
     amax = tl.zeros([BM], dtype=tl.float32)
     for k0 in range(0, K, BK):
-        cols = k0 + tl.arange(0, BK)
-        cok = cols < K
-        a = tl.load(
-            a_ptr + rr[:, None] * s_a0 + cols[None, :] * s_a1,
-            mask=(rr[:, None] < R) & cok[None, :],
-            other=0.0,
-        ).to(tl.bfloat16 if DOT_BF16 else tl.float32)
-        m = rok[:, None] & cok[None, :]
-        p = tl.load(src + rows[:, None] * s_src + cols[None, :], mask=m, other=0.0)
-        w = p.to(tl.float32) * ps[:, None] + tl.dot(b, a)
+        w, cols, m = _row_block_tile(
+            src, ps, a_ptr, b, rows, rok, rr, k0, K, R, s_src, s_a0, s_a1, BK, DOT_BF16
+        )
         amax = tl.maximum(amax, tl.max(tl.where(m, tl.abs(w), 0.0), axis=1))
     scale = tl.maximum(amax, 1e-12) / 448.0
     for k0 in range(0, K, BK):
-        cols = k0 + tl.arange(0, BK)
-        cok = cols < K
-        a = tl.load(
-            a_ptr + rr[:, None] * s_a0 + cols[None, :] * s_a1,
-            mask=(rr[:, None] < R) & cok[None, :],
-            other=0.0,
-        ).to(tl.bfloat16 if DOT_BF16 else tl.float32)
-        m = rok[:, None] & cok[None, :]
-        p = tl.load(src + rows[:, None] * s_src + cols[None, :], mask=m, other=0.0)
-        w = p.to(tl.float32) * ps[:, None] + tl.dot(b, a)
+        w, cols, m = _row_block_tile(
+            src, ps, a_ptr, b, rows, rok, rr, k0, K, R, s_src, s_a0, s_a1, BK, DOT_BF16
+        )
         y = tl.minimum(tl.maximum(w / scale[:, None], -448.0), 448.0)
         tl.store(dst + rows[:, None] * s_dst + cols[None, :], _to_fp8(y, EXACT), mask=m)
     tl.store(dst_s + rows, scale, mask=rok)
