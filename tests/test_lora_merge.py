@@ -55,7 +55,7 @@ def _codes(q: torch.Tensor) -> torch.Tensor:
 
 @needs_kernel
 @pytest.mark.parametrize("variant", ["tf32-32", "bf16-64", "split-64x128", "split-128x128"])
-@pytest.mark.parametrize("n,k,r", [(70, 200, 5), (33, 130, 17), (64, 256, 64)])
+@pytest.mark.parametrize("n,k,r", [(70, 200, 5), (33, 130, 17), (64, 256, 64), (40, 300, 130)])
 def test_fp8_kernel_matches_the_float32_reference(n, k, r, variant):
     """Rows of an fp8 weight re-quantised after adding (B·diag(c)) @ A: the kernel (in place
     and out of place, each variant) against `merge_rows_reference`: the same row scales

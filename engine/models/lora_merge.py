@@ -11,12 +11,15 @@ cost (H100, ~3 TB/s):
   float32 scratch (cuBLAS adds C in float32 before its one rounding).
 - fp8 linears (engine/models/fp8.py, one scale per row): the merged row must be
   re-quantised with a new row scale, which needs the row's absolute maximum before any
-  value is written. `fp8_merge_rows_` does it in one Triton kernel: each program owns a few
-  rows, computes ``src·scale + (B·c) @ A`` tile by tile in registers (the low-rank product
-  is recomputed, K = rank is small), takes the row maximum in a first pass and writes fp8
-  values in a second: ~2 B per weight (read fp8, write fp8), no scratch tensor. The kernel
-  may run in place (src is dst): a program reads a tile before it writes that tile, and no
-  other program touches its rows.
+  value is written. `fp8_merge_rows_` does it in Triton (`VARIANTS`): ``src·scale +
+  (B·c) @ A`` is computed tile by tile in registers (the low-rank product is recomputed,
+  K = rank is small), the row maxima in a first pass and the fp8 values written in a
+  second: ~3 B per weight (read fp8 twice, write fp8 once), no weight-sized scratch. The
+  "rows" variants give each program whole rows (one launch); the "split" variants one
+  program per tile in two launches (row maxima by atomic max, then the writes), for the
+  parallelism a linear's few row blocks lack. Both may run in place (src is dst): a
+  program reads a tile before it writes that tile, no other program writes it, and the
+  split variants copy the new row scales only after the second launch.
 - Anything else (CPU, `.diff` full differences): `merge_rows_reference`, float32 in row
   chunks of at most `chunk_elems` through one reused scratch buffer, so the scratch is
   bounded (was: a float32 copy of the whole weight plus the float32 delta, ~0.6 GB for a
@@ -169,6 +172,8 @@ def fp8_merge_rows_(
         return
     from engine.models import lora_merge_triton as K
 
+    if br > 64:  # wide ranks (several slots on one site): smaller tiles, fewer registers
+        bm, bk = min(bm, 64), min(bk, 128 if br <= 128 else 64)
     cs = colscale.float().contiguous()
     scratch = torch.zeros(2 * n, device=dst_q.device)  # row maxima, then the new scales
     amax, out_s = scratch[:n], scratch[n:]
