@@ -2,15 +2,18 @@
 # The device measurements still owed for issues 15-17 (docs/PERFORMANCE.md, "Owed to the next
 # device session"), most important first, inside one 10-minute device call:
 #   run(command="T=570 bash tools/device/next_session.sh", carry=[".whl"], timeout_s=600)
-# with python-osc's wheel in .whl (excluded from git; see the tool library's device README:
-# `pip download --no-deps --only-binary=:all: -d .whl python-osc`). Results under $OUT
+# with python-osc's wheel in .whl or .dev/whl (git-excluded; carry it; see the tool library's
+# device README: `pip download --no-deps --only-binary=:all: -d .whl python-osc`). Results under $OUT
 # (R.txt first). DREAMDECK_MODELS is a fresh folder: the warmup below is the fresh-machine
 # start, the live run after it the warm restart.
 set -u
 export DREAMDECK_MODELS=${DREAMDECK_MODELS:-/tmp/models} PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
+for d in .whl .dev/whl; do  # python-osc for the prompt client (the image has none)
+  if ls $d/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site $d/*.whl && export PYTHONPATH=/tmp/site
+    break
+  fi
+done
 S=$(date +%s); T=${T:-570}
 left() { echo $(( T - ($(date +%s) - S) )); }
 R=$OUT/R.txt
