@@ -12,7 +12,7 @@ import sys
 import av
 import pytest
 
-from engine.cli.soak import SoakConfig, run_soak
+from engine.cli.soak import SoakConfig, Window, memory_split, run_soak
 from engine.runtime.control_log import log_path_for, read_control_log
 
 
@@ -47,3 +47,28 @@ def test_soak_at_ci_size(tmp_path):
         with av.open(str(mp4)) as c:
             frames = sum(1 for _ in c.decode(video=0))
         assert frames == read_control_log(log_path_for(mp4)).frames > 0
+
+
+def _w(kind: str, t: float, rss: float) -> Window:
+    return Window(kind, 1.0, 1.0, 1.0, 2, rss, 10, 0, t_start=t, t_end=t + 1.0)
+
+
+def test_memory_is_judged_after_the_inputs_first_return_has_settled():
+    """A one-time step when the input comes back (its encoder's stream restarts) is not
+    growth; growth after that point still is; a return too late to leave two windows
+    after it falls back to the halves; without a return, the halves."""
+    kinds = ["idle", "load"] * 8
+    step = [500.0] * 8 + [600.0] * 8  # the input came back at window 8 (t = 8)
+    ws = [_w(k, float(i), r) for i, (k, r) in enumerate(zip(kinds, step, strict=True))]
+    first, last = memory_split(ws, back=7.5)
+    assert max(w.rss_mb for w in last) - max(w.rss_mb for w in first) == 0
+    assert len(first) + len(last) == 8 and len(last) >= 2
+    leak = [w.rss_mb + 20.0 * i for i, w in enumerate(ws)]  # growth on top, every window
+    ws2 = [_w(w.kind, w.t_start, r) for w, r in zip(ws, leak, strict=True)]
+    first, last = memory_split(ws2, back=7.5)
+    assert max(w.rss_mb for w in last) - max(w.rss_mb for w in first) >= 40
+    first, last = memory_split(ws, back=14.5)  # too late: the halves
+    assert (len(first), len(last)) == (4, 4)
+    assert [len(x) for x in memory_split(ws, back=None)] == [4, 4]
+    # the step in the halves' second half is what failed before (a leak read from it)
+    assert max(w.rss_mb for w in last) - max(w.rss_mb for w in first) == 100

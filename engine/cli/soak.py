@@ -119,6 +119,30 @@ class Window:
     t_end: float = 0.0
     input_live: bool = True  # the input was live throughout (set when judged)
     wall_s: float = 0.0  # the whole window, from the previous window's end (log rate)
+    anon_mb: float = 0.0  # of rss_mb: private anonymous memory (heap: where a leak lives)
+    shmem_mb: float = 0.0  # of rss_mb: shared memory mapped (the rings the soak makes)
+
+
+def memory_split(windows: list[Window], back: float | None) -> tuple[list[Window], list[Window]]:
+    """The load windows a soak's memory growth is judged between: (earlier, later).
+
+    At least the first half of the load windows is the baseline, and never less than up to
+    the window of the input's first return and two more (`back`: when it came back). A
+    returning input restarts the video encoder's stream, a one-time step of tens of MB
+    (allocator arenas), not growth; in a long soak it falls in the first cycle, at CI size
+    (one cycle) in the second half, where it read as a leak. With fewer than two load
+    windows after that point, the halves."""
+    loads = [(i, w) for i, w in enumerate(windows) if w.kind == "load"]
+    half = max(1, len(loads) // 2)
+    split = half
+    if back is not None:
+        after = [i for i, w in enumerate(windows) if w.t_end > back]
+        settle = after[0] + 3 if after else len(windows)  # its window and two more
+        split = max(half, sum(1 for i, _ in loads if i < settle))
+        if len(loads) - split < 2:
+            split = half
+    ws = [w for _, w in loads]
+    return ws[:split], ws[split:] or ws[-1:]
 
 
 # -- the engine process ----------------------------------------------------------------------
@@ -147,16 +171,17 @@ def _thread_cpu(pid: int, tid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _proc_status(pid: int) -> tuple[float, int]:
-    """(resident MB, threads)."""
-    rss, threads = 0.0, 0
+def _proc_status(pid: int) -> dict[str, float]:
+    """Resident MB (`rss`, and of it `anon` and `shmem`), and `threads`."""
+    keys = {"VmRSS:": "rss", "RssAnon:": "anon", "RssShmem:": "shmem", "Threads:": "threads"}
+    out = dict.fromkeys(keys.values(), 0.0)
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) / 1024
-            elif line.startswith("Threads:"):
-                threads = int(line.split()[1])
-    return rss, threads
+            key = keys.get(line.split(":", 1)[0] + ":")
+            if key is not None:
+                v = int(line.split()[1])
+                out[key] = v if key == "threads" else v / 1024
+    return out
 
 
 class Feedback:
@@ -290,7 +315,8 @@ class Soak:
         self.reader: subprocess.Popen | None = None
         self.writer: subprocess.Popen | None = None
         self.readers = 0
-        self.event_times: dict[str, float] = {}
+        self.event_times: dict[str, float] = {}  # the latest of each kind
+        self.first_event_times: dict[str, float] = {}
         self.loaded = 0.0
         self._frames_reader = None
         self._block = -1
@@ -420,11 +446,13 @@ class Soak:
             self.sent["valid"] += n_valid
             self.sent["bad"] += n_bad
             self.loaded += time.monotonic() - t0
-        rss, threads = _proc_status(self.engine.pid)
+        st = _proc_status(self.engine.pid)
+        rss, threads = st["rss"], int(st["threads"])
+        mem = {"anon_mb": st["anon"], "shmem_mb": st["shmem"]}
         log_bytes = self.log_path.stat().st_size
         wall = time.monotonic() - t0
         if first is None or last is None:  # no block for a minute: the engine is stuck
-            return Window(kind, wall, 0.0, 0.0, 0, rss, threads, log_bytes, wall_s=wall)
+            return Window(kind, wall, 0.0, 0.0, 0, rss, threads, log_bytes, wall_s=wall, **mem)
         return Window(
             kind,
             last[2] - first[2],
@@ -437,11 +465,13 @@ class Soak:
             first[2],
             last[2],
             wall_s=wall,
+            **mem,
         )
 
     def event(self, what: str, at: float | None = None) -> None:
         self.events.append((round(self.loaded if at is None else at, 2), what))
         self.event_times[what] = time.monotonic()
+        self.first_event_times.setdefault(what, self.event_times[what])
         if what == "record on":
             self.send("/dd/record", [1])
         elif what == "record off":
@@ -550,7 +580,6 @@ class Soak:
             w.input_live = input_live(w)
         idle = [w for w in windows if w.kind == "idle" and w.input_live]
         load = [w for w in windows if w.kind == "load" and w.input_live]
-        all_load = [w for w in windows if w.kind == "load"]
 
         def per_frame(ws: list[Window], key: str) -> float | None:
             frames = 12 * sum(w.blocks for w in ws)
@@ -587,8 +616,7 @@ class Soak:
             (load_other - idle_other * load_s) / datagrams * 1e6 if datagrams else None
         )
         tol = 1.0 + self.cfg.cpu_tolerance
-        half = max(1, len(all_load) // 2)
-        first, last = all_load[:half], all_load[half:] or all_load[-1:]
+        first, last = memory_split(windows, self.first_event_times.get("input back"))
         rss_growth = max(w.rss_mb for w in last) - max(w.rss_mb for w in first)
         thread_growth = max(w.threads for w in last) - max(w.threads for w in first)
         log_rate = [
@@ -634,6 +662,7 @@ class Soak:
             "engine_cpu_us_per_datagram": per_datagram_us,
             "windows_compared": {"idle": len(idle), "load": len(load)},
             "rss_mb_growth": rss_growth,
+            "memory_judged_windows": {"before": len(first), "after": len(last)},
             "thread_growth": thread_growth,
             "log_bytes_per_s": {"max": max(log_rate, default=None), "all": log_rate},
             "mismatched": mismatched,
