@@ -10,6 +10,17 @@ from engine.models.triton_attention import _to_fp8
 
 
 @triton.jit
+def _scaled_b(b_ptr, cs_ptr, rows, rok, rr, R, s_b0, s_b1):
+    """These rows of B · diag(c) (the rank columns scaled by strength × alpha/rank), float32."""
+    b = tl.load(
+        b_ptr + rows[:, None] * s_b0 + rr[None, :] * s_b1,
+        mask=rok[:, None] & (rr[None, :] < R),
+        other=0.0,
+    ).to(tl.float32)
+    return b * tl.load(cs_ptr + rr, mask=rr < R, other=0.0)[None, :]
+
+
+@triton.jit
 def _row_block_tile(src, ps, a_ptr, b, rows, rok, rr, k0, K, R, s_src, s_a0, s_a1,
                     BK: tl.constexpr, DOT_BF16: tl.constexpr):  # fmt: skip
     """Columns k0..k0+BK of this program's rows of src · row scale + b @ A (b: the scaled
@@ -41,12 +52,7 @@ def fp8_merge_kernel(
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rok = rows < N
     rr = tl.arange(0, BR)
-    b = tl.load(
-        b_ptr + rows[:, None] * s_b0 + rr[None, :] * s_b1,
-        mask=rok[:, None] & (rr[None, :] < R),
-        other=0.0,
-    ).to(tl.float32)
-    b = b * tl.load(cs_ptr + rr, mask=rr < R, other=0.0)[None, :]
+    b = _scaled_b(b_ptr, cs_ptr, rows, rok, rr, R, s_b0, s_b1)
     if DOT_BF16:
         b = b.to(tl.bfloat16)
     ps = tl.load(src_s + rows, mask=rok, other=0.0)
@@ -87,12 +93,7 @@ def _merged_tile(src, src_s, b_ptr, a_ptr, cs_ptr, N, K, R, s_src, s_b0, s_b1, s
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     rok, cok = rows < N, cols < K
     rr = tl.arange(0, BR)
-    b = tl.load(
-        b_ptr + rows[:, None] * s_b0 + rr[None, :] * s_b1,
-        mask=rok[:, None] & (rr[None, :] < R),
-        other=0.0,
-    ).to(tl.float32)
-    b = b * tl.load(cs_ptr + rr, mask=rr < R, other=0.0)[None, :]
+    b = _scaled_b(b_ptr, cs_ptr, rows, rok, rr, R, s_b0, s_b1)
     a = tl.load(
         a_ptr + rr[:, None] * s_a0 + cols[None, :] * s_a1,
         mask=(rr[:, None] < R) & cok[None, :],
