@@ -53,3 +53,14 @@ def start_shm_writer(name: str, width: int, height: int, fps: float = 40.0) -> s
     cmd = [sys.executable, str(SHM_WRITER), "--name", name, "--width", str(width)]
     cmd += ["--height", str(height), "--fps", str(fps)]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def imports_in_fresh_process(code: str, module: str, timeout: float = 120) -> bool:
+    """Run `code` in a new Python process (the repo root as its folder) and say whether it
+    left `module` in sys.modules; fails the test, with its stderr, if the code fails."""
+    probe = f"{code}\nimport sys\nprint({module!r} in sys.modules)\n"
+    r = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert r.returncode == 0 and r.stdout.strip() in ("True", "False"), r.stderr[-2000:]
+    return r.stdout.strip() == "True"

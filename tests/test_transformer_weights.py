@@ -147,19 +147,13 @@ def test_materialize_is_to_empty_without_the_refs_path():
 def test_a_random_tiny_model_does_not_import_sympy():
     """The point of materialize_: to_empty on meta tensors imports sympy through torch._refs
     (about a second of CPU per process); a fresh process builds the tiny model without it."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    from helpers import imports_in_fresh_process
 
     code = (
-        "import sys; from engine.weights.transformer import random_transformer as r; "
-        "from engine.models.wan import CONFIGS; r(CONFIGS['tiny']); print('sympy' in sys.modules)"
+        "from engine.weights.transformer import random_transformer as r\n"
+        "from engine.models.wan import CONFIGS\nr(CONFIGS['tiny'])"
     )
-    root = Path(__file__).resolve().parents[1]
-    p = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
-    )
-    assert p.returncode == 0 and p.stdout.strip() == "False", p.stderr[-2000:]
+    assert not imports_in_fresh_process(code, "sympy")
 
 
 def test_attention_chosen_at_load(tmp_path, source):
