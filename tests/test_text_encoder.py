@@ -552,6 +552,20 @@ def test_bad_transformers_folders_give_clear_errors(tmp_path, hf_model):
     (lost / first).unlink()
     with pytest.raises(WeightsError, match="not found"):
         te.load_umt5_folder(lost)
+    # the index is outside data too: a shard name that leaves the folder, or one that is a
+    # FIFO (reading it would block the load forever), is refused before anything is read
+    import os
+
+    for name, shard in (("escape", "../good/" + first), ("dotdot", ".."), ("fifo", "pipe")):
+        d = variant(f"index_{name}")
+        idx = json.loads((d / "model.safetensors.index.json").read_text())
+        idx["weight_map"] = {k: shard for k in idx["weight_map"]}
+        (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+        if name == "fifo":
+            os.mkfifo(d / "pipe")
+        with pytest.raises(WeightsError, match="shard") as e:
+            te.load_umt5_folder(d)
+        assert "model.safetensors.index.json" in str(e.value)
     # sanity: the unmodified folder loads
     assert te.load_umt5_folder(good).spec == SPEC
 

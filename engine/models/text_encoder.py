@@ -670,8 +670,15 @@ def _safetensors_files(folder: Path) -> list[Path]:
             raise WeightsError(
                 f"{index}: not a safetensors index ({type(e).__name__}: {e})"
             ) from None
-        if not names or not all(isinstance(n, str) and "/" not in n for n in names):
+        plain = all(
+            isinstance(n, str) and n not in ("", ".", "..") and "/" not in n and "\\" not in n
+            for n in names
+        )
+        if not names or not plain:
             raise WeightsError(f"{index}: its weight_map names no shard files in this folder")
+        for n in names:  # a missing shard, a folder or a device (a FIFO would block the read)
+            if not (folder / n).is_file():
+                raise WeightsError(f"{index}: shard {n[:80]!r} not found as a file in {folder}")
         return [folder / n for n in names]
     single = folder / "model.safetensors"
     if single.is_file():
