@@ -59,6 +59,19 @@ class Run:
         self.proc.kill()
         raise AssertionError(f"no {needle!r} in the log:\n{''.join(self.lines)}")
 
+    def wait_recorded(self, timeout: float) -> None:
+        """Until the recorder has a block on disk (its control log's block line follows the
+        block's frames into the mp4), so the signal does not race the encoder's first block."""
+        path = self.out.with_name(self.out.stem + ".controls.jsonl")
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            lines = path.read_text().splitlines() if path.exists() else []
+            if len(lines) >= 2 and lines[-1].endswith("}"):
+                return
+            time.sleep(0.05)
+        self.proc.kill()
+        raise AssertionError(f"nothing recorded after {timeout} s:\n{''.join(self.lines)}")
+
     def stop(self, sig: int, again: float | None = None) -> tuple[int, float]:
         t0 = time.monotonic()
         self.proc.send_signal(sig)
@@ -98,9 +111,10 @@ def _check_abandoned(run: Run, rc: int, wall: float, limit: float) -> None:
     assert not Path(f"/dev/shm/{run.shm}").exists(), "the ring was not removed"
     # the recording is complete and matches its control log
     blocks = read_control_log(run.out.with_name(run.out.stem + ".controls.jsonl"))
+    assert run.out.exists(), f"no recording {run.out}:\n{log}"
     with av.open(str(run.out)) as c:
         frames = sum(1 for _ in c.decode(video=0))
-    assert frames == blocks.frames >= 9, (frames, blocks.frames)
+    assert frames == blocks.frames >= 9, (frames, blocks.frames, log)
 
 
 @pytest.mark.slow
@@ -118,6 +132,7 @@ def test_sigterm_ends_a_hung_block_within_5s(runs):
 def test_sigint_ends_a_stuck_control_thread_within_5s(runs):
     run = runs["control"]
     run.wait_line("a control thread holds the registry now", 240)
+    run.wait_recorded(60)
     rc, wall = run.stop(signal.SIGINT)
     _check_abandoned(run, rc, wall, 5.0)
 
@@ -195,5 +210,6 @@ def test_an_orderly_stop_is_quick_and_clean(runs):
     assert wall < 15.0, (wall, log)
     assert not Path(f"/dev/shm/{run.shm}").exists()
     blocks = read_control_log(run.out.with_name(run.out.stem + ".controls.jsonl"))
+    assert run.out.exists(), f"no recording {run.out}:\n{log}"
     with av.open(str(run.out)) as c:
         assert sum(1 for _ in c.decode(video=0)) == blocks.frames >= 9

@@ -634,3 +634,48 @@ def test_full_size_path_does_not_import_transformers(tmp_path, tok_dir, hf_model
         "te.random_text_encoder(spec, placement='cpu', length=16).encode(['a b'])\n"
     )
     assert not imports_in_fresh_process(code, "transformers", timeout=300)
+
+
+def test_json_tokenizer_keeps_the_files_byte_fallback_as_sentencepiece_does(tmp_path):
+    """UMT5's sentencepiece model falls back to byte pieces (<0xE7>...) for characters not in
+    its vocabulary; a tokenizer.json converted from it says `byte_fallback: true`, and Wan
+    encoded its prompts with that file as is (transformers 4's fast tokenizer). Ours keeps the
+    flag (transformers 5's T5Tokenizer rebuilds the model without it, giving <unk>): the ids
+    are sentencepiece's own, plus EOS, for text outside the vocabulary too."""
+    import json
+
+    spm = pytest.importorskip("sentencepiece")
+    from tokenizers import Tokenizer
+    from tokenizers.models import Unigram
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 20),
+        model_writer=buf,
+        vocab_size=400,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        minloglevel=2,
+    )
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    assert "<0xE7>" in dict(vocab)  # the byte pieces exist
+    tok = Tokenizer(Unigram(vocab, unk_id=2, byte_fallback=True))
+    d = tmp_path / "tok"
+    d.mkdir()
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer"}))
+    ours = te.load_tokenizer(d)
+    assert isinstance(ours, te.JsonTokenizer)
+    # NFKC-stable text (the file has no charsmap): CJK, a snowman, an emoji, Cyrillic
+    texts = ["a neon 猫 city ☃", "🦋 butterflies", "город at night", "glass ☃☃ fire"]
+    ids, lengths = ours(texts, 512)
+    for i, text in enumerate(texts):
+        want = sp.encode(text) + [1]
+        assert ids[i, : lengths[i]].tolist() == want, (text, [sp.id_to_piece(j) for j in want])
+        assert 2 not in want  # no <unk>: every character became pieces or bytes

@@ -117,7 +117,10 @@ class JsonTokenizer:
     white-space split then Metaspace ("▁" before every word), and EOS after the pieces,
     whatever pre-tokeniser and post-processor the file names. Truncated to `max_length - 1`
     pieces + EOS and padded with <pad> to the longest, as transformers' `padding="longest",
-    truncation=True, max_length=` gives (tested against it)."""
+    truncation=True, max_length=` gives (tested against it). One deliberate difference: the
+    file's Unigram model is kept as it is, `byte_fallback` included (characters outside the
+    vocabulary become byte pieces, as in sentencepiece and in transformers 4's fast tokenizer,
+    which Wan used); transformers 5's T5Tokenizer rebuilds the model without it (<unk>)."""
 
     _T5_CLASSES = (None, "T5Tokenizer", "T5TokenizerFast")
 

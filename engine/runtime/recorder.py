@@ -10,8 +10,9 @@ Crash safety: the mp4 is fragmented (``movflags frag_keyframe+empty_moov+
 default_base_moof``, plus ``frag_every_frame`` and ``flush_packets``) and each block
 starts with a keyframe, so a killed engine leaves a file that plays up to (nearly) its
 last frame: the muxer holds back only the newest packet, whose duration it cannot know
-yet. x264 runs with ``tune=zerolatency`` (no lookahead, no B-frames: every frame leaves
-the encoder at once) and ``threads=1`` (deterministic bytes for the same frames).
+yet. The header is written when the recorder opens, so the file exists from the start.
+x264 runs with ``tune=zerolatency`` (no lookahead, no B-frames: every frame leaves the
+encoder at once) and ``threads=1`` (deterministic bytes for the same frames).
 
 Time: ``fps`` set gives a constant rate (offline render: the model's 16 fps). ``fps``
 None stamps frames with the live output times: a block's frames are spread evenly over
@@ -89,6 +90,9 @@ class Recorder:
                 "threads": "1",
             }
             self._stream.codec_context.time_base = TIME_BASE
+            # the file and its header now, not at the first frame: an engine that is killed
+            # or abandoned before its encoder got to a block still leaves a valid mp4
+            self._container.start_encoding()
             self._log = ControlLogWriter(
                 self.log_path,
                 {
