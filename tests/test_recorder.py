@@ -120,3 +120,34 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path):
     rec.submit(np.zeros((12, 32, 32, 4), np.uint8), record(0), wait=True)  # wrong size
     rec.close()
     assert isinstance(rec.error, RecorderError) and "expected [T, 64, 96, 4]" in str(rec.error)
+
+
+def test_a_process_killed_before_its_first_block_leaves_a_playable_empty_mp4(tmp_path):
+    """The header is written when the recorder opens: a process that dies before the
+    encoder got to a block (killed, or its shutdown abandoned) still leaves an mp4 that
+    opens, with no frames, next to its control log. A real process ended by SIGKILL."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "early.mp4"
+    code = (
+        "import os, signal, sys\n"
+        "from engine.runtime.recorder import Recorder\n"
+        f"rec = Recorder({str(out)!r}, width={W}, height={H}, fps=None)\n"
+        "print('open', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "open"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(60)
+    assert proc.returncode == -signal.SIGKILL
+    with av.open(str(out)) as c:
+        assert c.streams.video[0].codec_context.width == W
+        assert sum(1 for _ in c.decode(video=0)) == 0
+    assert out.with_name("early.controls.jsonl").exists()
