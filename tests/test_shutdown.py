@@ -161,7 +161,8 @@ def test_watchdog_stands_down_when_the_orderly_stop_finishes():
 
 def test_watchdog_closes_every_part_within_its_time_and_exits_nonzero():
     """One part hangs for good, one raises: the others still close, the hung one is named,
-    and the exit code says something was abandoned."""
+    and the exit code says something was abandoned. A part that names its own time (the
+    recording's, longer) gets it."""
     exits: list[int] = []
     closed: list[str] = []
     forever = threading.Event()
@@ -169,8 +170,13 @@ def test_watchdog_closes_every_part_within_its_time_and_exits_nonzero():
     def boom() -> None:
         raise OSError("disk gone")
 
+    def slow() -> None:  # longer than part_s, within its own time
+        time.sleep(0.5)
+        closed.append("slow")
+
     parts = [
         ("recording", lambda: closed.append("recording")),
+        ("slow", slow, 5.0),
         ("stuck", forever.wait),
         ("broken", boom),
         ("outputs", lambda: closed.append("outputs")),
@@ -184,7 +190,7 @@ def test_watchdog_closes_every_part_within_its_time_and_exits_nonzero():
     cpu_bound = time.monotonic() - t0
     forever.set()
     assert exits == [ABANDONED]
-    assert closed == ["recording", "outputs"] and w.abandoned == ["stuck"]
+    assert closed == ["recording", "slow", "outputs"] and w.abandoned == ["stuck"]
     assert cpu_bound >= 0.3  # the orderly stop had its grace
 
 

@@ -688,13 +688,18 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, hooks: list[M
     )
 
     stop = threading.Event()
-    from engine.runtime.shutdown import ShutdownWatchdog, install_test_hang
+    from engine.runtime.shutdown import RECORDING_S, ShutdownWatchdog, install_test_hang
 
     install_test_hang(engine)  # DREAMDECK_TEST_HANG: tests only
 
-    def _abandon_parts() -> list[tuple[str, Any]]:
+    def _abandon_parts() -> list[tuple[Any, ...]]:
         rec = engine.recorder  # the one in use now (/dd/record may have swapped it)
-        return [(n, p.close) for n, p in (("recording", rec), ("outputs", frame_path)) if p]
+        parts: list[tuple[Any, ...]] = []
+        if rec is not None:  # its queued blocks are encoded first: the longer time
+            parts.append(("recording", rec.close, RECORDING_S))
+        if frame_path is not None:
+            parts.append(("outputs", frame_path.close))
+        return parts
 
     watchdog = ShutdownWatchdog(_abandon_parts)
 

@@ -39,7 +39,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 GRACE_S = 3.0  # the orderly shutdown's time
-PART_S = 0.5  # each part's time when abandoning
+PART_S = 0.5  # each part's time when abandoning, unless the part names its own
+RECORDING_S = 1.0  # the recording's: encoding the blocks still queued (grace + parts < 5 s)
 BACKSTOP_S = 0.5  # past the parts' time: faulthandler ends the process
 ABANDONED = 3  # exit code: the shutdown had to abandon something
 TEST_HANG_ENV = "DREAMDECK_TEST_HANG"
@@ -48,8 +49,9 @@ TEST_HANG_ENV = "DREAMDECK_TEST_HANG"
 class ShutdownWatchdog:
     """``arm()`` from the signal handler, ``done()`` when the orderly shutdown finished.
 
-    `parts` returns, when called at expiry, the ``(name, close)`` pairs to close, in order
-    (it is called late so it sees the recorder in use at that moment)."""
+    `parts` returns, when called at expiry, the ``(name, close)`` or ``(name, close,
+    seconds)`` parts to close, in order (it is called late so it sees the recorder in use
+    at that moment); a part without seconds gets `part_s`."""
 
     def __init__(
         self,
@@ -111,21 +113,21 @@ class ShutdownWatchdog:
         self.abandon()
 
     def abandon(self) -> None:
-        """Close what can be closed, each part within `part_s`, then exit non-zero."""
-        parts = self.parts()
+        """Close what can be closed, each part within its time, then exit non-zero."""
+        parts = [(p[0], p[1], p[2] if len(p) > 2 else self.part_s) for p in self.parts()]
         # the backstop, should this thread itself not get to the end
         faulthandler.dump_traceback_later(
-            len(parts) * self.part_s + BACKSTOP_S, exit=True, file=sys.stderr
+            sum(p[2] for p in parts) + BACKSTOP_S, exit=True, file=sys.stderr
         )
         log.error(
             "shutdown: not finished %.1f s after the signal; abandoning (threads: %s)",
             time.monotonic() - self._armed_at,
             ", ".join(t.name for t in threading.enumerate()),
         )
-        for name, close in parts:
+        for name, close, seconds in parts:
             t = threading.Thread(target=_quietly, args=(name, close), daemon=True)
             t.start()
-            t.join(self.part_s)
+            t.join(seconds)
             if t.is_alive():
                 self.abandoned.append(name)
                 log.error("shutdown: closing the %s did not finish; left open", name)
