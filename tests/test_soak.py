@@ -12,7 +12,7 @@ import sys
 import av
 import pytest
 
-from engine.cli.soak import SoakConfig, Window, memory_split, run_soak
+from engine.cli.soak import SoakConfig, Window, memory_growth, memory_split, run_soak
 from engine.runtime.control_log import log_path_for, read_control_log
 
 
@@ -72,3 +72,19 @@ def test_memory_is_judged_after_the_inputs_first_return_has_settled():
     assert [len(x) for x in memory_split(ws, back=None)] == [4, 4]
     # the step in the halves' second half is what failed before (a leak read from it)
     assert max(w.rss_mb for w in last) - max(w.rss_mb for w in first) == 100
+
+
+def test_memory_growth_is_the_level_kept_not_a_peak_that_came_down():
+    """The later windows' kept level (the lower of the last two) against the earlier peak:
+    a leak (every window higher) is its full size; a peak that falls back is not growth;
+    a step that stays is."""
+    first = [_w("load", float(i), r) for i, r in enumerate([470.0, 476.0, 475.0])]
+
+    def later(*rss: float) -> list[Window]:
+        return [_w("load", 10.0 + i, r) for i, r in enumerate(rss)]
+
+    # the failing CI-size run: 600 and 563 while the input was away, back to 522
+    assert memory_growth(first, later(476.0, 600.0, 563.0, 522.0)) == 46.0
+    assert memory_growth(first, later(500.0, 540.0, 580.0, 620.0)) == 104.0  # a leak
+    assert memory_growth(first, later(476.0, 576.0, 576.0, 576.0)) == 100.0  # a step kept
+    assert memory_growth(first, later(480.0)) == 4.0  # one window: itself
