@@ -201,3 +201,92 @@ def test_immediate_triggers_fire_at_once_even_when_quantized():
     reg.set_many({"tap": 1, "x": 3}, quantized=True)
     assert seen == ["tap"]  # the tap is not held for the bar; x is
     assert reg.begin_block(0).changed == {}
+
+
+class _Holder:
+    """A control thread that takes the registry's lock and keeps it (a stuck listener)."""
+
+    def __init__(self, reg):
+        self.reg, self.taken, self.let_go = reg, threading.Event(), threading.Event()
+        self.t = threading.Thread(target=self._hold, daemon=True)
+        self.t.start()
+        assert self.taken.wait(10)
+
+    def _hold(self):
+        with self.reg._lock:
+            self.taken.set()
+            self.let_go.wait(60)
+
+    def release(self):
+        self.let_go.set()
+        self.t.join(10)
+
+
+@pytest.mark.timeout(60)
+def test_a_held_lock_never_stops_the_block_boundary(reg, caplog):
+    """A control thread holding the registry for good: every block still begins, with the
+    last block's controls, nothing changed and nothing staged taken; the engine reads
+    what is applied and asks for late prompts without waiting; once the lock is free the
+    staged changes land, in order, at the next block. One error in the log, not one per
+    block."""
+    heard = []
+    reg.subscribe(lambda c: heard.append((c.path, c.value, c.block)))
+    reg.set("seed", 7)
+    c0 = reg.begin_block(0)
+    assert c0["seed"] == 7
+    reg.set("seed", 8)
+    reg.set("prompt/1/text", "a red fox")  # staged before the hold
+    holder = _Holder(reg)
+    try:
+        with caplog.at_level("ERROR", logger="engine.runtime.registry"):
+            held = [reg.begin_block(b, wait=0.01) for b in range(1, 6)]
+        assert holder.t.is_alive()  # still holding: these did not wait for it
+        for b, c in enumerate(held, start=1):
+            assert c.block == b and c.changed == {} and c.events == ()
+            assert c.values == c0.values
+        assert reg.held_blocks == 5
+        assert len([r for r in caplog.records if "held" in r.getMessage()]) == 1
+        assert reg.applied("seed") == 7  # no lock needed
+        assert reg.pending_within(frozenset({"prompt/1/text"})) is None  # gave up
+        assert reg.last_block.block == 5
+    finally:
+        holder.release()
+    c6 = reg.begin_block(6)
+    assert c6.changed == {"seed": 8, "prompt/1/text": "a red fox"}
+    assert heard[-2:] == [("seed", 8, 6), ("prompt/1/text", "a red fox", 6)]
+    assert reg.held_blocks == 5
+
+
+def test_the_first_block_held_uses_the_applied_values(reg):
+    """No block before to hold: the applied values (the defaults), read without the lock."""
+    holder = _Holder(reg)
+    try:
+        c = reg.begin_block(0, wait=0.01)
+    finally:
+        holder.release()
+    assert c.values == reg.snapshot() and c.changed == {} and reg.held_blocks == 1
+
+
+def test_listeners_subscribed_and_gone_while_changes_are_delivered(reg):
+    """The listener list is replaced whole (read without the lock): a listener that
+    subscribes another, or unsubscribes itself, mid-delivery changes the next delivery,
+    not this one."""
+    seen = []
+    unsub = []
+
+    def late(c):
+        seen.append(("late", c.path))
+
+    def first(c):
+        seen.append(("first", c.path))
+        if len(unsub) == 1:
+            unsub.append(reg.subscribe(late))
+            unsub[0]()
+
+    unsub.append(reg.subscribe(first))
+    reg.set("seed", 1)
+    reg.begin_block(0)
+    assert seen == [("first", "seed")]
+    reg.set("seed", 2)
+    reg.begin_block(1)
+    assert seen == [("first", "seed"), ("late", "seed")]

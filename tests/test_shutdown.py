@@ -132,6 +132,8 @@ def test_sigterm_ends_a_hung_block_within_5s(runs):
 def test_sigint_ends_a_stuck_control_thread_within_5s(runs):
     run = runs["control"]
     run.wait_line("a control thread holds the registry now", 240)
+    # the show goes on: blocks begin with the last controls, held
+    run.wait_line("runs with the last controls", 60)
     run.wait_recorded(60)
     rc, wall = run.stop(signal.SIGINT)
     _check_abandoned(run, rc, wall, 5.0)

@@ -22,7 +22,13 @@ How values move:
   ``prompt`` sets slot 1 and mutes the others, all in the same block.
 
 Thread-safe: bridges call from their own threads; the generation thread calls
-``begin_block``.
+``begin_block``. The generation thread never waits long on the lock: a control thread that
+holds it for good (a stuck listener, a bug) must not freeze the show. ``begin_block`` waits
+at most `BLOCK_WAIT_S`, then runs the block with the last block's controls, held, and says
+so (`held_blocks`, an error in the log at most every `HELD_LOG_S`); what was staged waits
+for the first block that gets the lock. ``applied`` and the listener list are read without
+the lock, and ``pending_within`` (asked before every denoising step) gives up after
+`STEP_WAIT_S`.
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ TYPES = ("float", "int", "bool", "str", "trigger", "int_list", "json")
 APPLIES = ("block", "immediate", "reload")
 MAX_STRING = 4096  # a prompt longer than this is a mistake, not a prompt
 MAX_SCHEDULED = 256  # scheduled change groups held at once
+BLOCK_WAIT_S = 0.1  # the longest begin_block waits for the lock before holding the controls
+STEP_WAIT_S = 0.01  # the longest pending_within waits (it is asked again at the next step)
+HELD_LOG_S = 10.0  # at most one "held" error in the log per this many seconds
 
 
 class ControlError(ValueError):
@@ -305,7 +314,10 @@ class Registry:
         self._scheduled: list[tuple[float, int, dict[str, Any], tuple[str, ...], float]] = []
         self._seq = 0
         self._lock = threading.RLock()
-        self._listeners: list[Callable[[Change], None]] = []
+        # replaced, never changed in place: _notify reads it without the lock
+        self._listeners: tuple[Callable[[Change], None], ...] = ()
+        self.held_blocks = 0  # blocks run with the last controls: the lock was not free
+        self._held_logged = -math.inf
         self._notifying = threading.local()  # per thread: changes waiting for delivery
         self._last: BlockControls | None = None
         self.clock = clock
@@ -369,11 +381,11 @@ class Registry:
             return self._values[path]
 
     def applied(self, path: str) -> Any:
-        """The value in effect for the block now running."""
+        """The value in effect for the block now running. Read without the lock (one dict
+        read is atomic): the generation loop asks it every turn."""
         path = _norm(path)
-        with self._lock:
-            self.param(path)
-            return self._values[path]
+        self.param(path)
+        return self._values[path]
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -479,9 +491,15 @@ class Registry:
         self._notify(changed)
 
     # -- the block boundary ------------------------------------------------------------
-    def begin_block(self, block: int, now: float | None = None) -> BlockControls:
-        """Apply what is staged and due, atomically, and return the block's controls."""
-        with self._lock:
+    def begin_block(
+        self, block: int, now: float | None = None, *, wait: float = BLOCK_WAIT_S
+    ) -> BlockControls:
+        """Apply what is staged and due, atomically, and return the block's controls. When
+        the lock is not free within `wait` seconds, the last block's controls, held (module
+        docstring)."""
+        if not self._lock.acquire(timeout=wait):
+            return self._held(block, now)
+        try:
             now = self.clock() if now is None else now
             due: list[tuple[int, str, Any, float]] = [
                 (seq, k, v, rec) for k, (seq, v, rec) in self._pending.items()
@@ -518,8 +536,41 @@ class Registry:
                 received=received,
             )
             self._last = controls
+        finally:
+            self._lock.release()
         self._notify([Change(k, v, block) for k, v in notify.items()])
         return controls
+
+    def _held(self, block: int, now: float | None) -> BlockControls:
+        """The block's controls while another thread holds the lock: the last block's
+        values, nothing changed, nothing staged taken (it waits, in order, for the lock)."""
+        now = self.clock() if now is None else now
+        last = self._last
+        values = dict(last.values) if last is not None else self._values_unlocked()
+        controls = BlockControls(
+            block=block, time=now, values=values, changed={}, events=(), received=None
+        )
+        self._last = controls
+        self.held_blocks += 1
+        if time.monotonic() - self._held_logged >= HELD_LOG_S:
+            self._held_logged = time.monotonic()
+            log.error(
+                "registry: another thread has held the controls for over %.2f s; block %d "
+                "runs with the last controls (%d held so far); changes wait until it lets go",
+                BLOCK_WAIT_S,
+                block,
+                self.held_blocks,
+            )
+        return controls
+
+    def _values_unlocked(self) -> dict[str, Any]:
+        """A copy of the applied values without the lock (the first block only: there is
+        no last block to hold). A copy that meets a concurrent declare is tried again."""
+        while True:
+            try:
+                return dict(self._values)
+            except RuntimeError:  # dictionary changed size during iteration
+                continue
 
     def _modulate(
         self, values: dict[str, Any], changed: dict[str, Any], now: float, block: int
@@ -551,7 +602,9 @@ class Registry:
         change early; anything else staged beside it keeps the whole batch for the block
         boundary, so changes sent together still land together. Only `paths`' values
         are returned (it is asked before every denoising step: kept cheap)."""
-        with self._lock:
+        if not self._lock.acquire(timeout=STEP_WAIT_S):
+            return None  # asked again before the next step
+        try:
             if not self._pending or self._events:
                 return None
             if any(k not in paths for k in self._pending):
@@ -563,6 +616,8 @@ class Registry:
                 values[k] = v
             received = min(rec for _, _, rec in self._pending.values())
             return values, received
+        finally:
+            self._lock.release()
 
     def pending_count(self) -> int:
         with self._lock:
@@ -573,12 +628,11 @@ class Registry:
         """Call `listener` for every applied change. Returns an unsubscribe function.
         A listener that raises is logged and kept: feedback must never stop the stream."""
         with self._lock:
-            self._listeners.append(listener)
+            self._listeners = (*self._listeners, listener)
 
         def unsubscribe() -> None:
             with self._lock:
-                if listener in self._listeners:
-                    self._listeners.remove(listener)
+                self._listeners = tuple(fn for fn in self._listeners if fn is not listener)
 
         return unsubscribe
 
@@ -602,8 +656,7 @@ class Registry:
             return
         queue = self._notifying.queue = list(changes)
         try:
-            with self._lock:
-                listeners = list(self._listeners)
+            listeners = self._listeners  # a tuple, replaced whole: no lock needed
             i = 0
             while i < len(queue):
                 c = queue[i]
