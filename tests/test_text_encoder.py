@@ -34,17 +34,16 @@ CORPUS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    """A real sentencepiece model trained here, laid out like `google/umt5-xxl` (spiece.model
-    + tokenizer_config.json), plus a transformers tokenizer.json folder built from it."""
-    spm = pytest.importorskip("sentencepiece")
-    d = tmp_path_factory.mktemp("tok")
+def _train_spm(vocab_size: int, **options) -> bytes:
+    """A sentencepiece model trained here on CORPUS, with T5's special ids (pad 0, eos 1,
+    unk 2, no bos); the serialised model."""
+    import sentencepiece as spm
+
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(CORPUS * 20),
         model_writer=buf,
-        vocab_size=200,
+        vocab_size=vocab_size,
         pad_id=0,
         eos_id=1,
         unk_id=2,
@@ -52,10 +51,20 @@ def tok_dir(tmp_path_factory):
         character_coverage=1.0,
         hard_vocab_limit=False,
         minloglevel=2,
+        **options,
     )
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    """A real sentencepiece model trained here, laid out like `google/umt5-xxl` (spiece.model
+    + tokenizer_config.json), plus a transformers tokenizer.json folder built from it."""
+    spm = pytest.importorskip("sentencepiece")
+    d = tmp_path_factory.mktemp("tok")
     sp_dir = d / "sp"
     sp_dir.mkdir()
-    (sp_dir / "spiece.model").write_bytes(buf.getvalue())
+    (sp_dir / "spiece.model").write_bytes(_train_spm(200))
     (sp_dir / "tokenizer_config.json").write_text(
         '{"tokenizer_class": "T5Tokenizer", "model_max_length": 512, "extra_ids": 0}'
     )
@@ -648,21 +657,7 @@ def test_json_tokenizer_keeps_the_files_byte_fallback_as_sentencepiece_does(tmp_
     from tokenizers import Tokenizer
     from tokenizers.models import Unigram
 
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 20),
-        model_writer=buf,
-        vocab_size=400,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        character_coverage=1.0,
-        hard_vocab_limit=False,
-        byte_fallback=True,
-        minloglevel=2,
-    )
-    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=_train_spm(400, byte_fallback=True))
     vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
     assert "<0xE7>" in dict(vocab)  # the byte pieces exist
     tok = Tokenizer(Unigram(vocab, unk_id=2, byte_fallback=True))
